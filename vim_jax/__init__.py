@@ -1,0 +1,10 @@
+"""vim-jax: Vision Mamba in JAX/Flax NNX.
+
+The model and selective scan import without TensorFlow or ml_collections (the data
+pipeline is imported lazily by the training code).
+"""
+
+from vim_jax.models import VisionMamba, create_model, list_models
+from vim_jax.selective_scan import selective_scan
+
+__all__ = ["VisionMamba", "create_model", "list_models", "selective_scan"]

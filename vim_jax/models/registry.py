@@ -1,0 +1,109 @@
+"""Named Vim variants (mirroring the official registry) and ``create_model``."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from typing import Optional
+
+import jax.numpy as jnp
+from flax import nnx
+
+from vim_jax.models.vim import VisionMamba
+
+_WIDTHS = {"tiny": 192, "small": 384, "base": 768}
+
+VARIANTS: dict[str, dict] = {}
+for _size, _dim in _WIDTHS.items():
+    for _stride in (16, 8):
+        if _size == "base" and _stride == 8:
+            continue  # no official base "+" model
+        for _img in (224, 384):
+            _name = f"vim_{_size}_patch16{'_stride8' if _stride == 8 else ''}_{_img}"
+            VARIANTS[_name] = dict(img_size=_img, patch_size=16, stride=_stride, embed_dim=_dim,
+                                   depth=24, d_state=16, expand=2, cls_position="middle")
+
+# The official builder names (models_mamba.py), accepted as aliases.
+_SUFFIX = "bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"
+ALIASES = {
+    f"vim_tiny_patch16_224_{_SUFFIX}": "vim_tiny_patch16_224",
+    f"vim_tiny_patch16_stride8_224_{_SUFFIX}": "vim_tiny_patch16_stride8_224",
+    f"vim_small_patch16_224_{_SUFFIX}": "vim_small_patch16_224",
+    f"vim_small_patch16_stride8_224_{_SUFFIX}": "vim_small_patch16_stride8_224",
+    "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2":
+        "vim_base_patch16_224",
+}
+
+_MODEL_ARGS = [p for p in inspect.signature(VisionMamba.__init__).parameters
+               if p not in ("self", "rngs")]
+
+
+def list_models() -> list[str]:
+    """Names of the registered variants (short names; official long names are aliases)."""
+    return sorted(VARIANTS)
+
+
+def resolve_name(name: str) -> str:
+    """Short variant name for a short or official long name; ValueError names the choices."""
+    name = ALIASES.get(name, name)
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())} "
+                         f"(and the official long names {', '.join(sorted(ALIASES))})")
+    return name
+
+
+def create_model(name: Optional[str] = None, *, pretrained: Optional[str] = None, seed: int = 0,
+                 **overrides) -> VisionMamba:
+    """Builds a Vim model, optionally loading weights. Returned in eval mode.
+
+    Args:
+      name: a variant from ``list_models()`` or an official long name. May be None when
+        ``pretrained`` is a checkpoint directory of this project (its saved name is used).
+      pretrained: an official ``.pth`` (``{"model": state_dict}``), an ``.npz`` state dict
+        with the official keys, or a checkpoint directory written by this project.
+      seed: PRNG seed for the parameters that are not loaded (and drop path).
+      **overrides: VisionMamba arguments (depth, num_classes, img_size, drop_path_rate,
+        dtype, scan_backend, ...); they win over the variant and the checkpoint. depth,
+        num_classes and the patch grid are read off a checkpoint when not given.
+    """
+    from vim_jax import pretrained as io  # the checkpoint formats live there
+
+    bad = sorted(set(overrides) - set(_MODEL_ARGS))
+    if bad:
+        raise TypeError(f"unknown model argument(s) {bad}; allowed: {_MODEL_ARGS}")
+    saved, state_dict, params = {}, None, None
+    if pretrained is not None:
+        if os.path.isdir(pretrained):
+            saved, params = io.load_dir(pretrained)
+            name = name or saved.pop("name")
+            saved.pop("name", None)
+        else:
+            state_dict = io.load_state_dict(pretrained)
+    if name is None:
+        raise ValueError("create_model needs a model name (or a pretrained checkpoint directory)")
+    name = resolve_name(name)
+    kwargs = {**VARIANTS[name], **saved}
+    if state_dict is not None:
+        from vim_jax.convert import infer_model_kwargs
+
+        inferred = infer_model_kwargs(state_dict, kwargs["cls_position"])
+        num_patches = inferred.pop("num_patches", None)
+        ckpt_img = None
+        if num_patches is not None:
+            side = math.isqrt(num_patches)
+            if side * side != num_patches:
+                raise ValueError(f"{pretrained}: pos_embed holds {num_patches} patch positions, "
+                                 "not a square grid")
+            ckpt_img = (side - 1) * kwargs["stride"] + kwargs["patch_size"]
+            inferred["img_size"] = ckpt_img
+        kwargs.update(inferred)
+    kwargs.update(overrides)
+    kwargs["dtype"] = jnp.dtype(kwargs.get("dtype") or "float32")
+    model = VisionMamba(**kwargs, rngs=nnx.Rngs(seed))
+    model.config = {"name": name, **{k: (v.name if k == "dtype" else v) for k, v in kwargs.items()}}
+    if state_dict is not None:
+        io.load_state_dict_into(model, state_dict, ckpt_img_size=ckpt_img)
+    elif params is not None:
+        io.load_params_into(model, params, saved_img_size=saved.get("img_size"), source=pretrained)
+    return model

@@ -1,0 +1,293 @@
+"""Vision Mamba (Vim, arXiv 2401.09417) in Flax NNX.
+
+Shapes: images are NHWC; the token sequence is (batch, M, embed_dim) with M the
+number of patches plus the class tokens. The residual stream is float32 whatever
+the compute dtype, as in the official ``residual_in_fp32=True``.
+
+The 24 blocks are one stacked module applied with ``jax.lax.scan`` so that
+compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vim_jax.selective_scan import selective_scan
+
+CLS_POSITIONS = ("middle", "head", "double", "none")
+
+# PyTorch's default Linear/Conv1d init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
+torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _rms_norm(x, weight, eps):
+    """RMSNorm over the last axis in float32 (official ``rms_norm_ref``)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps) * weight
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned scale; returns float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        return _rms_norm(x, self.weight[...], self.eps)
+
+
+def _dt_bias_init(key, shape, dt_min=1e-3, dt_max=1e-1, floor=1e-4):
+    """Inverse softplus of dt ~ log-uniform[dt_min, dt_max] (official Mamba init)."""
+    dt = jnp.exp(jax.random.uniform(key, shape) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = jnp.maximum(dt, floor)
+    return dt + jnp.log(-jnp.expm1(-dt))
+
+
+def depthwise_conv(x, weight, bias, anti_causal: bool):
+    """Depthwise 1-D convolution along the sequence.
+
+    x: (batch, L, d); weight: (k, d); bias: (d,). Causal: out[t] = sum_j w[j] x[t-k+1+j].
+    Anti-causal is the causal conv of the flipped sequence, flipped back:
+    out[t] = sum_j w[j] x[t+k-1-j], computed on the original order (no flipped copy).
+    """
+    k, L = weight.shape[0], x.shape[1]
+    pad = ((0, 0), (0, k - 1), (0, 0)) if anti_causal else ((0, 0), (k - 1, 0), (0, 0))
+    xp = jnp.pad(x, pad)
+    taps = [xp[:, j:j + L] * weight[(k - 1 - j) if anti_causal else j] for j in range(k)]
+    return sum(taps) + bias
+
+
+class BiMambaMixer(nnx.Module):
+    """Bidirectional Mamba mixer ("bimamba v2", divide-out) on (batch, L, d_model)."""
+
+    def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 depth: int = 24, dtype=jnp.float32, scan_backend: str = "auto", rngs: nnx.Rngs):
+        d_inner = expand * d_model
+        dt_rank = math.ceil(d_model / 16)
+        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
+        self.dtype, self.scan_backend = dtype, scan_backend
+        linear = lambda i, o, **kw: nnx.Linear(i, o, use_bias=False, dtype=dtype,
+                                               kernel_init=torch_default_init, rngs=rngs, **kw)
+        self.in_proj = linear(d_model, 2 * d_inner)
+        out_scale = 1.0 / math.sqrt(depth)  # official rescale_prenorm_residual
+        self.out_proj = nnx.Linear(
+            d_inner, d_model, use_bias=False, dtype=dtype, rngs=rngs,
+            kernel_init=lambda k, s, d=jnp.float32: torch_default_init(k, s, d) * out_scale)
+        a_log = jnp.log(jnp.tile(jnp.arange(1, d_state + 1, dtype=jnp.float32), (d_inner, 1)))
+        conv_bound = 1.0 / math.sqrt(d_conv)
+        dt_bound = dt_rank ** -0.5
+        # One set of SSM parameters per direction: index 0 forward, 1 backward.
+        for suffix in ("", "_b"):
+            setattr(self, "conv_weight" + suffix, nnx.Param(jax.random.uniform(
+                rngs.params(), (d_conv, d_inner), minval=-conv_bound, maxval=conv_bound)))
+            setattr(self, "conv_bias" + suffix, nnx.Param(jax.random.uniform(
+                rngs.params(), (d_inner,), minval=-conv_bound, maxval=conv_bound)))
+            setattr(self, "x_proj" + suffix, linear(d_inner, dt_rank + 2 * d_state))
+            setattr(self, "dt_proj" + suffix, nnx.Linear(
+                dt_rank, d_inner, dtype=dtype, rngs=rngs,
+                kernel_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -dt_bound, dt_bound),
+                bias_init=lambda k, s, d=jnp.float32: _dt_bias_init(k, s).astype(d)))
+            setattr(self, "A_log" + suffix, nnx.Param(a_log))
+            setattr(self, "D" + suffix, nnx.Param(jnp.ones((d_inner,), jnp.float32)))
+
+    def _direction(self, x, z, suffix: str, reverse: bool):
+        conv_w = getattr(self, "conv_weight" + suffix)[...].astype(self.dtype)
+        conv_b = getattr(self, "conv_bias" + suffix)[...].astype(self.dtype)
+        xc = jax.nn.silu(depthwise_conv(x, conv_w, conv_b, anti_causal=reverse))
+        x_dbl = getattr(self, "x_proj" + suffix)(xc)
+        dt_in, b, c = jnp.split(x_dbl, [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
+        dt_proj = getattr(self, "dt_proj" + suffix)
+        delta = dt_in @ dt_proj.kernel[...].astype(self.dtype)  # bias goes into the scan
+        a = -jnp.exp(getattr(self, "A_log" + suffix)[...].astype(jnp.float32))
+        return selective_scan(
+            xc, delta, a, b, c, getattr(self, "D" + suffix)[...], z,
+            dt_proj.bias[...], delta_softplus=True, reverse=reverse, backend=self.scan_backend)
+
+    def __call__(self, hidden):
+        xz = self.in_proj(hidden.astype(self.dtype))
+        x, z = jnp.split(xz, 2, axis=-1)
+        y = self._direction(x, z, "", reverse=False) + self._direction(x, z, "_b", reverse=True)
+        return self.out_proj(y / 2)
+
+
+class Block(nnx.Module):
+    """hidden = Mixer(RMSNorm(residual)); the residual add happens in the caller."""
+
+    def __init__(self, d_model: int, *, norm_eps: float = 1e-5, rngs: nnx.Rngs, **mixer_kw):
+        self.norm = RMSNorm(d_model, norm_eps)
+        self.mixer = BiMambaMixer(d_model, rngs=rngs, **mixer_kw)
+
+    def __call__(self, residual):
+        return self.mixer(self.norm(residual))
+
+
+def drop_path(x, rate, key, deterministic: bool):
+    """Stochastic depth per sample; ``rate`` may be a traced scalar."""
+    if deterministic or key is None:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / jnp.maximum(keep, 1e-12), 0).astype(x.dtype)
+
+
+def resample_patch_pos_embed(pos, old_grid, new_grid):
+    """Bicubic resize of patch position embeddings (1, gh*gw, d) -> (1, nh*nw, d)."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    d = pos.shape[-1]
+    grid = pos.reshape(old_grid[0], old_grid[1], d)
+    out = jax.image.resize(grid.astype(jnp.float32), (new_grid[0], new_grid[1], d),
+                           method="bicubic", antialias=False)
+    return out.reshape(1, new_grid[0] * new_grid[1], d).astype(pos.dtype)
+
+
+def class_token_indices(cls_position: str, num_patches: int):
+    """Indices of the class tokens in the token sequence (empty for 'none')."""
+    return {"middle": (num_patches // 2,), "head": (0,), "double": (0, num_patches + 1),
+            "none": ()}[cls_position]
+
+
+def split_pos_embed(pos, cls_position: str, num_patches: int):
+    """(1, M, d) -> (patch part (1, num_patches, d), class parts (1, k, d))."""
+    idx = class_token_indices(cls_position, num_patches)
+    keep = [i for i in range(pos.shape[1]) if i not in idx]
+    return pos[:, jnp.array(keep)], pos[:, jnp.array(idx, dtype=jnp.int32)]
+
+
+def join_pos_embed(patch, cls, cls_position: str):
+    """Inverse of ``split_pos_embed``: class entries back at their positions."""
+    m = patch.shape[1]
+    if cls_position == "middle":
+        return jnp.concatenate([patch[:, :m // 2], cls, patch[:, m // 2:]], axis=1)
+    if cls_position == "head":
+        return jnp.concatenate([cls, patch], axis=1)
+    if cls_position == "double":
+        return jnp.concatenate([cls[:, :1], patch, cls[:, 1:]], axis=1)
+    return patch
+
+
+def resize_pos_embed(pos, cls_position: str, old_grid, new_grid):
+    """(1, M, d) position embedding for ``old_grid`` -> the same for ``new_grid``.
+
+    The patch part is resized bicubically; class-token entries are kept as they are and
+    put back at their positions for the new patch count.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    patch, cls = split_pos_embed(pos, cls_position, old_grid[0] * old_grid[1])
+    return join_pos_embed(resample_patch_pos_embed(patch, old_grid, new_grid), cls, cls_position)
+
+
+class VisionMamba(nnx.Module):
+    """Vision Mamba: patch embed -> class token(s) -> pos embed -> Mamba blocks -> norm -> head.
+
+    Call on NHWC float32 images (batch, H, W, channels) of any size (the position
+    embedding is resized bicubically when the patch grid differs); returns logits
+    (batch, num_classes). Starts in eval mode; ``model.train()`` turns on drop path.
+    """
+
+    def __init__(self, *, img_size: int = 224, patch_size: int = 16, stride: Optional[int] = None,
+                 in_chans: int = 3, embed_dim: int = 192, depth: int = 24, d_state: int = 16,
+                 expand: int = 2, d_conv: int = 4, num_classes: int = 1000,
+                 drop_path_rate: float = 0.0, norm_eps: float = 1e-5, cls_position: str = "middle",
+                 dtype=jnp.float32, scan_backend: str = "auto", remat: bool = False,
+                 rngs: nnx.Rngs):
+        if cls_position not in CLS_POSITIONS:
+            raise ValueError(f"cls_position={cls_position!r} is not one of {CLS_POSITIONS}")
+        stride = stride or patch_size
+        if img_size < patch_size:
+            raise ValueError(f"img_size={img_size} is smaller than patch_size={patch_size}")
+        self.patch_size, self.stride, self.embed_dim, self.depth = patch_size, stride, embed_dim, depth
+        self.num_classes, self.cls_position, self.dtype, self.remat = num_classes, cls_position, dtype, remat
+        self.grid = (self._grid_len(img_size),) * 2
+        self.num_cls_tokens = len(class_token_indices(cls_position, 0))
+        self.drop_path_rate = drop_path_rate
+        self.deterministic = True
+        # Drop path draws from its own stream, so the parameter init stays the same.
+        self.rngs = nnx.Rngs(dropout=rngs.dropout()) if drop_path_rate > 0 else None
+
+        self.patch_embed = nnx.Conv(in_chans, embed_dim, (patch_size, patch_size), strides=stride,
+                                    padding="VALID", dtype=dtype,
+                                    kernel_init=nnx.initializers.lecun_normal(), rngs=rngs)
+        trunc = nnx.initializers.truncated_normal(0.02)
+        num_patches = self.grid[0] * self.grid[1]
+        if self.num_cls_tokens:
+            self.cls_token = nnx.Param(trunc(rngs.params(), (1, self.num_cls_tokens, embed_dim)))
+        self.pos_embed = nnx.Param(trunc(rngs.params(), (1, num_patches + self.num_cls_tokens, embed_dim)))
+
+        mixer_kw = dict(d_state=d_state, d_conv=d_conv, expand=expand, depth=depth, dtype=dtype,
+                        scan_backend=scan_backend)
+
+        @nnx.split_rngs(splits=depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs):
+            return Block(embed_dim, norm_eps=norm_eps, rngs=rngs, **mixer_kw)
+
+        self.layers = make_layers(rngs)
+        self.norm_f = RMSNorm(embed_dim, norm_eps)
+        self.head = nnx.Linear(embed_dim, num_classes, dtype=dtype, kernel_init=trunc, rngs=rngs)
+
+    def _grid_len(self, size: int) -> int:
+        return (size - self.patch_size) // self.stride + 1
+
+    def layer(self, i: int) -> Block:
+        """The i-th block as a standalone module (a view on a slice of the stacked params)."""
+        graphdef, state = nnx.split(self.layers)
+        return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
+
+    def embed(self, images):
+        """(batch, H, W, C) -> residual stream entering layer 0, (batch, M, embed_dim) float32."""
+        if images.ndim != 4:
+            raise ValueError(f"images must be NHWC (batch, H, W, channels), got shape {images.shape}")
+        if min(images.shape[1:3]) < self.patch_size:
+            raise ValueError(f"image size {images.shape[1:3]} is smaller than the patch size "
+                             f"{self.patch_size}")
+        x = self.patch_embed(images.astype(self.dtype))
+        b, gh, gw, d = x.shape
+        x = x.reshape(b, gh * gw, d).astype(jnp.float32)
+        pos = resize_pos_embed(self.pos_embed[...], self.cls_position, self.grid, (gh, gw))
+        if self.num_cls_tokens:
+            cls = jnp.broadcast_to(self.cls_token[...], (b,) + self.cls_token.shape[1:])
+            x = join_pos_embed(x, cls, self.cls_position)
+        return x + pos
+
+    def forward_features(self, images):
+        """(batch, H, W, C) -> pooled features (batch, embed_dim) float32."""
+        x = self.embed(images)
+        deterministic = self.deterministic or self.drop_path_rate == 0
+        # Official rates: block i drops its incoming hidden with inter_dpr[i], the final
+        # add with drop_path_rate; inter_dpr = [0] + linspace(0, rate, depth).
+        rates = jnp.concatenate([jnp.zeros((1,)), jnp.linspace(0.0, self.drop_path_rate, self.depth)[:-1]])
+        keys = None if deterministic else jax.random.split(self.rngs.dropout(), self.depth + 1)
+
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            residual, hidden = carry
+            layer_state, rate, key = xs
+            residual = residual + drop_path(hidden, rate, key, deterministic).astype(jnp.float32)
+            hidden = nnx.merge(graphdef, layer_state)(residual)
+            return (residual, hidden), None
+
+        if self.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        layer_keys = None if keys is None else keys[:-1]
+        # Layer 0 starts from residual = 0 + embeddings, exactly the official residual = hidden.
+        carry = (jnp.zeros_like(x), x)
+        (residual, hidden), _ = jax.lax.scan(body, carry, (state, rates, layer_keys))
+        final_key = None if keys is None else keys[-1]
+        residual = residual + drop_path(hidden, self.drop_path_rate, final_key, deterministic).astype(jnp.float32)
+        x = self.norm_f(residual)
+        idx = class_token_indices(self.cls_position, x.shape[1] - self.num_cls_tokens)
+        if not idx:
+            return x.mean(axis=1)
+        return sum(x[:, i] for i in idx) / len(idx)
+
+    def __call__(self, images):
+        return self.head(self.forward_features(images).astype(self.dtype)).astype(jnp.float32)

@@ -1,0 +1,113 @@
+"""Checkpoint files: official state dicts (.pth/.npz) and this project's checkpoint directories.
+
+A checkpoint directory holds ``vim_config.json`` (the variant name and every model
+argument) and ``params/`` (an orbax checkpoint of the parameters as a nested dict).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+
+from vim_jax.convert import state_dict_to_params
+from vim_jax.models.vim import resize_pos_embed
+
+CONFIG_FILE = "vim_config.json"
+PARAMS_DIR = "params"
+
+
+def load_state_dict(path) -> dict[str, np.ndarray]:
+    """Reads an official state dict: ``.pth`` (``{"model": sd}`` or a bare sd) or ``.npz``."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    if path.suffix in (".pth", ".pt", ".bin"):
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs PyTorch: pip install 'vim-jax[torch]' "
+                              "(or convert it to .npz elsewhere)") from e
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        sd = obj.get("model", obj) if isinstance(obj, dict) else obj
+        return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+                for k, v in sd.items()}
+    raise ValueError(f"checkpoint {path}: unknown format {path.suffix!r}; expected .pth, .pt, "
+                     ".bin, .npz or a checkpoint directory")
+
+
+def _grid(model, img_size):
+    return (model._grid_len(img_size),) * 2
+
+
+def load_state_dict_into(model, state_dict, *, ckpt_img_size=None):
+    """Loads an official state dict into ``model`` (in place); resizes pos_embed if needed."""
+    params = nnx.state(model, nnx.Param)
+    old = _grid(model, ckpt_img_size) if ckpt_img_size else model.grid
+    resize = lambda pos: resize_pos_embed(pos, model.cls_position, old, model.grid)
+    pure = state_dict_to_params(state_dict, params.to_pure_dict(), cls_position=model.cls_position,
+                                pos_embed_fn=resize)
+    nnx.replace_by_pure_dict(params, jax.tree.map(np.asarray, pure))
+    nnx.update(model, params)
+
+
+def load_params_into(model, pure: dict, *, saved_img_size=None, source=""):
+    """Loads a nested param dict written by ``save_pretrained`` into ``model`` (in place)."""
+    params = nnx.state(model, nnx.Param)
+    target = params.to_pure_dict()
+    if saved_img_size and _grid(model, saved_img_size) != model.grid:
+        pure = dict(pure, pos_embed=resize_pos_embed(
+            pure["pos_embed"], model.cls_position, _grid(model, saved_img_size), model.grid))
+    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(target)}
+    got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(pure)}
+    problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
+    problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+    problems += [f"shape mismatch for {k}: checkpoint {got[k]}, model expects {want[k]}"
+                 for k in sorted(set(want) & set(got)) if tuple(got[k]) != tuple(want[k])]
+    if problems:
+        raise ValueError(f"checkpoint {source} does not fit the model:\n  " + "\n  ".join(problems))
+    nnx.replace_by_pure_dict(params, pure)
+    nnx.update(model, params)
+
+
+def save_pretrained(model, out_dir) -> pathlib.Path:
+    """Writes ``model`` (its config and parameters) as a checkpoint directory; returns its path."""
+    import orbax.checkpoint as ocp
+
+    out = pathlib.Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    pure = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out / PARAMS_DIR, pure, force=True)
+    # The config goes last: its presence marks a complete checkpoint.
+    tmp = out / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(model.config, indent=2, sort_keys=True))
+    os.replace(tmp, out / CONFIG_FILE)
+    return out
+
+
+def load_dir(path) -> tuple[dict, dict]:
+    """Reads a checkpoint directory -> (model config incl. "name", nested param dict)."""
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).resolve()
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path} is not a vim-jax checkpoint directory (no {CONFIG_FILE}; "
+                                "an interrupted save leaves none)")
+    config = json.loads(cfg_file.read_text())
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(path / PARAMS_DIR)
+    return config, params
+
+
+def num_params(model) -> int:
+    """Number of trainable parameters."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
