@@ -5,6 +5,6 @@ pipeline is imported lazily by the training code).
 """
 
 from vim_jax.models import VisionMamba, create_model, list_models
-from vim_jax.selective_scan import selective_scan
+from vim_jax.scan import selective_scan
 
 __all__ = ["VisionMamba", "create_model", "list_models", "selective_scan"]

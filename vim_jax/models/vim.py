@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vim_jax.selective_scan import selective_scan
+from vim_jax.scan import selective_scan
 
 CLS_POSITIONS = ("middle", "head", "double", "none")
 
