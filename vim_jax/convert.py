@@ -96,7 +96,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], target: dict, *, 
                          pos_embed_fn=None) -> dict:
     """Official state_dict -> nested dict of arrays with the structure and shapes of ``target``.
 
-    target: the model's ``nnx.state(model, nnx.Param).to_pure_dict()``.
+    target: the model's ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``.
     pos_embed_fn: maps the checkpoint's pos_embed to the model's grid (a resize), if needed.
     Raises CheckpointMismatch naming every missing key, unexpected key and shape mismatch.
     """

@@ -52,7 +52,7 @@ def load_state_dict_into(model, state_dict, *, ckpt_img_size=None):
     params = nnx.state(model, nnx.Param)
     old = _grid(model, ckpt_img_size) if ckpt_img_size else model.grid
     resize = lambda pos: resize_pos_embed(pos, model.cls_position, old, model.grid)
-    pure = state_dict_to_params(state_dict, params.to_pure_dict(), cls_position=model.cls_position,
+    pure = state_dict_to_params(state_dict, nnx.to_pure_dict(params), cls_position=model.cls_position,
                                 pos_embed_fn=resize)
     nnx.replace_by_pure_dict(params, jax.tree.map(np.asarray, pure))
     nnx.update(model, params)
@@ -61,7 +61,7 @@ def load_state_dict_into(model, state_dict, *, ckpt_img_size=None):
 def load_params_into(model, pure: dict, *, saved_img_size=None, source=""):
     """Loads a nested param dict written by ``save_pretrained`` into ``model`` (in place)."""
     params = nnx.state(model, nnx.Param)
-    target = params.to_pure_dict()
+    target = nnx.to_pure_dict(params)
     if saved_img_size and _grid(model, saved_img_size) != model.grid:
         pure = dict(pure, pos_embed=resize_pos_embed(
             pure["pos_embed"], model.cls_position, _grid(model, saved_img_size), model.grid))
@@ -83,7 +83,7 @@ def save_pretrained(model, out_dir) -> pathlib.Path:
 
     out = pathlib.Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    pure = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+    pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out / PARAMS_DIR, pure, force=True)
     # The config goes last: its presence marks a complete checkpoint.

@@ -32,12 +32,13 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation):
 
     @jax.jit
     def step(state: TrainState, images, labels):
-        def loss_fn(params):
-            m = nnx.merge(graphdef, params, state.rest)
+        # Fresh Variables (copy=True) from arguments: the RNG counters are updated in this trace.
+        def loss_fn(params, rest):
+            m = nnx.merge(graphdef, params, rest, copy=True)
             loss = cross_entropy(m(images), labels)
             return loss, nnx.state(m, nnx.Not(nnx.Param))
 
-        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.rest)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state, rest), {"loss": loss}

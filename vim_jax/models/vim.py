@@ -272,14 +272,15 @@ class VisionMamba(nnx.Module):
             residual, hidden = carry
             layer_state, rate, key = xs
             residual = residual + drop_path(hidden, rate, key, deterministic).astype(jnp.float32)
-            hidden = nnx.merge(graphdef, layer_state)(residual)
+            hidden = nnx.merge(graphdef, layer_state)(residual).astype(self.dtype)
             return (residual, hidden), None
 
         if self.remat:
             body = jax.checkpoint(body, prevent_cse=False)
         layer_keys = None if keys is None else keys[:-1]
-        # Layer 0 starts from residual = 0 + embeddings, exactly the official residual = hidden.
-        carry = (jnp.zeros_like(x), x)
+        # Layer 0 adds a zero hidden to residual = embeddings: exactly the official
+        # residual = hidden for the first block, with the carry in the compute dtype.
+        carry = (x, jnp.zeros(x.shape, self.dtype))
         (residual, hidden), _ = jax.lax.scan(body, carry, (state, rates, layer_keys))
         final_key = None if keys is None else keys[-1]
         residual = residual + drop_path(hidden, self.drop_path_rate, final_key, deterministic).astype(jnp.float32)

@@ -1,0 +1,196 @@
+"""The Vim model against the official implementation: golden fixtures and other configs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import official_reference as official
+from vim_jax import create_model, list_models
+from vim_jax.models import registry
+
+TOL = 1e-4
+
+
+def nhwc(x):
+    return jnp.asarray(np.asarray(x).transpose(0, 2, 3, 1))
+
+
+def assert_close(got, want, tol=TOL):
+    err = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max()
+    assert err < tol, f"max abs error {err:.3g} >= {tol}"
+
+
+def check_fixture(model, io):
+    x = nhwc(io["input_nchw"])
+    assert_close(model.forward_features(x), io["features"])
+    assert_close(model(x), io["logits"])
+    residual = model.embed(x)
+    assert_close(residual, io["layer0_residual"])
+    assert_close(model.layer(0)(residual), io["layer0_hidden"])
+
+
+def test_fixture_from_npz(vim_weights_path, vim_io):
+    model = create_model("vim_tiny_patch16_224", pretrained=str(vim_weights_path))
+    assert (model.depth, model.num_classes, model.grid) == (4, 10, (4, 4))
+    check_fixture(model, vim_io)
+
+
+def test_fixture_from_pth(vim_io):
+    pytest.importorskip("torch")
+    from conftest import fixture_path
+
+    model = create_model(
+        "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
+        pretrained=str(fixture_path("vim_tiny_d4.pth")))
+    check_fixture(model, vim_io)
+
+
+@pytest.mark.parametrize("name,depth,classes,img,batch", [
+    ("vim_small_patch16_224", 2, 7, 48, 2),            # Small width, 3x3 grid
+    ("vim_tiny_patch16_stride8_224", 2, 5, 40, 1),     # stride 8: overlapping patches, 4x4
+    ("vim_tiny_patch16_384", 3, 1000, 80, 2),          # 5x5 grid, odd patch count, 1000 classes
+])
+def test_other_official_configs(name, depth, classes, img, batch):
+    cfg = registry.VARIANTS[name]
+    grid = (img - 16) // cfg["stride"] + 1
+    rng = np.random.default_rng(depth * 1000 + img)
+    sd = official.random_state_dict(rng, embed_dim=cfg["embed_dim"], depth=depth,
+                                    num_classes=classes, num_patches=grid * grid)
+    images = rng.standard_normal((batch, 3, img, img)).astype(np.float32)
+    feats, logits, res0, hid0 = official.forward(sd, images, stride=cfg["stride"])
+
+    import tempfile, os
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "ckpt.npz")
+        np.savez(path, **sd)
+        model = create_model(name, pretrained=path)
+    assert (model.depth, model.num_classes, model.grid) == (depth, classes, (grid, grid))
+    x = nhwc(images)
+    assert_close(model.forward_features(x), feats)
+    assert_close(model(x), logits)
+    assert_close(model.embed(x), res0)
+    assert_close(model.layer(0)(model.embed(x)), hid0)
+
+
+def test_names_and_aliases():
+    names = list_models()
+    for n in ("vim_tiny_patch16_224", "vim_small_patch16_224", "vim_base_patch16_224",
+              "vim_tiny_patch16_stride8_224", "vim_small_patch16_stride8_224",
+              "vim_tiny_patch16_384", "vim_small_patch16_384", "vim_base_patch16_384"):
+        assert n in names
+    for long, short in registry.ALIASES.items():
+        assert registry.resolve_name(long) == short
+    with pytest.raises(ValueError, match="unknown model 'vim_huge'"):
+        create_model("vim_huge")
+    with pytest.raises(TypeError, match="unknown model argument"):
+        create_model("vim_tiny_patch16_224", depht=2)
+
+
+@pytest.mark.parametrize("name,width", [("vim_tiny_patch16_224", 192), ("vim_small_patch16_224", 384),
+                                        ("vim_base_patch16_224", 768)])
+def test_variant_shapes_and_init(name, width):
+    model = nnx.eval_shape(lambda: create_model(name))
+    assert model.embed_dim == width and model.depth == 24
+    assert model.pos_embed.shape == (1, 197, width)
+    mixer = model.layers.mixer
+    assert mixer.in_proj.kernel.shape == (24, width, 4 * width)
+    assert mixer.dt_proj.kernel.shape == (24, -(-width // 16), 2 * width)
+
+
+def test_official_initialisation():
+    model = create_model("vim_tiny_patch16_224", depth=4, num_classes=10, img_size=64)
+    mixer = model.layers.mixer
+    n = np.arange(1, 17, dtype=np.float32)
+    np.testing.assert_allclose(np.exp(mixer.A_log[...]), np.broadcast_to(n, (4, 384, 16)), rtol=1e-6)
+    np.testing.assert_array_equal(mixer.D_b[...], 1.0)
+    dt = np.log1p(np.exp(np.asarray(mixer.dt_proj.bias[...])))  # softplus
+    assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6
+    assert np.abs(mixer.dt_proj.kernel[...]).max() <= 12 ** -0.5
+    # out_proj: PyTorch default bound 1/sqrt(fan_in), rescaled by 1/sqrt(depth).
+    assert np.abs(mixer.out_proj.kernel[...]).max() <= 384 ** -0.5 / 2 + 1e-7
+    for p in (model.pos_embed, model.cls_token, model.head.kernel):
+        assert np.abs(p[...]).max() <= 0.04 + 1e-6 and 0.01 < np.std(p[...]) < 0.03
+    assert np.all(model.head.bias[...] == 0)
+
+
+@pytest.mark.parametrize("cls_position", ["middle", "head", "double", "none"])
+def test_class_token_placements(cls_position):
+    model = create_model("vim_tiny_patch16_224", depth=2, num_classes=3, img_size=64,
+                         cls_position=cls_position)
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    tokens = model.embed(x)
+    assert tokens.shape == (2, 16 + {"middle": 1, "head": 1, "double": 2, "none": 0}[cls_position], 192)
+    assert model(x).shape == (2, 3)
+    with pytest.raises(ValueError, match="cls_position='tail'"):
+        create_model("vim_tiny_patch16_224", depth=1, cls_position="tail")
+
+
+def test_any_resolution_interpolates_pos_embed(vim_weights_path):
+    """Calling at a new size == loading the checkpoint at that size; class token untouched."""
+    model = create_model("vim_tiny_patch16_224", pretrained=str(vim_weights_path))
+    x = jax.random.normal(jax.random.key(1), (1, 96, 112, 3))   # 6x7 grid, non-square
+    logits = model(x)
+    assert logits.shape == (1, 10) and np.all(np.isfinite(logits))
+
+    big = create_model("vim_tiny_patch16_224", pretrained=str(vim_weights_path), img_size=96)
+    assert big.pos_embed.shape == (1, 37, 192)
+    # The class-token entry (index M//2) is carried over unchanged.
+    np.testing.assert_array_equal(big.pos_embed[0, 18], model.pos_embed[0, 8])
+    y = jax.random.normal(jax.random.key(2), (1, 96, 96, 3))
+    assert_close(big(y), model(y), tol=1e-5)
+    # A constant position embedding stays constant under the resize.
+    from vim_jax.models.vim import resize_pos_embed
+    flat = jnp.ones((1, 17, 4))
+    np.testing.assert_allclose(resize_pos_embed(flat, "middle", (4, 4), (6, 6)), 1.0, rtol=1e-6)
+
+
+def test_too_small_or_bad_images():
+    model = create_model("vim_tiny_patch16_224", depth=1, img_size=32, num_classes=2)
+    with pytest.raises(ValueError, match="smaller than the patch size"):
+        model(jnp.zeros((1, 8, 8, 3)))
+    with pytest.raises(ValueError, match="NHWC"):
+        model(jnp.zeros((3, 32, 32)))
+
+
+def test_drop_path_and_gradients():
+    model = create_model("vim_tiny_patch16_224", depth=2, num_classes=4, img_size=32,
+                         drop_path_rate=0.5)
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    eval_out = model(x)
+    np.testing.assert_array_equal(eval_out, model(x))  # eval mode is deterministic
+    model.train()
+    a, b = model(x), model(x)
+    assert not np.allclose(a, b)  # drop path draws new masks each call
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params, rest):
+        return jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(x) ** 2)
+
+    grads = jax.grad(loss)(params, rest)
+    leaves = jax.tree.leaves(grads)
+    assert all(np.all(np.isfinite(g)) for g in leaves)
+    assert all(np.abs(g).max() > 0 for g in leaves)
+
+
+def test_compile_size_does_not_grow_with_depth():
+    """Blocks are one scanned module: the lowered program is the same size at any depth."""
+    def lowered_size(depth):
+        model = create_model("vim_tiny_patch16_224", depth=depth, img_size=32, num_classes=2)
+        graphdef, state = nnx.split(model)
+        f = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+        return len(f.lower(state, jnp.zeros((1, 32, 32, 3))).as_text())
+
+    small, deep = lowered_size(2), lowered_size(24)
+    assert abs(deep - small) < 0.02 * small, (small, deep)
+
+
+def test_bfloat16_compute():
+    model = create_model("vim_tiny_patch16_224", depth=2, img_size=32, num_classes=3, dtype="bfloat16")
+    ref = create_model("vim_tiny_patch16_224", depth=2, img_size=32, num_classes=3)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    out = model(x)
+    assert out.dtype == jnp.float32 and model.layers.mixer.in_proj.kernel.dtype == jnp.float32
+    assert_close(out, ref(x), tol=0.1)
