@@ -1,0 +1,1 @@
+"""Pallas GPU kernels (Triton backend). Importable without TensorFlow or ml_collections."""
