@@ -43,18 +43,23 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile-only", action="store_true", help="report compile times only")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--remat", default="mixer", choices=["mixer", "full", "none"],
+                   help="what each block stores for the backward pass")
+    p.add_argument("--backend", default="auto", help="selective-scan backend")
     args = p.parse_args()
 
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
-    model = create_model(args.model, img_size=args.img_size)
+    model = create_model(args.model, img_size=args.img_size, remat=args.remat,
+                         scan_backend=args.backend)
     graphdef, params = nnx.split(model)
     images = jax.random.normal(jax.random.key(0), (args.batch, args.img_size, args.img_size, 3))
     labels = jnp.arange(args.batch) % model.num_classes
 
     fwd = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))
     fwd_c, t_fwd_compile = compile_time(fwd, params, images)
-    print(f"{args.model} batch {args.batch} @ {args.img_size}: forward compile {t_fwd_compile:.1f} s")
+    print(f"{args.model} batch {args.batch} @ {args.img_size}, remat={args.remat}, "
+          f"scan backend {args.backend}: forward compile {t_fwd_compile:.1f} s")
     if not args.compile_only:
         fwd_c(params, images).block_until_ready()
         t = timed(fwd_c, params, images, repeats=args.repeats)

@@ -99,7 +99,7 @@ def _fwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref,
 def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g_ref,
                 glast_ref, states_ref,
                 du_ref, ddelta_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref, hbuf_ref,
-                *, length, chunk, softplus, reverse, has_z, d_inner):
+                *, length, chunk, softplus, reverse, has_z, d_inner, barrier):
     a = a_ref[...].astype(jnp.float32)
     bd = a.shape[0]
     # Channels of an overhanging last block hold undefined values: keep them out of the
@@ -122,6 +122,10 @@ def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g
         start = c * chunk
         stop = jnp.minimum(start + chunk, length)
         h_entry = states_ref[pl.ds(c, 1), :, :][0]
+        # The scratch is written and read back by all threads of the program: order the
+        # previous chunk's reads before these writes, and these writes before the reads.
+        sync = plt.debug_barrier if barrier else (lambda: None)
+        sync()
 
         def recompute(s, h):
             u, _, dt, b, _ = inputs(pos(s))
@@ -130,6 +134,7 @@ def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g
             return h
 
         jax.lax.fori_loop(start, stop, recompute, h_entry)
+        sync()
 
         def step(k, carry):
             lam_next, da_acc, dd_acc, dbias_acc = carry
@@ -220,7 +225,7 @@ def _backward(u, delta, z, B, C, A, D, bias, g, g_last, states, softplus, revers
     part_vec = pl.BlockSpec((None, bd), lambda i, j: (i, j))
     scratch = pl.BlockSpec((None, None, chunk, bd, n), lambda i, j: (i, j, 0, 0, 0))
     kernel = functools.partial(_bwd_kernel, length=length, chunk=chunk, softplus=softplus,
-                               reverse=reverse, has_z=has_z, d_inner=d)
+                               reverse=reverse, has_z=has_z, d_inner=d, barrier=not _interpret())
     f32 = jnp.float32
     outs = pl.pallas_call(
         kernel, grid=(bsz, n_blocks),

@@ -16,10 +16,15 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from vim_jax.scan import selective_scan
 
 CLS_POSITIONS = ("middle", "head", "double", "none")
+REMAT = ("mixer", "full", "none")
+# What a block keeps for its backward pass under remat="mixer": the matmul outputs and the
+# scan outputs. The conv, SiLU, softplus, norms and the scan's states are recomputed.
+_SAVED = ("in_proj", "x_proj", "scan", "out_proj")
 
 # PyTorch's default Linear/Conv1d init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
 torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -100,20 +105,21 @@ class BiMambaMixer(nnx.Module):
         conv_w = getattr(self, "conv_weight" + suffix)[...].astype(self.dtype)
         conv_b = getattr(self, "conv_bias" + suffix)[...].astype(self.dtype)
         xc = jax.nn.silu(depthwise_conv(x, conv_w, conv_b, anti_causal=reverse))
-        x_dbl = getattr(self, "x_proj" + suffix)(xc)
+        x_dbl = checkpoint_name(getattr(self, "x_proj" + suffix)(xc), "x_proj")
         dt_in, b, c = jnp.split(x_dbl, [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
         dt_proj = getattr(self, "dt_proj" + suffix)
         delta = dt_in @ dt_proj.kernel[...].astype(self.dtype)  # bias goes into the scan
         a = -jnp.exp(getattr(self, "A_log" + suffix)[...].astype(jnp.float32))
-        return selective_scan(
+        y = selective_scan(
             xc, delta, a, b, c, getattr(self, "D" + suffix)[...], z,
             dt_proj.bias[...], delta_softplus=True, reverse=reverse, backend=self.scan_backend)
+        return checkpoint_name(y, "scan")
 
     def __call__(self, hidden):
-        xz = self.in_proj(hidden.astype(self.dtype))
+        xz = checkpoint_name(self.in_proj(hidden.astype(self.dtype)), "in_proj")
         x, z = jnp.split(xz, 2, axis=-1)
         y = self._direction(x, z, "", reverse=False) + self._direction(x, z, "_b", reverse=True)
-        return self.out_proj(y / 2)
+        return checkpoint_name(self.out_proj(y / 2), "out_proj")
 
 
 class Block(nnx.Module):
@@ -190,14 +196,20 @@ class VisionMamba(nnx.Module):
     Call on NHWC float32 images (batch, H, W, channels) of any size (the position
     embedding is resized bicubically when the patch grid differs); returns logits
     (batch, num_classes). Starts in eval mode; ``model.train()`` turns on drop path.
+
+    remat: what each block stores for the backward pass. "mixer" (default, as the paper):
+    matmul and scan outputs only, recomputing the conv, activations and scan states;
+    "full": nothing (recompute the block); "none": everything.
     """
 
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, stride: Optional[int] = None,
                  in_chans: int = 3, embed_dim: int = 192, depth: int = 24, d_state: int = 16,
                  expand: int = 2, d_conv: int = 4, num_classes: int = 1000,
                  drop_path_rate: float = 0.0, norm_eps: float = 1e-5, cls_position: str = "middle",
-                 dtype=jnp.float32, scan_backend: str = "auto", remat: bool = False,
+                 dtype=jnp.float32, scan_backend: str = "auto", remat: str = "mixer",
                  rngs: nnx.Rngs):
+        if remat not in REMAT:
+            raise ValueError(f"remat={remat!r} is not one of {REMAT}")
         if cls_position not in CLS_POSITIONS:
             raise ValueError(f"cls_position={cls_position!r} is not one of {CLS_POSITIONS}")
         stride = stride or patch_size
@@ -275,7 +287,11 @@ class VisionMamba(nnx.Module):
             hidden = nnx.merge(graphdef, layer_state)(residual).astype(self.dtype)
             return (residual, hidden), None
 
-        if self.remat:
+        # Only matters under differentiation: what the backward pass keeps per block.
+        if self.remat == "mixer":
+            body = jax.checkpoint(body, prevent_cse=False,
+                                  policy=jax.checkpoint_policies.save_only_these_names(*_SAVED))
+        elif self.remat == "full":
             body = jax.checkpoint(body, prevent_cse=False)
         layer_keys = None if keys is None else keys[:-1]
         # Layer 0 adds a zero hidden to residual = embeddings: exactly the official
