@@ -194,7 +194,7 @@ def _forward(dt, u, A, B, C, reverse, chunk):
     def step(h, x):
         dt_t, dtu_t, b_t, c_t = x
         h = _exp(dt_t[:, None, :] * at) * h + dtu_t[:, None, :] * b_t[:, :, None]
-        return h, jnp.einsum("bnd,bn->bd", h, c_t)
+        return h, jnp.sum(h * c_t[:, :, None], axis=1)
 
     def chunk_step(h, x):
         h_out, y = jax.lax.scan(step, h, x, reverse=reverse, unroll=_UNROLL_FWD)
@@ -205,15 +205,77 @@ def _forward(dt, u, A, B, C, reverse, chunk):
     return _unchunked(y, l), entries, last
 
 
+# Rows of state a loop step should update. Measured on a 2-core CPU at d_inner 384: a
+# batch of 1 scans about 2x faster as 2 (or more) segments; from batch 2 on, the single
+# pass is faster (1.7x less arithmetic).
+_ROWS_PER_STEP = 2
+_MIN_SEGMENT = 32
+
+
+def num_segments(batch: int, length: int) -> int:
+    """How many independent segments the inference scan splits the sequence into."""
+    return max(1, min(-(-_ROWS_PER_STEP // batch), length // _MIN_SEGMENT))
+
+
+def _forward_segmented(dt, u, A, B, C, reverse, segments):
+    """Inference scan in K segments side by side: L/K loop steps instead of L.
+
+    Pass 1 scans every segment from a zero state to its local end state; the true entry
+    state of each segment follows from a K-step recurrence with the segment's total decay
+    exp(A * sum dt); pass 2 rescans all segments from their true entry states and emits y.
+    About 1.7x the arithmetic of one pass, for K times fewer (sequential) loop steps: a
+    win when the batch is too small to keep the CPU busy (batch 1, long sequences).
+    Returns y (batch, L, D) float32 and the last state (batch, N, D).
+    """
+    b, l, d = u.shape
+    n, k = A.shape[1], segments
+    seg = -(-l // k)
+    at = A.astype(jnp.float32).T
+
+    def split(x):  # (b, l, c) -> (seg, b*k, c), zero (identity) steps padded at the end
+        x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, k * seg - l), (0, 0)))
+        return x.reshape(b, k, seg, -1).transpose(2, 0, 1, 3).reshape(seg, b * k, -1)
+
+    dt_s, dtu_s, b_s, c_s = split(dt), split(dt * u.astype(jnp.float32)), split(B), split(C)
+
+    def advance(h, x):
+        dt_t, dtu_t, b_t = x
+        return _exp(dt_t[:, None, :] * at) * h + dtu_t[:, None, :] * b_t[:, :, None]
+
+    zeros = jnp.zeros((b * k, n, d), jnp.float32)
+    local_end, _ = jax.lax.scan(lambda h, x: (advance(h, x), None), zeros, (dt_s, dtu_s, b_s),
+                                reverse=reverse, unroll=_UNROLL_FWD)
+    decay = _exp(jnp.sum(dt_s, axis=0)[:, None, :] * at)  # (b*k, n, d): whole-segment decay
+    to_k = lambda x: x.reshape(b, k, n, d).transpose(1, 0, 2, 3)
+    last, entry = jax.lax.scan(lambda h, x: (x[0] * h + x[1], h), jnp.zeros((b, n, d), jnp.float32),
+                               (to_k(decay), to_k(local_end)), reverse=reverse)
+
+    def emit(h, x):
+        h = advance(h, x[:3])
+        return h, jnp.einsum("bnd,bn->bd", h, x[3])
+
+    _, y = jax.lax.scan(emit, entry.transpose(1, 0, 2, 3).reshape(b * k, n, d),
+                        (dt_s, dtu_s, b_s, c_s), reverse=reverse, unroll=_UNROLL_FWD)
+    y = y.reshape(seg, b, k, d).transpose(1, 2, 0, 3).reshape(b, k * seg, d)[:, :l]
+    return y, last
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
 def _scan_vjp(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk):
-    (out, last), _ = _scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk)
+    # Not differentiated: no chunk states to save, and small batches scan in segments.
+    segments = num_segments(u.shape[0], u.shape[1])
+    (out, last), _ = _scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
+                                    chunk, segments)
     return out, last
 
 
-def _scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk):
+def _scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk, segments=0):
     dt = _dt(delta, delta_bias, delta_softplus)
-    y, entries, last = _forward(dt, u, A, B, C, reverse, chunk)
+    if segments > 1:
+        y, last = _forward_segmented(dt, u, A, B, C, reverse, segments)
+        entries = None
+    else:
+        y, entries, last = _forward(dt, u, A, B, C, reverse, chunk)
     if D is not None:
         y = y + D.astype(jnp.float32) * u.astype(jnp.float32)
     out = y if z is None else y * jax.nn.silu(z.astype(jnp.float32))
