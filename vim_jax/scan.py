@@ -31,6 +31,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from vim_jax import fastmath
+
 BACKENDS = ("auto", "reference", "pallas")
 
 # Chunk length of the reference backend: the inner loop over a chunk is unrolled
@@ -132,33 +134,11 @@ def _reference_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
     return _scan_vjp(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, DEFAULT_CHUNK)
 
 
-def _exp(x):
-    """float32 exp(x) for x <= 88, rel. error < 3e-7: Cephes-style 2^n * p(f).
-
-    XLA's exp dominates the CPU scan; this polynomial form vectorises and fuses to
-    about half the cost. Underflow saturates at 2^-126 (harmless for a decay factor).
-    """
-    y = jnp.clip(x * _LOG2E, -126.0, 127.0)
-    n = jnp.floor(y)
-    f = y - n
-    p = _EXP2_POLY[-1]
-    for c in _EXP2_POLY[-2::-1]:
-        p = p * f + c
-    scale = jax.lax.bitcast_convert_type((n.astype(jnp.int32) + 127) << 23, jnp.float32)
-    return p * scale
-
-
-_LOG2E = 1.4426950408889634
-# Near-minimax fit of 2^f on [0, 1), degree 5: relative error 1.5e-7 (float32 rounding).
-_EXP2_POLY = (0.999999846249464, 0.6931545545151324, 0.24014722987984782,
-              0.05583499001952791, 0.008987467181808206, 0.0018756046476014476)
-
-
 def _dt(delta, delta_bias, softplus):
     x = delta.astype(jnp.float32)
     if delta_bias is not None:
         x = x + delta_bias.astype(jnp.float32)
-    return jax.nn.softplus(x) if softplus else x
+    return fastmath.softplus(x) if softplus else x
 
 
 def _chunked(x, chunk):
@@ -193,7 +173,7 @@ def _forward(dt, u, A, B, C, reverse, chunk):
 
     def step(h, x):
         dt_t, dtu_t, b_t, c_t = x
-        h = _exp(dt_t[:, None, :] * at) * h + dtu_t[:, None, :] * b_t[:, :, None]
+        h = fastmath.exp(dt_t[:, None, :] * at) * h + dtu_t[:, None, :] * b_t[:, :, None]
         return h, jnp.sum(h * c_t[:, :, None], axis=1)
 
     def chunk_step(h, x):
@@ -240,12 +220,12 @@ def _forward_segmented(dt, u, A, B, C, reverse, segments):
 
     def advance(h, x):
         dt_t, dtu_t, b_t = x
-        return _exp(dt_t[:, None, :] * at) * h + dtu_t[:, None, :] * b_t[:, :, None]
+        return fastmath.exp(dt_t[:, None, :] * at) * h + dtu_t[:, None, :] * b_t[:, :, None]
 
     zeros = jnp.zeros((b * k, n, d), jnp.float32)
     local_end, _ = jax.lax.scan(lambda h, x: (advance(h, x), None), zeros, (dt_s, dtu_s, b_s),
                                 reverse=reverse, unroll=_UNROLL_FWD)
-    decay = _exp(jnp.sum(dt_s, axis=0)[:, None, :] * at)  # (b*k, n, d): whole-segment decay
+    decay = fastmath.exp(jnp.sum(dt_s, axis=0)[:, None, :] * at)  # (b*k, n, d): whole-segment decay
     to_k = lambda x: x.reshape(b, k, n, d).transpose(1, 0, 2, 3)
     last, entry = jax.lax.scan(lambda h, x: (x[0] * h + x[1], h), jnp.zeros((b, n, d), jnp.float32),
                                (to_k(decay), to_k(local_end)), reverse=reverse)
@@ -278,7 +258,7 @@ def _scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
         y, entries, last = _forward(dt, u, A, B, C, reverse, chunk)
     if D is not None:
         y = y + D.astype(jnp.float32) * u.astype(jnp.float32)
-    out = y if z is None else y * jax.nn.silu(z.astype(jnp.float32))
+    out = y if z is None else y * fastmath.silu(z.astype(jnp.float32))
     return (out.astype(u.dtype), last.transpose(0, 2, 1)), (y, entries)
 
 
@@ -313,7 +293,7 @@ def _scan_bwd(delta_softplus, reverse, chunk, res, cts):
 
         def recompute(h, x):
             dt_t, u_t, b_t = x
-            h = _exp(dt_t[:, None, :] * at) * h + (dt_t * u_t)[:, None, :] * b_t[:, :, None]
+            h = fastmath.exp(dt_t[:, None, :] * at) * h + (dt_t * u_t)[:, None, :] * b_t[:, :, None]
             return h, h
 
         _, hs = jax.lax.scan(recompute, h_entry, (dt_c, u_c, b_c), reverse=reverse, unroll=_UNROLL_BWD)
@@ -327,7 +307,7 @@ def _scan_bwd(delta_softplus, reverse, chunk, res, cts):
         def adjoint(carry, x):
             lam_next, gAt = carry  # lam_next = a_{t+1} * lam_{t+1}
             dt_t, u_t, b_t, c_t, gy_t, h_t, hp_t = x
-            a = _exp(dt_t[:, None, :] * at)
+            a = fastmath.exp(dt_t[:, None, :] * at)
             lam = gy_t[:, None, :] * c_t[:, :, None] + lam_next
             lam_ah = lam * a * hp_t
             # Reductions sharing an axis are stacked: fewer, larger kernels on the CPU.

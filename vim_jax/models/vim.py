@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from vim_jax import fastmath
 from vim_jax.scan import selective_scan
 
 CLS_POSITIONS = ("middle", "head", "double", "none")
@@ -104,7 +105,7 @@ class BiMambaMixer(nnx.Module):
     def _direction(self, x, z, suffix: str, reverse: bool):
         conv_w = getattr(self, "conv_weight" + suffix)[...].astype(self.dtype)
         conv_b = getattr(self, "conv_bias" + suffix)[...].astype(self.dtype)
-        xc = jax.nn.silu(depthwise_conv(x, conv_w, conv_b, anti_causal=reverse))
+        xc = fastmath.silu(depthwise_conv(x, conv_w, conv_b, anti_causal=reverse))
         x_dbl = checkpoint_name(getattr(self, "x_proj" + suffix)(xc), "x_proj")
         dt_in, b, c = jnp.split(x_dbl, [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
         dt_proj = getattr(self, "dt_proj" + suffix)
