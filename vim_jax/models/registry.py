@@ -100,7 +100,8 @@ def create_model(name: Optional[str] = None, *, pretrained: Optional[str] = None
         kwargs.update(inferred)
     kwargs.update(overrides)
     kwargs["dtype"] = jnp.dtype(kwargs.get("dtype") or "float32")
-    model = VisionMamba(**kwargs, rngs=nnx.Rngs(seed))
+    # Initialising under jit: one compiled program instead of hundreds of eager ops (~2x faster).
+    model = nnx.jit(lambda: VisionMamba(**kwargs, rngs=nnx.Rngs(seed)))()
     model.config = {"name": name, **{k: (v.name if k == "dtype" else v) for k, v in kwargs.items()}}
     if state_dict is not None:
         io.load_state_dict_into(model, state_dict, ckpt_img_size=ckpt_img)
