@@ -78,8 +78,8 @@ class BiMambaMixer(nnx.Module):
         dt_rank = math.ceil(d_model / 16)
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
         self.dtype, self.scan_backend = dtype, scan_backend
-        linear = lambda i, o, **kw: nnx.Linear(i, o, use_bias=False, dtype=dtype,
-                                               kernel_init=torch_default_init, rngs=rngs, **kw)
+        linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype,
+                                         kernel_init=torch_default_init, rngs=rngs)
         self.in_proj = linear(d_model, 2 * d_inner)
         out_scale = 1.0 / math.sqrt(depth)  # official rescale_prenorm_residual
         self.out_proj = nnx.Linear(
@@ -88,7 +88,8 @@ class BiMambaMixer(nnx.Module):
         a_log = jnp.log(jnp.tile(jnp.arange(1, d_state + 1, dtype=jnp.float32), (d_inner, 1)))
         conv_bound = 1.0 / math.sqrt(d_conv)
         dt_bound = dt_rank ** -0.5
-        # One set of SSM parameters per direction: index 0 forward, 1 backward.
+        # One set of SSM parameters per direction: no suffix forward, "_b" backward (the
+        # official names).
         for suffix in ("", "_b"):
             setattr(self, "conv_weight" + suffix, nnx.Param(jax.random.uniform(
                 rngs.params(), (d_conv, d_inner), minval=-conv_bound, maxval=conv_bound)))
