@@ -21,7 +21,6 @@ On a non-GPU platform the kernels run in Pallas interpret mode (for tests).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

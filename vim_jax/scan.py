@@ -160,6 +160,17 @@ def _unchunked(x, length):
     return x.reshape(nc * t, b, k)[:length].transpose(1, 0, 2)
 
 
+def _advance(h, dt_t, dtu_t, b_t, at):
+    """One scan step on states (batch, N, D): h = exp(dt A) h + dt u B."""
+    return fastmath.exp(dt_t[:, None, :] * at) * h + dtu_t[:, None, :] * b_t[:, :, None]
+
+
+def _readout(h, c_t):
+    """<h, C_t> over the state axis, (batch, N, D) -> (batch, D). A multiply and a sum
+    rather than an einsum: XLA turns the einsum into a small dot per step, slow on the CPU."""
+    return jnp.sum(h * c_t[:, :, None], axis=1)
+
+
 def _forward(dt, u, A, B, C, reverse, chunk):
     """Scans states (batch, N, D) float32 (D on the vector lanes).
 
@@ -174,8 +185,8 @@ def _forward(dt, u, A, B, C, reverse, chunk):
 
     def step(h, x):
         dt_t, dtu_t, b_t, c_t = x
-        h = fastmath.exp(dt_t[:, None, :] * at) * h + dtu_t[:, None, :] * b_t[:, :, None]
-        return h, jnp.sum(h * c_t[:, :, None], axis=1)
+        h = _advance(h, dt_t, dtu_t, b_t, at)
+        return h, _readout(h, c_t)
 
     def chunk_step(h, x):
         h_out, y = jax.lax.scan(step, h, x, reverse=reverse, unroll=_UNROLL_FWD)
@@ -219,12 +230,8 @@ def _forward_segmented(dt, u, A, B, C, reverse, segments):
 
     dt_s, dtu_s, b_s, c_s = split(dt), split(dt * u.astype(jnp.float32)), split(B), split(C)
 
-    def advance(h, x):
-        dt_t, dtu_t, b_t = x
-        return fastmath.exp(dt_t[:, None, :] * at) * h + dtu_t[:, None, :] * b_t[:, :, None]
-
     zeros = jnp.zeros((b * k, n, d), jnp.float32)
-    local_end, _ = jax.lax.scan(lambda h, x: (advance(h, x), None), zeros, (dt_s, dtu_s, b_s),
+    local_end, _ = jax.lax.scan(lambda h, x: (_advance(h, *x, at), None), zeros, (dt_s, dtu_s, b_s),
                                 reverse=reverse, unroll=_UNROLL_FWD)
     decay = fastmath.exp(jnp.sum(dt_s, axis=0)[:, None, :] * at)  # (b*k, n, d): whole-segment decay
     to_k = lambda x: x.reshape(b, k, n, d).transpose(1, 0, 2, 3)
@@ -232,8 +239,8 @@ def _forward_segmented(dt, u, A, B, C, reverse, segments):
                                (to_k(decay), to_k(local_end)), reverse=reverse)
 
     def emit(h, x):
-        h = advance(h, x[:3])
-        return h, jnp.einsum("bnd,bn->bd", h, x[3])
+        h = _advance(h, *x[:3], at)
+        return h, _readout(h, x[3])
 
     _, y = jax.lax.scan(emit, entry.transpose(1, 0, 2, 3).reshape(b * k, n, d),
                         (dt_s, dtu_s, b_s, c_s), reverse=reverse, unroll=_UNROLL_FWD)
@@ -294,7 +301,7 @@ def _scan_bwd(delta_softplus, reverse, chunk, res, cts):
 
         def recompute(h, x):
             dt_t, u_t, b_t = x
-            h = fastmath.exp(dt_t[:, None, :] * at) * h + (dt_t * u_t)[:, None, :] * b_t[:, :, None]
+            h = _advance(h, dt_t, dt_t * u_t, b_t, at)
             return h, h
 
         _, hs = jax.lax.scan(recompute, h_entry, (dt_c, u_c, b_c), reverse=reverse, unroll=_UNROLL_BWD)
