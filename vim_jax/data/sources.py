@@ -1,0 +1,121 @@
+"""Where examples come from: prepared tfds datasets, an image folder, or the digits demo.
+
+Every source yields encoded images, so one decode/augment path serves all of them:
+``{"image": encoded bytes, "label": int64, "id": string}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Optional
+
+from vim_jax.data.tf_setup import tf, tfds
+
+
+class DataError(ValueError):
+    """The dataset named by the config is missing or malformed; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One split as seen by this process."""
+    name: str
+    split: str
+    num_classes: int
+    num_examples: int          # this process's share
+    min_num_examples: int      # the smallest share over processes (all take the same steps)
+    max_num_examples: int      # the largest (all run the same number of eval batches)
+    _make: Callable[[Optional[int]], tf.data.Dataset]
+
+    def dataset(self, shuffle_seed: Optional[int] = None) -> tf.data.Dataset:
+        """Encoded examples; file order shuffled with ``shuffle_seed`` (None: fixed order)."""
+        return self._make(shuffle_seed)
+
+
+def _standardise(ex):
+    return {"image": ex["image"], "label": tf.cast(ex["label"], tf.int64),
+            "id": ex.get("file_name", ex.get("image/filename", tf.constant("")))}
+
+
+def _tfds_source(builder, name, split, process_index, process_count) -> Source:
+    if split not in builder.info.splits:
+        raise DataError(f"{name} has no split {split!r}; it has {sorted(builder.info.splits)}")
+    sub = tfds.split_for_jax_process(split, process_index=process_index,
+                                     process_count=process_count)
+    shares = [builder.info.splits[tfds.split_for_jax_process(split, process_index=i,
+                                                             process_count=process_count)].num_examples
+              for i in range(process_count)]
+
+    def make(seed):
+        ds = builder.as_dataset(
+            split=sub, shuffle_files=seed is not None,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=16,
+                                        skip_prefetch=True))
+        return ds.map(_standardise)
+
+    return Source(name, split, builder.info.features["label"].num_classes,
+                  shares[process_index], min(shares), max(shares), make)
+
+
+def _imagenet(data_dir: str, split, process_index, process_count) -> Source:
+    builder = tfds.builder("imagenet2012", data_dir=data_dir or None, try_gcs=False)
+    if not builder.is_prepared():
+        where = data_dir or "~/tensorflow_datasets"
+        missing = "" if os.path.isdir(os.path.expanduser(where)) else " (the directory does not exist)"
+        raise DataError(
+            f"imagenet2012 is not prepared in data_dir={where!r}{missing}. ImageNet cannot be downloaded "
+            f"automatically: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from "
+            f"https://image-net.org) in {where}/downloads/manual/, then run "
+            f"`tfds build imagenet2012 --data_dir {where}` once; or point "
+            f"--config.data.name=folder --config.data.data_dir=DIR at an extracted "
+            f"train/<class>/*.JPEG, val/<class>/* tree.")
+    return _tfds_source(builder, "imagenet2012", split, process_index, process_count)
+
+
+def _digits(data_dir: str, split, process_index, process_count) -> Source:
+    from vim_jax.data.digits import SklearnDigits
+
+    builder = SklearnDigits(data_dir=data_dir or None)
+    if not builder.is_prepared():
+        builder.download_and_prepare()  # generated from scikit-learn's copy: no network
+    return _tfds_source(builder, "digits", split, process_index, process_count)
+
+
+def _folder(root: str, split, process_index, process_count) -> Source:
+    if not root:
+        raise DataError("data.name='folder' needs --config.data.data_dir=DIR, a directory with "
+                        "train/<class>/* and val/<class>/* images")
+    if not os.path.isdir(os.path.join(root, split)):
+        have = sorted(d for d in os.listdir(root)) if os.path.isdir(root) else None
+        raise DataError(f"image folder {root!r} has no {split!r} subdirectory "
+                        f"({'it does not exist' if have is None else f'it has {have}'}); "
+                        f"expected {root}/{split}/<class>/<image>")
+    builder = tfds.ImageFolder(root)
+    n = builder.info.splits[split].num_examples
+    if n == 0:
+        raise DataError(f"{os.path.join(root, split)} holds no images in class subdirectories")
+    shares = [len(range(i, n, process_count)) for i in range(process_count)]
+
+    def make(seed):
+        ds = builder.as_dataset(split=split, shuffle_files=False,
+                                decoders={"image": tfds.decode.SkipDecoding()})
+        ds = ds.shard(process_count, process_index)
+        if seed is not None:
+            ds = ds.shuffle(shares[process_index], seed=seed, reshuffle_each_iteration=False)
+        return ds.map(_standardise)
+
+    return Source(f"folder:{root}", split, builder.info.features["label"].num_classes,
+                  shares[process_index], min(shares), max(shares), make)
+
+
+_SOURCES = {"imagenet2012": _imagenet, "digits": _digits, "folder": _folder}
+
+
+def make_source(name: str, data_dir: str, split: str, *, process_index: int = 0,
+                process_count: int = 1) -> Source:
+    """The ``split`` of dataset ``name`` (imagenet2012 | folder | digits) for this process."""
+    if name not in _SOURCES:
+        raise DataError(f"data.name={name!r} is not one of {sorted(_SOURCES)}")
+    return _SOURCES[name](data_dir, split, process_index, process_count)
