@@ -1,0 +1,55 @@
+"""Evaluate a training run or converted official weights.
+
+    python eval.py --workdir ckpts/                 # latest checkpoint, the run's own config
+    python eval.py --workdir ckpts/ --step 5000 --ema
+    python eval.py --pretrained vim_t_midclstok_76p1acc.pth --model vim_tiny_patch16_224 \
+        --config configs/vim_tiny.py --config.data.data_dir=~/tensorflow_datasets
+
+Prints top-1, top-5, loss and img/s and writes them to a JSON file (eval_step<N>[_ema].json
+in the workdir, or --output).
+"""
+
+import json
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/vim_tiny.py",
+                                "Dataset and model settings for --pretrained.", lock_config=True)
+flags.DEFINE_string("workdir", None, "A training workdir (its config.json and checkpoints).")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_bool("ema", False, "Evaluate the EMA parameters.")
+flags.DEFINE_string("pretrained", None, "Official .pth/.npz or converted checkpoint directory.")
+flags.DEFINE_string("model", None, "Model name for --pretrained (default: the config's).")
+flags.DEFINE_string("output", None, "Where to write the JSON results.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every restore at INFO
+    from vim_jax.evaluation import evaluate_pretrained, evaluate_workdir
+
+    if bool(FLAGS.workdir) == bool(FLAGS.pretrained):
+        raise app.UsageError("give exactly one of --workdir or --pretrained")
+    if FLAGS.workdir:
+        results = evaluate_workdir(FLAGS.workdir, step=FLAGS.step, ema=FLAGS.ema)
+        name = f"eval_step{results['step']}{'_ema' if FLAGS.ema else ''}.json"
+        output = FLAGS.output or os.path.join(FLAGS.workdir, name)
+    else:
+        results = evaluate_pretrained(FLAGS.config, FLAGS.pretrained, model=FLAGS.model)
+        output = FLAGS.output
+    print(f"top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  loss {results['loss']:.4f}  "
+          f"({results['count']} images, {results['img_per_s']:.1f} img/s)")
+    if output:
+        with open(output, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s",
+                        datefmt="%H:%M:%S")
+    app.run(main)

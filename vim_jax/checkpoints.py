@@ -1,0 +1,130 @@
+"""Training checkpoints in a workdir: orbax CheckpointManager plus recovery from bad steps.
+
+Layout: ``WORKDIR/checkpoints/<step>/{params,opt_state,ema,meta}``. orbax writes each step
+to a temporary directory and renames it when complete, so an interrupted save leaves no
+step behind. A step that exists but cannot be read (truncated or deleted files) is moved
+aside to ``<step>.corrupt`` with an error in the log, and the previous step is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vim_jax.pytree import path_name
+from vim_jax.train_step import TrainState
+
+log = logging.getLogger(__name__)
+_ARRAY_ITEMS = ("params", "opt_state", "ema")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that does not fit the model; the message says which."""
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def _shapes(tree) -> dict:
+    return {path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+class Checkpoints:
+    """Saves and restores ``TrainState`` under ``workdir/checkpoints``."""
+
+    def __init__(self, workdir: str, *, keep: int = 3, every_steps: int = 1000):
+        self.dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps,
+                                                     create=True)
+        self.manager = self._manager()
+
+    def _manager(self) -> ocp.CheckpointManager:
+        # Handlers named up front, so a fresh process can read item metadata before restoring.
+        handlers = {name: ocp.StandardCheckpointHandler() for name in _ARRAY_ITEMS}
+        handlers["meta"] = ocp.JsonCheckpointHandler()
+        return ocp.CheckpointManager(self.dir, options=self._options, item_handlers=handlers)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, state: TrainState, *, force: bool = False) -> bool:
+        """Saves if the step is due (or ``force``); returns whether it saved. Asynchronous."""
+        step = int(jax.device_get(state.step))
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            ema=ocp.args.StandardSave(state.ema),
+            meta=ocp.args.JsonSave({"step": step}))
+        return self.manager.save(step, args=args, force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def _check_shapes(self, step: int, name: str, target) -> None:
+        saved = self.manager.item_metadata(step)[name]
+        want, have = _shapes(target), _shapes(saved)
+        bad = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if bad:
+            lines = "\n".join(f"  {k}: checkpoint {h}, model {w}" for k, (h, w) in sorted(bad.items()))
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.dir} does not fit the model built from the "
+                f"config (a different model, image size or class count?):\n{lines}")
+
+    def _restore_items(self, step: int, targets: dict) -> dict:
+        for name, target in targets.items():
+            if name in _ARRAY_ITEMS:
+                self._check_shapes(step, name, target)
+        args = {name: ocp.args.StandardRestore(_abstract(t)) if name in _ARRAY_ITEMS
+                else ocp.args.JsonRestore() for name, t in targets.items()}
+        return self.manager.restore(step, args=ocp.args.Composite(**args))
+
+    def _first_readable(self, targets: dict, step: Optional[int]):
+        steps = [step] if step is not None else self.steps()[::-1]
+        if step is not None and step not in self.steps():
+            raise CheckpointError(f"no checkpoint for step {step} in {self.dir}; "
+                                  f"have {self.steps()}")
+        for s in steps:
+            try:
+                return s, self._restore_items(s, targets)
+            except CheckpointError:
+                raise
+            except Exception as e:  # unreadable: move aside, fall back to the one before
+                bad = os.path.join(self.dir, str(s))
+                log.error("checkpoint step %d in %s is unreadable (%s: %s)", s, self.dir,
+                          type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                if step is not None:
+                    raise CheckpointError(f"checkpoint step {s} in {self.dir} is unreadable: {e}") from e
+                if jax.process_index() == 0:
+                    os.replace(bad, bad + ".corrupt")
+                    log.error("moved it to %s.corrupt; trying the previous checkpoint", bad)
+                self.manager = self._manager()
+        if steps:
+            raise CheckpointError(f"none of the checkpoints in {self.dir} is readable "
+                                  f"(moved aside as <step>.corrupt)")
+        return None, None
+
+    def restore(self, target: TrainState, step: Optional[int] = None) -> Optional[TrainState]:
+        """The latest readable step (or ``step``) into ``target``'s structure and shardings;
+        None when the workdir holds no checkpoint."""
+        targets = {"params": target.params, "opt_state": target.opt_state, "ema": target.ema,
+                   "meta": None}
+        s, items = self._first_readable(targets, step)
+        if items is None:
+            return None
+        step_arr = jax.make_array_from_callback((), target.step.sharding,
+                                                lambda _: np.asarray(s, np.int32))
+        return TrainState(step_arr, items["params"], items["opt_state"], items["ema"])
+
+    def restore_params(self, params, *, ema: bool, step: Optional[int] = None):
+        """(step, params) of the latest readable checkpoint (or ``step``); EMA ones if ``ema``."""
+        name = "ema" if ema else "params"
+        s, items = self._first_readable({name: params}, step)
+        if items is None:
+            raise CheckpointError(f"no checkpoint in {self.dir}")
+        return s, items[name]

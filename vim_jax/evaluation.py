@@ -1,0 +1,84 @@
+"""Evaluation: one pass over an eval split, of a training checkpoint or of given weights."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vim_jax import sharding as shd
+from vim_jax.train_step import eval_step_fn
+
+
+def evaluate(eval_step, params, source, data_cfg, *, local_batch: int, sharding, corrupt=None) -> dict:
+    """Top-1/top-5 (%), mean loss, image count and img/s of ``params`` on ``source``."""
+    from vim_jax.data.pipeline import eval_batches
+
+    sums = None
+    t = time.perf_counter()
+    for batch in shd.prefetch(eval_batches(source, data_cfg, local_batch=local_batch, corrupt=corrupt), sharding):
+        out = eval_step(params, batch["image"], batch["label"], batch["mask"])
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+    n = max(sums["count"], 1.0)
+    return {"top1": 100 * sums["correct1"] / n, "top5": 100 * sums["correct5"] / n,
+            "loss": sums["loss"] / n, "count": int(sums["count"]),
+            "img_per_s": sums["count"] / (time.perf_counter() - t)}
+
+
+def _eval_setup(config, model, mesh):
+    """(jitted eval step, replicated params sharding tree, batch sharding)."""
+    param_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), nnx.state(model, nnx.Param))
+    bs = shd.batch_sharding(mesh)
+    return jax.jit(eval_step_fn(model), in_shardings=(param_sh, bs, bs, bs)), param_sh, bs
+
+
+def _eval_source(config):
+    from vim_jax.data.sources import make_source
+
+    d = config.data
+    return make_source(d.name, d.data_dir, d.eval_split, process_index=jax.process_index(),
+                       process_count=jax.process_count())
+
+
+def _eval_batch(config) -> int:
+    return (config.train.eval_batch_size or config.optim.batch_size) // jax.process_count()
+
+
+def evaluate_workdir(workdir: str, *, step: Optional[int] = None, ema: bool = False) -> dict:
+    """Evaluates checkpoint ``step`` (default latest) of a training workdir with its config."""
+    from vim_jax.checkpoints import Checkpoints
+    from vim_jax.trainer import build_model, load_config
+
+    config = load_config(workdir)
+    config.model.pretrained = ""  # the weights come from the checkpoint
+    source = _eval_source(config)
+    mesh = shd.make_mesh()
+    model = build_model(config, config.model.num_classes or source.num_classes)
+    eval_step, param_sh, bs = _eval_setup(config, model, mesh)
+    params = shd.put_global(nnx.state(model, nnx.Param), param_sh)
+    s, params = Checkpoints(workdir).restore_params(params, ema=ema, step=step)
+    out = evaluate(eval_step, params, source, config.data, local_batch=_eval_batch(config), sharding=bs)
+    return {"step": s, "ema": ema, **out}
+
+
+def evaluate_pretrained(config, pretrained: str, *, model: Optional[str] = None) -> dict:
+    """Evaluates weights from ``pretrained`` on the eval split ``config.data`` names."""
+    from vim_jax.trainer import build_model
+
+    config = copy.deepcopy(config)
+    config.model.pretrained = pretrained
+    if model:
+        config.model.name = model
+    source = _eval_source(config)
+    mesh = shd.make_mesh()
+    m = build_model(config, config.model.num_classes or source.num_classes)
+    eval_step, param_sh, bs = _eval_setup(config, m, mesh)
+    params = shd.put_global(nnx.state(m, nnx.Param), param_sh)
+    out = evaluate(eval_step, params, source, config.data, local_batch=_eval_batch(config), sharding=bs)
+    return {"pretrained": pretrained, "model": config.model.name, **out}
