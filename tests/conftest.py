@@ -28,3 +28,49 @@ def vim_io():
 @pytest.fixture(scope="session")
 def vim_weights_path():
     return fixture_path("vim_tiny_d4_weights.npz")
+
+
+def write_image_folder(root: pathlib.Path, *, classes: int = 3, per_class: int = 8,
+                       splits=("train", "val"), size=(20, 24), fmt: str = "JPEG") -> pathlib.Path:
+    """An ImageNet-style folder of real encoded images whose class is its dominant colour,
+    so a model can learn it in a few steps."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = np.eye(3)[np.arange(classes) % 3] * 200 + 30
+    for split in splits:
+        for c in range(classes):
+            d = root / split / f"class_{c:02d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                img = colours[c] + rng.normal(0, 25, size + (3,))
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
+                    d / f"img_{i:03d}.{fmt}", format="JPEG" if fmt == "JPEG" else fmt)
+    return root
+
+
+def tiny_config(data_dir, **over):
+    """The digits demo config shrunk to a model that compiles and steps in seconds."""
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from configs.digits import get_config
+
+    c = get_config()
+    c.model.num_classes = 0  # from the dataset
+    c.model.overrides.embed_dim = 32
+    c.model.overrides.depth = 2
+    c.data.name = "folder"
+    c.data.data_dir = str(data_dir)
+    c.data.eval_split = "val"
+    c.data.image_size = 16
+    c.optim.batch_size = 8
+    c.optim.epochs = 2
+    c.optim.warmup_epochs = 0
+    c.train.log_every_steps = 2
+    c.train.checkpoint_every_steps = 2
+    c.train.eval_every_epochs = 100
+    for key, value in over.items():
+        section, name = key.split("__")
+        c[section][name] = value
+    return c

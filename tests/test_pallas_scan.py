@@ -64,6 +64,8 @@ def test_optional_inputs(opts):
     assert_same_as_reference(random_inputs(5, 2, 21, 16, 8, **opts), reverse=True)
 
 
+# Each example compiles a new program (~15 s): kept out of CI, run with -m slow.
+@pytest.mark.slow
 @settings(max_examples=6, deadline=None)
 @given(b=st.integers(1, 2), l=st.integers(1, 80), d=st.integers(1, 70),
        log_n=st.integers(0, 4), reverse=st.booleans(), seed=st.integers(0, 2**16))

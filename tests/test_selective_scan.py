@@ -131,6 +131,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
+# Each example compiles a new program (~15 s): kept out of CI, run with -m slow.
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None)
 @given(b=st.integers(1, 3), l=st.integers(1, 40), d=st.integers(1, 33), n=st.integers(1, 17),
        reverse=st.booleans(), seed=st.integers(0, 2**16))

@@ -1,0 +1,245 @@
+"""train.py / eval.py machinery: learning, exact resume, data parallelism, bad inputs."""
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow_datasets")
+
+from conftest import tiny_config, write_image_folder  # noqa: E402
+from vim_jax.checkpoints import CheckpointError, Checkpoints  # noqa: E402
+from vim_jax.evaluation import evaluate_workdir  # noqa: E402
+from vim_jax.trainer import TrainingError, train_and_evaluate, validate_config  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(data, **over):
+    # 24 training images, batch 8: 3 steps per epoch, 12 steps; lr high enough to move in 12.
+    return tiny_config(data, **{"optim__epochs": 4, "optim__base_lr": 0.3, **over})
+
+
+def _final_params(workdir):
+    from flax import nnx
+    from vim_jax.trainer import build_model, load_config
+
+    config = load_config(workdir)
+    model = build_model(config, 3)
+    return Checkpoints(workdir).restore_params(nnx.state(model, nnx.Param), ema=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("folder"), classes=3, per_class=8)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """An uninterrupted run: (workdir, final metrics)."""
+    workdir = tmp_path_factory.mktemp("run")
+    return workdir, train_and_evaluate(_config(data), str(workdir))
+
+
+def test_training_lowers_the_loss_and_writes_everything(trained):
+    workdir, metrics = trained
+    losses = [h["loss"] for h in metrics["loss_history"]]
+    assert metrics["step"] == 12 and len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert json.loads((workdir / "metrics.json").read_text())["eval"] == metrics["eval"]
+    assert json.loads((workdir / "config.json").read_text())["optim"]["batch_size"] == 8
+    assert list((workdir / "tensorboard").iterdir())
+    assert Checkpoints(str(workdir)).steps()[-1] == 12
+    assert metrics["nonfinite_steps"] == 0 and metrics["corrupt_images"] == 0
+
+
+def test_kill_and_resume_gives_identical_parameters(data, trained, tmp_path):
+    """SIGTERM mid-run saves a checkpoint; rerunning resumes with the same data order and
+    randomness, and ends with bit-identical parameters."""
+    workdir = tmp_path / "resumed"
+
+    class KillAtStep6(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("step 6/"):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    logger = logging.getLogger("vim_jax.trainer")
+    handler, level = KillAtStep6(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        assert train_and_evaluate(_config(data), str(workdir)) is None  # preempted
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert Checkpoints(str(workdir)).steps()[-1] == 6
+    metrics = train_and_evaluate(_config(data), str(workdir))
+    step_a, params_a = _final_params(trained[0])
+    step_b, params_b = _final_params(workdir)
+    assert step_a == step_b == 12
+    import jax
+    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert metrics["eval"]["top1"] == trained[1]["eval"]["top1"]
+
+
+def test_eval_reproduces_the_final_eval(trained):
+    workdir, metrics = trained
+    out = evaluate_workdir(str(workdir))
+    assert out["step"] == 12
+    for k in ("top1", "top5", "count"):
+        assert out[k] == metrics["eval"][k]
+    assert abs(out["loss"] - metrics["eval"]["loss"]) < 1e-6
+
+
+def test_eval_cli_writes_results(trained):
+    workdir, metrics = trained
+    r = subprocess.run([sys.executable, "eval.py", "--workdir", str(workdir)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads((workdir / "eval_step12.json").read_text())
+    assert out["top1"] == metrics["eval"]["top1"]
+    assert f"top-1 {metrics['eval']['top1']:.2f}%" in r.stdout
+
+
+def test_resuming_with_another_image_size_is_refused(data, trained):
+    workdir, _ = trained
+    with pytest.raises(TrainingError, match=r"data.image_size: 16 -> 24.*new --workdir"):
+        train_and_evaluate(_config(data, data__image_size=24), str(workdir))
+
+
+def test_corrupt_and_partial_checkpoints_are_skipped(trained, tmp_path, caplog):
+    workdir = tmp_path / "copy"
+    shutil.copytree(trained[0], workdir)
+    ckpts = workdir / "checkpoints"
+    # A save that never finished (orbax's temporary directory) is not a checkpoint.
+    (ckpts / "14.orbax-checkpoint-tmp-1234").mkdir()
+    # The latest real step has its files truncated.
+    for f in (ckpts / "12" / "params").rglob("*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[:10])
+    with caplog.at_level(logging.ERROR):
+        out = evaluate_workdir(str(workdir))
+    assert out["step"] == 10
+    assert "step 12" in caplog.text and "unreadable" in caplog.text
+    assert (ckpts / "12.corrupt").exists() and not (ckpts / "12").exists()
+    # Nothing readable left: a clear error, not a silent fresh start.
+    for step in Checkpoints(str(workdir)).steps():
+        for f in (ckpts / str(step) / "params").rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="none of the checkpoints"):
+        evaluate_workdir(str(workdir))
+
+
+def test_persistent_nonfinite_steps_stop_training(data, tmp_path):
+    workdir = tmp_path / "nan"
+    config = _config(data, optim__base_lr=1e36, train__max_nonfinite_steps=3)
+    with pytest.raises(TrainingError, match="consecutive non-finite steps"):
+        train_and_evaluate(config, str(workdir))
+    _, params = _final_params(workdir)
+    import jax
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_config_errors_name_the_bad_value(data):
+    config = _config(data, optim__batch_size=6)
+    with pytest.raises(TrainingError, match="batch_size=6 must be a positive multiple of the device count 4"):
+        validate_config(config, 4)
+    sys.path.insert(0, str(ROOT))
+    from configs.vim_finetune_stride8 import get_config
+
+    with pytest.raises(TrainingError, match="model.pretrained"):
+        validate_config(get_config("tiny"), 1)
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "--config", "configs/digits.py",
+                        "--config.optim.learning_rate=1", "--workdir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "learning_rate" in r.stderr
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_recipe_configs():
+    sys.path.insert(0, str(ROOT))
+    from configs import vim_base, vim_finetune_stride8, vim_small, vim_tiny
+
+    ti, s, b = vim_tiny.get_config(), vim_small.get_config(), vim_base.get_config()
+    assert (ti.optim.batch_size, ti.optim.base_lr * ti.optim.batch_size / 512, ti.optim.weight_decay,
+            ti.model.drop_path_rate) == (1024, 1e-3, 0.1, 0.0)
+    assert (s.optim.batch_size, s.optim.base_lr, s.optim.weight_decay, s.model.drop_path_rate) == (
+        512, 1e-3, 0.05, 0.05)
+    assert b.model.name == "vim_base_patch16_224"
+    for c in (ti, s, b):
+        assert (c.optim.epochs, c.optim.warmup_epochs, c.optim.min_lr, c.optim.warmup_lr) == (300, 5, 1e-5, 1e-6)
+        assert (c.data.mixup, c.data.cutmix, c.data.random_erasing, c.data.repeated_aug) == (0.8, 1.0, 0.25, 3)
+        assert c.data.rand_augment == "rand-m9-mstd0.5-inc1" and c.optim.ema_decay == 0.99996
+    ft = vim_finetune_stride8.get_config("small")
+    assert ft.model.name == "vim_small_patch16_stride8_224" and ft.optim.epochs == 30
+    assert ft.optim.weight_decay == 1e-8
+
+
+_DP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from vim_jax import create_model, sharding as shd
+    from vim_jax.optim import make_optimizer, lr_schedule
+    from vim_jax.train_step import StepOptions, TrainState, train_step_fn
+    import ml_collections
+
+    assert jax.device_count() == 8, jax.devices()
+    ocfg = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=1.0))
+    opts = StepOptions(mixup=0.8, cutmix=1.0, label_smoothing=0.1, ema_decay=0.99, seed=3)
+    images = jax.random.normal(jax.random.key(1), (16, 16, 16, 3))
+    labels = jnp.arange(16) % 5
+
+    def run(devices, fsdp):
+        model = create_model("vim_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=64, depth=2,
+                             num_classes=5, drop_path_rate=0.1)
+        model.train()
+        tx = make_optimizer(ocfg, nnx.state(model, nnx.Param), lr_schedule(
+            peak_lr=1e-3, warmup_lr=1e-4, min_lr=1e-5, warmup_steps=1, total_steps=10))
+        step, state = train_step_fn(model, tx, opts)
+        mesh = shd.make_mesh(devices)
+        sh = TrainState(NamedSharding(mesh, P()), *(shd.state_shardings(t, mesh, fsdp, min_size=1024)
+                                                     for t in state[1:]))
+        state = shd.put_global(state, sh)
+        bs = shd.batch_sharding(mesh)
+        f = jax.jit(step, in_shardings=(sh, bs, bs), out_shardings=(sh, None))
+        for _ in range(2):
+            state, m = f(state, jax.device_put(images, bs), jax.device_put(labels, bs))
+        sharded = sum(not s.is_fully_replicated for s in jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state.params)))
+        return [np.asarray(x) for x in jax.tree.leaves((state.params, state.ema))], float(m["loss"]), sharded
+
+    ref, loss1, _ = run(jax.devices()[:1], False)
+    out = {}
+    for name, fsdp in (("dp8", False), ("fsdp8", True)):
+        got, loss, sharded = run(jax.devices(), fsdp)
+        err = max(float(np.abs(a - b).max() / (np.abs(a).max() + 1e-12)) for a, b in zip(ref, got))
+        out[name] = dict(err=err, dloss=abs(loss - loss1), sharded=sharded)
+    print(json.dumps(out))
+""")
+
+
+def test_eight_device_step_equals_one_device_step():
+    """Data parallel (and FSDP) over 8 simulated CPU devices == 1 device, same global batch."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", _DP_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["fsdp8"]["sharded"] > 0 and out["dp8"]["sharded"] == 0
+    for name, o in out.items():
+        assert o["err"] < 1e-5 and o["dloss"] < 1e-5, (name, o)
