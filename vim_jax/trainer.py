@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
