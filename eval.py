@@ -12,6 +12,7 @@ in the workdir, or --output).
 import json
 import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -30,17 +31,23 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every restore at INFO
+    from vim_jax.checkpoints import CheckpointError
+    from vim_jax.data.sources import DataError
     from vim_jax.evaluation import evaluate_pretrained, evaluate_workdir
+    from vim_jax.trainer import TrainingError
 
     if bool(FLAGS.workdir) == bool(FLAGS.pretrained):
         raise app.UsageError("give exactly one of --workdir or --pretrained")
-    if FLAGS.workdir:
-        results = evaluate_workdir(FLAGS.workdir, step=FLAGS.step, ema=FLAGS.ema)
-        name = f"eval_step{results['step']}{'_ema' if FLAGS.ema else ''}.json"
-        output = FLAGS.output or os.path.join(FLAGS.workdir, name)
-    else:
-        results = evaluate_pretrained(FLAGS.config, FLAGS.pretrained, model=FLAGS.model)
-        output = FLAGS.output
+    try:
+        if FLAGS.workdir:
+            results = evaluate_workdir(FLAGS.workdir, step=FLAGS.step, ema=FLAGS.ema)
+            name = f"eval_step{results['step']}{'_ema' if FLAGS.ema else ''}.json"
+            output = FLAGS.output or os.path.join(FLAGS.workdir, name)
+        else:
+            results = evaluate_pretrained(FLAGS.config, FLAGS.pretrained, model=FLAGS.model)
+            output = FLAGS.output
+    except (DataError, TrainingError, CheckpointError) as e:  # the message is the whole story
+        sys.exit(f"error: {e}")
     print(f"top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  loss {results['loss']:.4f}  "
           f"({results['count']} images, {results['img_per_s']:.1f} img/s)")
     if output:

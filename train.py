@@ -5,6 +5,7 @@ command resumes from the latest checkpoint in --workdir.
 """
 
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -24,9 +25,14 @@ def main(argv):
 
     if flags.FLAGS.distributed:
         jax.distributed.initialize()
-    from vim_jax.trainer import train_and_evaluate
+    from vim_jax.checkpoints import CheckpointError
+    from vim_jax.data.sources import DataError
+    from vim_jax.trainer import TrainingError, train_and_evaluate
 
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (DataError, TrainingError, CheckpointError) as e:  # the message is the whole story
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

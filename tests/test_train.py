@@ -243,3 +243,25 @@ def test_eight_device_step_equals_one_device_step():
     assert out["fsdp8"]["sharded"] > 0 and out["dp8"]["sharded"] == 0
     for name, o in out.items():
         assert o["err"] < 1e-5 and o["dloss"] < 1e-5, (name, o)
+
+
+def test_eval_of_official_weights_on_a_folder(data, vim_weights_path):
+    """eval.py --pretrained path: official-format weights (10 classes, 224 px) evaluated
+    on a folder at 32 px (position embedding resized on load)."""
+    from vim_jax.evaluation import evaluate_pretrained
+
+    config = _config(data, model__num_classes=10, data__image_size=32)
+    config.model.overrides = {}
+    out = evaluate_pretrained(config, str(vim_weights_path), model="vim_tiny_patch16_224")
+    assert out["count"] == 24 and 0 <= out["top1"] <= out["top5"] <= 100
+    assert np.isfinite(out["loss"])
+
+
+def test_missing_imagenet_is_a_clean_cli_error(tmp_path):
+    """The brief's usage with no ImageNet prepared: a message saying how, no traceback."""
+    r = subprocess.run([sys.executable, "train.py", "--config", "configs/vim_tiny.py",
+                        "--workdir", str(tmp_path / "w"), f"--config.data.data_dir={tmp_path / 'tfds'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert "error: imagenet2012 is not prepared" in r.stderr and "tfds build imagenet2012" in r.stderr
+    assert "Traceback" not in r.stderr
