@@ -13,6 +13,7 @@ def imagenet_recipe(model: str, *, batch_size: int, base_lr: float, weight_decay
     c.model.name = model
     c.model.pretrained = ""           # official .pth/.npz or a checkpoint dir to start from
     c.model.require_pretrained = False  # fine-tuning configs refuse to start from scratch
+    c.model.reset_head = False        # new, freshly initialised head (another class count)
     c.model.num_classes = 1000
     c.model.drop_path_rate = drop_path_rate
     c.model.dtype = "float32"         # compute dtype; params, residual and scan state stay float32

@@ -265,3 +265,25 @@ def test_missing_imagenet_is_a_clean_cli_error(tmp_path):
     assert r.returncode == 1
     assert "error: imagenet2012 is not prepared" in r.stderr and "tfds build imagenet2012" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_fine_tuning_with_a_new_head(data, vim_weights_path):
+    """reset_head: the checkpoint's body (10-class fixture) with a fresh 3-class head."""
+    import jax
+    from flax import nnx
+    from vim_jax import create_model
+    from vim_jax.trainer import build_model
+
+    config = _config(data, model__pretrained=str(vim_weights_path), model__reset_head=True,
+                     data__image_size=32)
+    config.model.overrides = {}
+    model = build_model(config, 3)
+    assert model.head.kernel.shape == (192, 3) and model.depth == 4
+    ref = create_model("vim_tiny_patch16_224", pretrained=str(vim_weights_path), img_size=32)
+    got, want = nnx.state(model, nnx.Param), nnx.state(ref, nnx.Param)
+    got.pop("head"), want.pop("head")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    config.model.reset_head = False
+    with pytest.raises(ValueError, match="head.weight"):
+        build_model(config, 3)

@@ -99,12 +99,22 @@ def _check_workdir_config(config, workdir: str, has_checkpoints: bool) -> None:
 # ----------------------------------------------------------------------------- building
 
 def build_model(config, num_classes: int):
-    """The model a config describes (loading ``model.pretrained`` if set), in eval mode."""
+    """The model a config describes (loading ``model.pretrained`` if set), in eval mode.
+    With ``model.reset_head`` the checkpoint's head is dropped and a new one initialised,
+    for fine-tuning on a dataset with other classes."""
     m = config.model
-    kwargs = dict(num_classes=num_classes, img_size=config.data.image_size,
-                  drop_path_rate=m.drop_path_rate, dtype=m.dtype, scan_backend=m.scan_backend,
-                  remat=m.remat, **m.overrides.to_dict())
-    return create_model(m.name, pretrained=m.pretrained or None, seed=config.seed, **kwargs)
+    kwargs = dict(img_size=config.data.image_size, drop_path_rate=m.drop_path_rate, dtype=m.dtype,
+                  scan_backend=m.scan_backend, remat=m.remat, **m.overrides.to_dict())
+    if not (m.reset_head and m.pretrained):
+        return create_model(m.name, pretrained=m.pretrained or None, seed=config.seed,
+                            num_classes=num_classes, **kwargs)
+    source = create_model(m.name, pretrained=m.pretrained, seed=config.seed, **kwargs)
+    model = create_model(m.name, seed=config.seed, num_classes=num_classes,
+                         **{"depth": source.depth, **kwargs})
+    body = nnx.state(source, nnx.Param)
+    body.pop("head")
+    nnx.update(model, body)
+    return model
 
 
 def _num_classes(config, source) -> int:
