@@ -248,6 +248,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     corrupt = CorruptImages()
     summaries = _Summaries(workdir)
 
+    eval_history = []
+
     def run_eval(step: int) -> dict:
         out = {"eval": evaluate(eval_step, state.params, eval_src, d, local_batch=eval_local,
                                 sharding=bs, corrupt=corrupt)}
@@ -258,6 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             log.info("step %d %s: top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d images, %.0f img/s)",
                      step, name, r["top1"], r["top5"], r["loss"], r["count"], r["img_per_s"])
             summaries.scalars(step, {f"{name}/{k}": r[k] for k in ("top1", "top5", "loss")})
+        eval_history.append({"step": step, **{f"{name}_{k}": r[k] for name, r in out.items()
+                                              for k in ("top1", "top5", "loss")}})
         return out
 
     batches = shd.prefetch(train_batches(train_src, d, seed=config.seed, local_batch=local_batch,
@@ -317,9 +321,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     final = {"step": total, "epochs": total / spe, "train_loss": last_loss,
              "nonfinite_steps": total_bad, "corrupt_images": corrupt.count,
              "corrupt_image_ids": corrupt.ids, "train_wall_s": time.perf_counter() - t0, **results,
-             "loss_history": history}
+             "loss_history": history, "eval_history": eval_history}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, METRICS_FILE), "w") as f:
             json.dump(final, f, indent=2)
-    log.info("done: %s", json.dumps({k: v for k, v in final.items() if k not in ("corrupt_image_ids", "loss_history")}))
+    log.info("done: %s", json.dumps({k: v for k, v in final.items() if k not in ("corrupt_image_ids", "loss_history", "eval_history")}))
     return final
