@@ -1,6 +1,6 @@
 """Training checkpoints in a workdir: orbax CheckpointManager plus recovery from bad steps.
 
-Layout: ``WORKDIR/checkpoints/<step>/{params,opt_state,ema,meta}``. orbax writes each step
+Layout: ``WORKDIR/checkpoints/<step>/{params,opt_state,ema}``. orbax writes each step
 to a temporary directory and renames it when complete, so an interrupted save leaves no
 step behind. A step that exists but cannot be read (truncated or deleted files) is moved
 aside to ``<step>.corrupt`` with an error in the log, and the previous step is used.
@@ -20,7 +20,7 @@ from vim_jax.pytree import path_name
 from vim_jax.train_step import TrainState
 
 log = logging.getLogger(__name__)
-_ARRAY_ITEMS = ("params", "opt_state", "ema")
+_ITEMS = ("params", "opt_state", "ema")  # the step is the directory name
 
 
 class CheckpointError(RuntimeError):
@@ -46,8 +46,7 @@ class Checkpoints:
 
     def _manager(self) -> ocp.CheckpointManager:
         # Handlers named up front, so a fresh process can read item metadata before restoring.
-        handlers = {name: ocp.StandardCheckpointHandler() for name in _ARRAY_ITEMS}
-        handlers["meta"] = ocp.JsonCheckpointHandler()
+        handlers = {name: ocp.StandardCheckpointHandler() for name in _ITEMS}
         return ocp.CheckpointManager(self.dir, options=self._options, item_handlers=handlers)
 
     def steps(self) -> list[int]:
@@ -55,13 +54,9 @@ class Checkpoints:
 
     def save(self, state: TrainState, *, force: bool = False) -> bool:
         """Saves if the step is due (or ``force``); returns whether it saved. Asynchronous."""
-        step = int(jax.device_get(state.step))
-        args = ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            ema=ocp.args.StandardSave(state.ema),
-            meta=ocp.args.JsonSave({"step": step}))
-        return self.manager.save(step, args=args, force=force)
+        args = ocp.args.Composite(**{name: ocp.args.StandardSave(getattr(state, name))
+                                     for name in _ITEMS})
+        return self.manager.save(int(jax.device_get(state.step)), args=args, force=force)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -78,10 +73,8 @@ class Checkpoints:
 
     def _restore_items(self, step: int, targets: dict) -> dict:
         for name, target in targets.items():
-            if name in _ARRAY_ITEMS:
-                self._check_shapes(step, name, target)
-        args = {name: ocp.args.StandardRestore(_abstract(t)) if name in _ARRAY_ITEMS
-                else ocp.args.JsonRestore() for name, t in targets.items()}
+            self._check_shapes(step, name, target)
+        args = {name: ocp.args.StandardRestore(_abstract(t)) for name, t in targets.items()}
         return self.manager.restore(step, args=ocp.args.Composite(**args))
 
     def _first_readable(self, targets: dict, step: Optional[int]):
@@ -112,14 +105,13 @@ class Checkpoints:
     def restore(self, target: TrainState, step: Optional[int] = None) -> Optional[TrainState]:
         """The latest readable step (or ``step``) into ``target``'s structure and shardings;
         None when the workdir holds no checkpoint."""
-        targets = {"params": target.params, "opt_state": target.opt_state, "ema": target.ema,
-                   "meta": None}
+        targets = {name: getattr(target, name) for name in _ITEMS}
         s, items = self._first_readable(targets, step)
         if items is None:
             return None
         step_arr = jax.make_array_from_callback((), target.step.sharding,
                                                 lambda _: np.asarray(s, np.int32))
-        return TrainState(step_arr, items["params"], items["opt_state"], items["ema"])
+        return TrainState(step_arr, *(items[name] for name in _ITEMS))
 
     def restore_params(self, params, *, ema: bool, step: Optional[int] = None):
         """(step, params) of the latest readable checkpoint (or ``step``); EMA ones if ``ema``."""

@@ -31,54 +31,43 @@ def evaluate(eval_step, params, source, data_cfg, *, local_batch: int, sharding,
             "img_per_s": sums["count"] / (time.perf_counter() - t)}
 
 
-def _eval_setup(config, model, mesh):
-    """(jitted eval step, replicated params sharding tree, batch sharding)."""
-    param_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), nnx.state(model, nnx.Param))
-    bs = shd.batch_sharding(mesh)
-    return jax.jit(eval_step_fn(model), in_shardings=(param_sh, bs, bs, bs)), param_sh, bs
-
-
-def _eval_source(config):
+def _evaluate_config(config, num_classes: int, load=None) -> dict:
+    """Builds ``config``'s model, optionally replaces its params with ``load(params) ->
+    (info, params)``, and evaluates on ``config.data``'s eval split: (info, results)."""
     from vim_jax.data.sources import make_source
+    from vim_jax.trainer import build_model
 
     d = config.data
-    return make_source(d.name, d.data_dir, d.eval_split, process_index=jax.process_index(),
-                       process_count=jax.process_count())
-
-
-def _eval_batch(config) -> int:
-    return (config.train.eval_batch_size or config.optim.batch_size) // jax.process_count()
+    source = make_source(d.name, d.data_dir, d.eval_split, process_index=jax.process_index(),
+                         process_count=jax.process_count())
+    mesh = shd.make_mesh()
+    model = build_model(config, num_classes or source.num_classes)
+    param_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), nnx.state(model, nnx.Param))
+    bs = shd.batch_sharding(mesh)
+    eval_step = jax.jit(eval_step_fn(model), in_shardings=(param_sh, bs, bs, bs))
+    params = shd.put_global(nnx.state(model, nnx.Param), param_sh)
+    info, params = load(params) if load else (None, params)
+    local_batch = (config.train.eval_batch_size or config.optim.batch_size) // jax.process_count()
+    return info, evaluate(eval_step, params, source, d, local_batch=local_batch, sharding=bs)
 
 
 def evaluate_workdir(workdir: str, *, step: Optional[int] = None, ema: bool = False) -> dict:
     """Evaluates checkpoint ``step`` (default latest) of a training workdir with its config."""
     from vim_jax.checkpoints import Checkpoints
-    from vim_jax.trainer import build_model, load_config
+    from vim_jax.trainer import load_config
 
     config = load_config(workdir)
     config.model.pretrained = ""  # the weights come from the checkpoint
-    source = _eval_source(config)
-    mesh = shd.make_mesh()
-    model = build_model(config, config.model.num_classes or source.num_classes)
-    eval_step, param_sh, bs = _eval_setup(config, model, mesh)
-    params = shd.put_global(nnx.state(model, nnx.Param), param_sh)
-    s, params = Checkpoints(workdir).restore_params(params, ema=ema, step=step)
-    out = evaluate(eval_step, params, source, config.data, local_batch=_eval_batch(config), sharding=bs)
+    s, out = _evaluate_config(config, config.model.num_classes, lambda params: Checkpoints(
+        workdir).restore_params(params, ema=ema, step=step))
     return {"step": s, "ema": ema, **out}
 
 
 def evaluate_pretrained(config, pretrained: str, *, model: Optional[str] = None) -> dict:
     """Evaluates weights from ``pretrained`` on the eval split ``config.data`` names."""
-    from vim_jax.trainer import build_model
-
     config = copy.deepcopy(config)
     config.model.pretrained = pretrained
     if model:
         config.model.name = model
-    source = _eval_source(config)
-    mesh = shd.make_mesh()
-    m = build_model(config, config.model.num_classes or source.num_classes)
-    eval_step, param_sh, bs = _eval_setup(config, m, mesh)
-    params = shd.put_global(nnx.state(m, nnx.Param), param_sh)
-    out = evaluate(eval_step, params, source, config.data, local_batch=_eval_batch(config), sharding=bs)
+    _, out = _evaluate_config(config, config.model.num_classes)
     return {"pretrained": pretrained, "model": config.model.name, **out}

@@ -58,8 +58,7 @@ def global_batch(local: dict, sharding: NamedSharding) -> dict:
 def prefetch(batches: Iterable[dict], sharding: NamedSharding, size: int = 2) -> Iterator[dict]:
     """Keeps ``size`` batches on device ahead of the consumer (host->device copy overlaps)."""
     queue = collections.deque()
-    it = iter(batches)
-    for local in it:
+    for local in batches:
         queue.append(global_batch(local, sharding))
         if len(queue) > size:
             yield queue.popleft()

@@ -32,14 +32,6 @@ class StepOptions:
     seed: int = 0           # per-step keys for mixing and drop path are fold_in(seed, step)
 
 
-def cross_entropy(logits, labels):
-    """Mean cross-entropy; labels are class ids (batch,) or soft targets (batch, classes)."""
-    logits = logits.astype(jnp.float32)
-    if labels.ndim == logits.ndim:
-        return optax.softmax_cross_entropy(logits, labels).mean()
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
 def train_step_fn(model: nnx.Module, tx: optax.GradientTransformation,
                   opts: StepOptions = StepOptions()):
     """Returns (step, state), ``step(state, images (b, H, W, C), labels (b,)) -> (state,
@@ -61,15 +53,18 @@ def train_step_fn(model: nnx.Module, tx: optax.GradientTransformation,
 
         def loss_fn(params):
             m = nnx.merge(graphdef, params, step_keys, rest, copy=True)
-            return cross_entropy(m(images), targets)
+            return optax.softmax_cross_entropy(m(images).astype(jnp.float32), targets).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A skipped (non-finite) step leaves params, and so the EMA, unchanged.
-        params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), params, state.params)
+        # A non-finite step is skipped: params, optimiser state (moments, schedule count)
+        # and so the EMA stay as they were; only the step counter moves on.
+        keep = lambda new, old: jnp.where(finite, new, old)
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
         if opts.ema_decay > 0:
             d = opts.ema_decay
             ema = jax.tree.map(lambda e, p: jnp.where(finite, d * e + (1 - d) * p, e),

@@ -8,6 +8,7 @@ summaries, and writes ``metrics.json``.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -195,6 +196,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     os.makedirs(workdir, exist_ok=True)
     mesh = shd.make_mesh(devices)
     validate_config(config, mesh.size)
+    d = config.data
+    pi, pc = jax.process_index(), jax.process_count()
+    train_src = make_source(d.name, d.data_dir, d.train_split, process_index=pi, process_count=pc)
+    eval_src = make_source(d.name, d.data_dir, d.eval_split, process_index=pi, process_count=pc)
+    # The class count is resolved once and saved with the config: eval.py builds the same head.
+    config = copy.deepcopy(config)
+    config.model.num_classes = _num_classes(config, train_src)
     ckpt = Checkpoints(workdir, keep=config.train.keep_checkpoints,
                        every_steps=config.train.checkpoint_every_steps)
     _check_workdir_config(config, workdir, bool(ckpt.steps()))
@@ -202,10 +210,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
             f.write(config.to_json(indent=2))
 
-    d = config.data
-    pi, pc = jax.process_index(), jax.process_count()
-    train_src = make_source(d.name, d.data_dir, d.train_split, process_index=pi, process_count=pc)
-    eval_src = make_source(d.name, d.data_dir, d.eval_split, process_index=pi, process_count=pc)
     batch = config.optim.batch_size
     local_batch = batch // pc
     eval_local = (config.train.eval_batch_size or batch) // pc
@@ -215,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     schedule = lr_schedule(peak_lr=peak_lr, warmup_lr=config.optim.warmup_lr, min_lr=config.optim.min_lr,
                            warmup_steps=config.optim.warmup_epochs * spe, total_steps=total)
 
-    model = build_model(config, _num_classes(config, train_src))
+    model = build_model(config, config.model.num_classes)
     model.train()
     tx = make_optimizer(config.optim, nnx.state(model, nnx.Param), schedule)
     opts = StepOptions(mixup=d.mixup, cutmix=d.cutmix, mix_switch_prob=d.mix_switch_prob,
@@ -239,9 +243,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          donate_argnums=0)
     eval_step = jax.jit(eval_fn, in_shardings=(shardings.params, bs, bs, bs))
 
-    log.info("%s on %d device(s) x %d process(es), %s%s: %d train / %d eval images per process, "
-             "batch %d, %d steps/epoch, %d steps, peak lr %.3g%s", config.model.name, mesh.size, pc,
-             "FSDP" if fsdp else "data parallel", f", compute {config.model.dtype}",
+    log.info("%s on %d device(s) x %d process(es), %s, compute %s: %d train / %d eval images per "
+             "process, batch %d, %d steps/epoch, %d steps, peak lr %.3g%s", config.model.name, mesh.size,
+             pc, "FSDP" if fsdp else "data parallel", config.model.dtype,
              train_src.num_examples, eval_src.num_examples, batch, spe, total, peak_lr,
              f"; resumed at step {start}" if start else "")
 

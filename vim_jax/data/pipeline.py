@@ -29,14 +29,13 @@ class CorruptImages:
     def __init__(self, keep: int = 20):
         self.count, self.ids, self._keep = 0, [], keep
 
-    def record(self, ids) -> None:
+    def record(self, ids, action: str) -> None:
         for i in ids:
             self.count += 1
             name = i.decode(errors="replace") if isinstance(i, bytes) else str(i)
             if len(self.ids) < self._keep:
                 self.ids.append(name)
-            log.warning("corrupt image %s: replaced by another image of its batch "
-                        "(%d corrupt so far)", name, self.count)
+            log.warning("corrupt image %s: %s (%d corrupt so far)", name, action, self.count)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -59,7 +58,7 @@ def _fix_corrupt(batch: dict, corrupt: CorruptImages) -> dict:
         if bad.all():
             raise DataError(f"every image of a batch failed to decode, e.g. {ids[0]!r}: "
                             "the dataset is unreadable")
-        corrupt.record(ids[bad])
+        corrupt.record(ids[bad], "replaced by another image of its batch")
         good = np.flatnonzero(~bad)
         src = good[np.arange(bad.sum()) % len(good)]
         for k in batch:
@@ -125,7 +124,7 @@ def eval_batches(source: Source, cfg, *, local_batch: int,
         n = len(batch["label"])
         bad = ~batch["valid"]
         if bad.any():  # a corrupt eval image counts as a miss: masked out, and reported
-            corrupt.record(batch["id"][bad])
+            corrupt.record(batch["id"][bad], "left out of the evaluation")
         mask = batch.pop("valid").astype(np.float32)
         batch.pop("id")
         pad = local_batch - n
