@@ -57,9 +57,10 @@ def decode(data):
 
 # ----------------------------------------------------------------------------- geometry
 
-def _resize(image, size, dtype=tf.float32):
+def _resize(image, size):
+    """Bicubic (antialiased, like PIL) resize of a uint8 image, rounded back to uint8."""
     out = tf.image.resize(image, size, method="bicubic", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), dtype) if dtype == tf.uint8 else out
+    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
 
 
 def random_resized_crop(image, seed, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -69,7 +70,7 @@ def random_resized_crop(image, seed, size: int, scale=(0.08, 1.0), ratio=(3 / 4,
         min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale,
         max_attempts=10, use_image_if_no_bounding_boxes=True)
     image = tf.slice(image, begin, crop)
-    return _resize(image, (size, size), tf.uint8)
+    return _resize(image, (size, size))
 
 
 def centre_crop(image, size: int, crop_ratio: float):
@@ -79,7 +80,7 @@ def centre_crop(image, size: int, crop_ratio: float):
     short = tf.cast(tf.minimum(h, w), tf.float32)
     nh = tf.cast(tf.round(tf.cast(h, tf.float32) * scale_size / short), tf.int32)
     nw = tf.cast(tf.round(tf.cast(w, tf.float32) * scale_size / short), tf.int32)
-    image = _resize(image, tf.stack([tf.maximum(nh, size), tf.maximum(nw, size)]), tf.uint8)
+    image = _resize(image, tf.stack([tf.maximum(nh, size), tf.maximum(nw, size)]))
     top = (tf.shape(image)[0] - size) // 2
     left = (tf.shape(image)[1] - size) // 2
     return tf.ensure_shape(image[top:top + size, left:left + size], (size, size, 3))
