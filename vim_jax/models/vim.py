@@ -10,6 +10,7 @@ compile time does not grow with depth.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -19,6 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from vim_jax import fastmath
+from vim_jax.pytree import path_name
 from vim_jax.scan import selective_scan
 
 CLS_POSITIONS = ("middle", "head", "double", "none")
@@ -55,6 +57,14 @@ def _dt_bias_init(key, shape, dt_min=1e-3, dt_max=1e-1, floor=1e-4):
     return dt + jnp.log(-jnp.expm1(-dt))
 
 
+def _conv_taps(x, k: int, anti_causal: bool):
+    """The k shifted views of x (batch, L, d) that multiply weight[0..k-1]."""
+    L = x.shape[1]
+    xp = jnp.pad(x, ((0, 0), (0, k - 1), (0, 0)) if anti_causal else ((0, 0), (k - 1, 0), (0, 0)))
+    return [xp[:, (k - 1 - j) if anti_causal else j:][:, :L] for j in range(k)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def depthwise_conv(x, weight, bias, anti_causal: bool):
     """Depthwise 1-D convolution along the sequence.
 
@@ -62,11 +72,25 @@ def depthwise_conv(x, weight, bias, anti_causal: bool):
     Anti-causal is the causal conv of the flipped sequence, flipped back:
     out[t] = sum_j w[j] x[t+k-1-j], computed on the original order (no flipped copy).
     """
-    k, L = weight.shape[0], x.shape[1]
-    pad = ((0, 0), (0, k - 1), (0, 0)) if anti_causal else ((0, 0), (k - 1, 0), (0, 0))
-    xp = jnp.pad(x, pad)
-    taps = [xp[:, j:j + L] * weight[(k - 1 - j) if anti_causal else j] for j in range(k)]
-    return sum(taps) + bias
+    taps = _conv_taps(x, weight.shape[0], anti_causal)
+    return sum(t * weight[j] for j, t in enumerate(taps)) + bias
+
+
+def _conv_fwd(x, weight, bias, anti_causal):
+    return depthwise_conv(x, weight, bias, anti_causal), (x, weight)
+
+
+def _conv_bwd(anti_causal, res, g):
+    # The transpose of a causal conv is the anti-causal conv with the same taps: one padded
+    # copy of g rather than one per tap, which XLA would otherwise materialise and sum.
+    x, weight = res
+    k = weight.shape[0]
+    gx = sum(t * weight[j] for j, t in enumerate(_conv_taps(g, k, not anti_causal)))
+    gw = jnp.stack([jnp.sum(g * t, axis=(0, 1)) for t in _conv_taps(x, k, anti_causal)])
+    return gx.astype(x.dtype), gw.astype(weight.dtype), jnp.sum(g, axis=(0, 1)).astype(weight.dtype)
+
+
+depthwise_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 class BiMambaMixer(nnx.Module):
@@ -137,6 +161,24 @@ class Block(nnx.Module):
 
     def __call__(self, residual):
         return self.mixer(self.norm(residual))
+
+
+def _select_layer(stacked, i, depth: int):
+    """Layer i's slice of stacked (depth, ...) arrays inside the loop over layers.
+
+    Matmul kernels are sliced; every other array is picked by a one-hot product. XLA's
+    CPU emitter fuses a dynamic slice into the elementwise kernels that read it and then
+    runs them several times slower (no vectorisation); the product materialises the small
+    per-layer vectors (norm weights, conv taps, A_log, D, biases, drop rate) first.
+    """
+    onehot = jax.nn.one_hot(i, depth, dtype=jnp.float32)
+
+    def take(path, x):
+        if path_name(path).removesuffix(".value").endswith("kernel"):
+            return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+        return jnp.tensordot(onehot.astype(x.dtype), x, axes=1, precision=jax.lax.Precision.HIGHEST)
+
+    return jax.tree_util.tree_map_with_path(take, stacked)
 
 
 def drop_path(x, rate, key, deterministic: bool):
@@ -288,7 +330,8 @@ class VisionMamba(nnx.Module):
 
         def body(carry, xs):
             residual, hidden = carry
-            layer_state, rate, key = xs
+            i, key = xs
+            layer_state, rate = _select_layer((state, rates), i, self.depth)
             residual = residual + drop_path(hidden, rate, key, deterministic).astype(jnp.float32)
             hidden = nnx.merge(graphdef, layer_state)(residual).astype(self.dtype)
             return (residual, hidden), None
@@ -303,7 +346,7 @@ class VisionMamba(nnx.Module):
         # Layer 0 adds a zero hidden to residual = embeddings: exactly the official
         # residual = hidden for the first block, with the carry in the compute dtype.
         carry = (x, jnp.zeros(x.shape, self.dtype))
-        (residual, hidden), _ = jax.lax.scan(body, carry, (state, rates, layer_keys))
+        (residual, hidden), _ = jax.lax.scan(body, carry, (jnp.arange(self.depth), layer_keys))
         final_key = None if keys is None else keys[-1]
         residual = residual + drop_path(hidden, self.drop_path_rate, final_key, deterministic).astype(jnp.float32)
         x = self.norm_f(residual)
