@@ -314,16 +314,18 @@ def _scan_bwd(delta_softplus, reverse, chunk, res, cts):
             a_t, gy_t, c_t, h_t, dtu_t, b_t, dt_t = x
             lam = gy_t[:, None, :] * c_t[:, :, None] + lam_next
             w = lam * (h_t - dtu_t[:, None, :] * b_t[:, :, None])  # lam * a * h_prev
-            return (a_t * lam, acc_a + w * dt_t[:, None, :]), (lam, w)
+            # sum_n w * A as N slices added in the step's own kernel: no (T, batch, N, D)
+            # array of w, and no separate reduce kernel (slow on the CPU).
+            g_dt = sum(w[:, i, :] * at[i] for i in range(at.shape[0]))
+            return (a_t * lam, acc_a + w * dt_t[:, None, :]), (lam, g_dt)
 
-        carry, (lams, ws) = jax.lax.scan(adjoint, carry, (a_c, gy_c, c_c, hs, dtu_c, b_c, dt_c),
-                                         reverse=not reverse)
+        carry, (lams, g_dt) = jax.lax.scan(adjoint, carry, (a_c, gy_c, c_c, hs, dtu_c, b_c, dt_c),
+                                           reverse=not reverse)
         # The reductions over the chunk as batched matrix-vector products: XLA's CPU
         # reduce kernels are several times slower than its dot kernels.
         g_c = jnp.einsum("tbnd,tbd->tbn", hs, gy_c, precision=hi)
         g_b = jnp.einsum("tbnd,tbd->tbn", lams, dtu_c, precision=hi)
         lam_b = jnp.einsum("tbnd,tbn->tbd", lams, b_c, precision=hi)
-        g_dt = jnp.sum(ws * at, axis=2)
         return carry, (lam_b, g_dt, g_b, g_c)
 
     lam0 = g_last.astype(f32).transpose(0, 2, 1)
