@@ -36,12 +36,12 @@ from vim_jax import fastmath
 BACKENDS = ("auto", "reference", "pallas")
 
 # Reference backend tuning, measured on a 2-core CPU at Vim-Ti shapes: the forward saves
-# the state every DEFAULT_CHUNK steps (the backward recomputes one chunk at a time); the
-# forward loops are unrolled _UNROLL_FWD times, the backward's are not (unrolling them
-# made them 2-3x slower).
+# the state every DEFAULT_CHUNK steps (the backward recomputes one chunk at a time; 4 or
+# 16 were slower); the forward loops are unrolled _UNROLL_FWD times, the backward's are
+# not (XLA then fuses the recurrence into each step's kernel and recomputes it: 5-20x
+# slower).
 DEFAULT_CHUNK = 8
 _UNROLL_FWD = 8
-_UNROLL_BWD = 1
 
 
 def selective_scan(
@@ -313,7 +313,8 @@ def _scan_bwd(delta_softplus, reverse, chunk, res, cts):
             lam_next, acc_a = carry  # lam_next = a_{t+1} * lam_{t+1}
             a_t, gy_t, c_t, h_t, dtu_t, b_t, dt_t = x
             lam = gy_t[:, None, :] * c_t[:, :, None] + lam_next
-            w = lam * (h_t - dtu_t[:, None, :] * b_t[:, :, None])  # lam * a * h_prev
+            # lam * a * h_prev, with a * h_prev = h - dt u B: no shifted copy of the states.
+            w = lam * (h_t - dtu_t[:, None, :] * b_t[:, :, None])
             # sum_n w * A as N slices added in the step's own kernel: no (T, batch, N, D)
             # array of w, and no separate reduce kernel (slow on the CPU).
             g_dt = sum(w[:, i, :] * at[i] for i in range(at.shape[0]))
