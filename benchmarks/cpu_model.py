@@ -30,6 +30,12 @@ def timed(fn, *args, repeats):
     return statistics.median(times)
 
 
+def compile_time(fn, *args):
+    t = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    return compiled, time.perf_counter() - t
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vim_tiny_patch16_224")
@@ -73,11 +79,6 @@ def main():
     images = jax.device_put(
         jax.random.normal(jax.random.key(0), (args.batch, args.img_size, args.img_size, 3)), data)
     labels = jax.device_put(jnp.arange(args.batch) % model.num_classes, data)
-
-    def compile_time(fn, *a):
-        t = time.perf_counter()
-        compiled = fn.lower(*a).compile()
-        return compiled, time.perf_counter() - t
 
     fwd = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x), in_shardings=(replicated, data))
     fwd_c, t_fwd_compile = compile_time(fwd, params, images)

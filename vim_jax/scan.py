@@ -160,9 +160,14 @@ def _unchunked(x, length):
     return x.reshape(nc * t, b, k)[:length].transpose(1, 0, 2)
 
 
+def _drive(dtu_t, b_t):
+    """A step's input to the states, dt u B: (batch, D) x (batch, N) -> (batch, N, D)."""
+    return dtu_t[:, None, :] * b_t[:, :, None]
+
+
 def _advance(h, dt_t, dtu_t, b_t, at):
     """One scan step on states (batch, N, D): h = exp(dt A) h + dt u B."""
-    return fastmath.exp(dt_t[:, None, :] * at) * h + dtu_t[:, None, :] * b_t[:, :, None]
+    return fastmath.exp(dt_t[:, None, :] * at) * h + _drive(dtu_t, b_t)
 
 
 def _readout(h, c_t):
@@ -304,7 +309,7 @@ def _scan_bwd(delta_softplus, reverse, chunk, res, cts):
 
         def recompute(h, x):
             a_t, dtu_t, b_t = x
-            h = a_t * h + dtu_t[:, None, :] * b_t[:, :, None]
+            h = a_t * h + _drive(dtu_t, b_t)
             return h, h
 
         _, hs = jax.lax.scan(recompute, h_entry, (a_c, dtu_c, b_c), reverse=reverse)
@@ -314,7 +319,7 @@ def _scan_bwd(delta_softplus, reverse, chunk, res, cts):
             a_t, gy_t, c_t, h_t, dtu_t, b_t, dt_t = x
             lam = gy_t[:, None, :] * c_t[:, :, None] + lam_next
             # lam * a * h_prev, with a * h_prev = h - dt u B: no shifted copy of the states.
-            w = lam * (h_t - dtu_t[:, None, :] * b_t[:, :, None])
+            w = lam * (h_t - _drive(dtu_t, b_t))
             # sum_n w * A as N slices added in the step's own kernel: no (T, batch, N, D)
             # array of w, and no separate reduce kernel (slow on the CPU).
             g_dt = sum(w[:, i, :] * at[i] for i in range(at.shape[0]))
