@@ -30,6 +30,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from vim_jax import fastmath
 
@@ -277,7 +278,10 @@ def _scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
 
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk):
     outs, (y, entries) = _scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk)
-    return outs, (u, delta, A, B, C, D, z, delta_bias, y, entries)
+    # Named so that a remat policy can keep them (the models' default does): the backward
+    # pass then does not rerun the forward scan to rebuild them.
+    return outs, (u, delta, A, B, C, D, z, delta_bias, checkpoint_name(y, "scan_y"),
+                  checkpoint_name(entries, "scan_states"))
 
 
 def _scan_bwd(delta_softplus, reverse, chunk, res, cts):

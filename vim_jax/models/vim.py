@@ -25,9 +25,11 @@ from vim_jax.scan import selective_scan
 
 CLS_POSITIONS = ("middle", "head", "double", "none")
 REMAT = ("mixer", "full", "none")
-# What a block keeps for its backward pass under remat="mixer": the matmul outputs and the
-# scan outputs. The conv, SiLU, softplus, norms and the scan's states are recomputed.
-_SAVED = ("in_proj", "x_proj", "scan", "out_proj")
+# What a block keeps for its backward pass under remat="mixer": the matmul outputs, the
+# scan outputs and the scan's residuals (its output before the gate and its chunk-entry
+# states), so the backward never reruns a forward scan. The conv, SiLU, softplus and
+# norms are recomputed.
+_SAVED = ("in_proj", "x_proj", "scan", "out_proj", "scan_y", "scan_states")
 
 # PyTorch's default Linear/Conv1d init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
 torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -93,6 +95,33 @@ def _conv_bwd(anti_causal, res, g):
 depthwise_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+@jax.custom_vjp
+def dense(x, w):
+    """x (..., i) @ w (i, o) -> (..., o); its weight gradient transposes x, not the gradient.
+
+    For the weight gradient x^T g XLA's CPU layout pass otherwise transposes g, inside
+    the elementwise kernel that produces it (the conv, gate and scan gradients), which
+    then runs several times slower; a transposed copy of x on its own costs far less.
+    """
+    return x @ w
+
+
+def _dense_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _dense_bwd(res, g):
+    x, w = res
+    # The barrier keeps the transpose a copy of its own: XLA would fold it into the dot.
+    # Flattening keeps the batch axis leading, so a batch-sharded x stays sharded.
+    xt = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+    gw = xt @ g.reshape(-1, g.shape[-1]).astype(x.dtype)
+    return (g @ w.T.astype(g.dtype)).astype(x.dtype), gw.astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 class BiMambaMixer(nnx.Module):
     """Bidirectional Mamba mixer ("bimamba v2", divide-out) on (batch, L, d_model)."""
 
@@ -131,10 +160,11 @@ class BiMambaMixer(nnx.Module):
         conv_w = getattr(self, "conv_weight" + suffix)[...].astype(self.dtype)
         conv_b = getattr(self, "conv_bias" + suffix)[...].astype(self.dtype)
         xc = fastmath.silu(depthwise_conv(x, conv_w, conv_b, anti_causal=reverse))
-        x_dbl = checkpoint_name(getattr(self, "x_proj" + suffix)(xc), "x_proj")
+        x_proj = getattr(self, "x_proj" + suffix).kernel[...].astype(self.dtype)
+        x_dbl = checkpoint_name(dense(xc, x_proj), "x_proj")
         dt_in, b, c = jnp.split(x_dbl, [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
         dt_proj = getattr(self, "dt_proj" + suffix)
-        delta = dt_in @ dt_proj.kernel[...].astype(self.dtype)  # bias goes into the scan
+        delta = dense(dt_in, dt_proj.kernel[...].astype(self.dtype))  # bias goes into the scan
         a = -jnp.exp(getattr(self, "A_log" + suffix)[...].astype(jnp.float32))
         y = selective_scan(
             xc, delta, a, b, c, getattr(self, "D" + suffix)[...], z,
@@ -146,10 +176,11 @@ class BiMambaMixer(nnx.Module):
         # strided halves of a (.., 2*d_inner) array slow every kernel that reads them.
         h = hidden.astype(self.dtype)
         w = self.in_proj.kernel[...].astype(self.dtype)
-        x = checkpoint_name(h @ w[:, :self.d_inner], "in_proj")
-        z = checkpoint_name(h @ w[:, self.d_inner:], "in_proj")
+        x = checkpoint_name(dense(h, w[:, :self.d_inner]), "in_proj")
+        z = checkpoint_name(dense(h, w[:, self.d_inner:]), "in_proj")
         y = self._direction(x, z, "", reverse=False) + self._direction(x, z, "_b", reverse=True)
-        return checkpoint_name(self.out_proj(y / 2), "out_proj")
+        out_w = self.out_proj.kernel[...].astype(self.dtype)
+        return checkpoint_name(dense(y / 2, out_w), "out_proj")
 
 
 class Block(nnx.Module):
@@ -246,8 +277,9 @@ class VisionMamba(nnx.Module):
     (batch, num_classes). Starts in eval mode; ``model.train()`` turns on drop path.
 
     remat: what each block stores for the backward pass. "mixer" (default, as the paper):
-    matmul and scan outputs only, recomputing the conv, activations and scan states;
-    "full": nothing (recompute the block); "none": everything.
+    the matmul and scan outputs (and, for the reference scan, its output before the gate
+    and its chunk-entry states, so that no forward scan reruns), recomputing the conv,
+    activations and norms; "full": nothing (recompute the block); "none": everything.
     """
 
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, stride: Optional[int] = None,
