@@ -176,8 +176,14 @@ def main():
     tag = device.replace(" ", "_")
     print(f"device: {device}; batch {batch} (train {train_batch}); {dtype}; median of {repeats}")
     models = args.models.split(",")
-    jobs = [(m, s, "infer", batch) for s in map(int, args.sizes.split(",")) for m in models]
-    jobs += [(m, s, "train", train_batch) for s in map(int, args.train_sizes.split(",")) for m in models]
+    sizes = lambda text: [int(v) for v in text.split(",") if v]
+    jobs = [(m, s, "infer", batch) for s in sizes(args.sizes) for m in models]
+    jobs += [(m, s, "train", train_batch) for s in sizes(args.train_sizes) for m in models]
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / f"efficiency_{tag}"
+    meta = dict(device=device, backend=jax.default_backend(), jax=jax.__version__, batch=batch,
+                train_batch=train_batch, dtype=dtype, repeats=repeats, cpu_count=os.cpu_count())
     rows = []
     for model, size, mode, b in jobs:
         job = (model, size, mode, b, repeats, dtype)
@@ -186,6 +192,8 @@ def main():
         shown = (f"{row['img_s']:9.2f} img/s {row['peak_mb']:10.1f} MiB  (compile {row['compile_s']} s)"
                  if row.get("status") == "ok" else row.get("status"))
         print(f"{mode:5} {model:10} {size:5d}px {row['tokens']:6d} tokens: {shown}", flush=True)
+        # Rewritten after every configuration: an interrupted sweep keeps what it measured.
+        base.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
 
     summary = ratios(rows, "infer") + ratios(rows, "train")
     print("\nVim / DeiT (speed ratio = Vim img/s over DeiT img/s; memory = Vim peak as a fraction of DeiT's):")
@@ -194,11 +202,6 @@ def main():
                   if "speed_ratio" in r else r["note"])
         print(f"  {r['mode']:5} {r['pair']:20} {r['size']:5d}px  {detail}")
 
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = out / f"efficiency_{tag}"
-    meta = dict(device=device, backend=jax.default_backend(), jax=jax.__version__, batch=batch,
-                train_batch=train_batch, dtype=dtype, repeats=repeats, cpu_count=os.cpu_count())
     base.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows, ratios=summary), indent=1))
     keys = ["mode", "model", "size", "tokens", "batch", "dtype", "status", "img_s", "peak_mb",
             "memory_source", "compile_s"]

@@ -1,59 +1,67 @@
 """Pallas (Triton) selective-scan kernels: fused forward and backward with recomputation.
 
-Same layout and semantics as ``vim_jax.scan`` (channels-last; see that module and
-../shared/design/selective_scan.md). One program per (batch element, block of BD
-channels) keeps its (BD, d_state) state in registers and loops over the sequence:
-u, delta, z, B, C are read once, the output written once, and the (B, L, D, N)
-states never exist in HBM. The forward also writes the state at the start of every
-chunk of T steps (O(B*D*N*L/T)); the backward walks the chunks from the end,
-recomputes each chunk's states from its boundary state into a small per-program
-scratch, and walks it backwards. dB and dC are reduced over d_inner outside the
-kernel from per-block partials; dA, dD and d(delta_bias) from per-batch partials: no
-atomics, deterministic results.
+Imported as ``vim_jax.kernels.selective_scan``; ``vim_jax.scan`` chooses these kernels
+for the platforms they are written for. Same layout and semantics as ``vim_jax.scan``
+(channels-last; ../shared/design/selective_scan.md).
 
-``reverse=True`` indexes position L-1-t at step t: no flipped copies. Channel blocks
-that overhang d_inner are masked by Pallas inside the kernel. d_state must be a power
-of two (Triton tiles); all arithmetic is float32 whatever the input dtype.
+One program per (batch element, block of BD channels) keeps its (BD, d_state) state in
+registers and loops over the sequence: u, delta, z, B, C are read once and the output
+written once; the (B, L, D, N) states never exist in HBM. Each step loads the next
+step's rows before it computes, so the loads are in flight during the recurrence
+(Triton pipelines only loads that feed a dot). When differentiated, the forward also
+writes the state at the start of every chunk of T steps; the backward walks the chunks
+from the end, recomputes a chunk's T states from its entry state into a per-program
+scratch (T * BD * N floats, L2-resident at T = 16) and walks them backwards. dB and dC
+are reduced over d_inner outside the kernel from per-block partials, dA, dD and
+d(delta_bias) from per-batch partials: no atomics, deterministic results.
 
-On a non-GPU platform the kernels run in Pallas interpret mode (for tests).
+``reverse=True`` indexes position L-1-t at step t: no flipped copies. Triton does not
+mask loads and stores of a block that overhangs its array (interpret mode pads and
+hides it), so no block ever overhangs: every block spans its array's full length, and
+d_inner is padded to a multiple of BD in the wrapper when it is not one already
+(``test_no_block_overhangs_its_array`` checks every pallas_call). d_state must be a
+power of two (Triton tiles); all arithmetic is float32 whatever the input dtype.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-# None: interpret unless the default backend is a GPU. Tests that lower for CUDA on a
-# CPU-only machine set it to False.
-INTERPRET: bool | None = None
+from vim_jax.ops import softplus_formula
 
 
-def _interpret() -> bool:
-    return jax.default_backend() != "gpu" if INTERPRET is None else INTERPRET
+class Config(NamedTuple):
+    """Launch parameters of one kernel: channels per program, warps, pipeline stages."""
+    block_d: int
+    num_warps: int
+    num_stages: int
 
 
-def block_sizes(d_inner: int, length: int) -> tuple[int, int]:
-    """(channel block BD, chunk length T): powers of two, as Triton requires.
-
-    BD trades parallelism (batch * d_inner / BD programs) against per-program work; 32
-    keeps the (BD, 16) float32 state and its backward companions in registers. T bounds
-    the backward's per-program scratch (T * BD * N floats) and the saved boundary states.
-    """
-    bd = min(32, pl.next_power_of_2(d_inner))
-    t = min(64, 1 << (length.bit_length() - 1))  # a power of two <= length
-    return bd, t
+# Measured winners of ``python benchmarks/scan_bench.py --sweep`` on a GPU, keyed by
+# (kernel, d_inner, batch, length); shapes not listed use ``default_config``.
+TUNED: dict[tuple[str, int, int, int], Config] = {}
 
 
-def _params(num_warps=4):
-    return plt.CompilerParams(num_warps=num_warps, num_stages=1)
+def default_config(batch: int, length: int, d_inner: int) -> Config:
+    """A (BD, 16) float32 state of BD = 32 is 4 registers a thread at 4 warps; smaller
+    blocks when the batch alone cannot give the GPU a few hundred programs."""
+    bd = 32 if batch * d_inner // 32 >= 256 else 16
+    return Config(min(bd, pl.next_power_of_2(d_inner)), 4, 1)
 
 
-def _softplus(x):
-    return jnp.where(x > 20.0, x, jnp.log(1.0 + jnp.exp(jnp.minimum(x, 20.0))))
+def config_for(kernel: str, batch: int, length: int, d_inner: int) -> Config:
+    """The launch parameters used for ``kernel`` ("fwd" or "bwd") at a shape."""
+    return TUNED.get((kernel, d_inner, batch, length)) or default_config(batch, length, d_inner)
+
+
+def _params(cfg: Config):
+    return plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _sigmoid(x):
@@ -65,46 +73,49 @@ def _row(ref, t):
     return ref[pl.ds(t, 1), :].astype(jnp.float32)
 
 
-def _fwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref,
-                out_ref, last_ref, states_ref, *, length, chunk, softplus, reverse, has_z):
+def _fwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, out_ref, last_ref,
+                *states_ref, length, chunk, softplus, reverse, has_z):
     a = a_ref[...].astype(jnp.float32)                      # (BD, N)
     dskip = d_ref[...].astype(jnp.float32)[None, :]         # (1, BD)
     bias = bias_ref[...].astype(jnp.float32)[None, :]
-    n_chunks = pl.cdiv(length, chunk)
+    pos = (lambda s: length - 1 - s) if reverse else (lambda s: s)
 
-    def chunk_body(c, h):
-        states_ref[pl.ds(c, 1), :, :] = h[None]
+    def load(s):
+        t = pos(jnp.minimum(s, length - 1))  # the last step prefetches its own row again
+        rows = (_row(u_ref, t), _row(delta_ref, t), _row(b_ref, t), _row(c_ref, t))
+        return rows + ((_row(z_ref, t),) if has_z else ())
 
-        def step(s, h):
-            t = length - 1 - s if reverse else s
-            u = _row(u_ref, t)                              # (1, BD)
-            dt = _row(delta_ref, t) + bias
-            dt = _softplus(dt) if softplus else dt
-            b = _row(b_ref, t)                              # (1, N)
-            h = jnp.exp(dt.reshape(-1, 1) * a) * h + (dt * u).reshape(-1, 1) * b
-            y = jnp.sum(h * _row(c_ref, t), axis=1)[None, :] + dskip * u
-            if has_z:
-                z = _row(z_ref, t)
-                y = y * z * _sigmoid(z)
-            out_ref[pl.ds(t, 1), :] = y.astype(out_ref.dtype)
-            return h
+    def step(s, carry):
+        h, rows = carry
+        following = load(s + 1)  # issued before this step's arithmetic needs its own rows
+        u, dt, b, c = rows[:4]
+        dt = dt + bias
+        dt = softplus_formula(dt) if softplus else dt
+        h = jnp.exp(dt.reshape(-1, 1) * a) * h + (dt * u).reshape(-1, 1) * b
+        y = jnp.sum(h * c, axis=1)[None, :] + dskip * u
+        if has_z:
+            z = rows[4]
+            y = y * z * _sigmoid(z)
+        out_ref[pl.ds(pos(s), 1), :] = y.astype(out_ref.dtype)
+        return h, following
 
-        return jax.lax.fori_loop(c * chunk, jnp.minimum((c + 1) * chunk, length), step, h)
+    carry = (jnp.zeros(a.shape, jnp.float32), load(0))
+    if states_ref:  # differentiated: the state entering every chunk, for the backward
+        def chunk_body(c, carry):
+            states_ref[0][pl.ds(c, 1), :, :] = carry[0][None]
+            return jax.lax.fori_loop(c * chunk, jnp.minimum((c + 1) * chunk, length), step, carry)
 
-    h0 = jnp.zeros(a.shape, jnp.float32)
-    last_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk_body, h0)
+        carry = jax.lax.fori_loop(0, pl.cdiv(length, chunk), chunk_body, carry)
+    else:
+        carry = jax.lax.fori_loop(0, length, step, carry)
+    last_ref[...] = carry[0]
 
 
 def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g_ref,
                 glast_ref, states_ref,
                 du_ref, ddelta_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref, hbuf_ref,
-                *, length, chunk, softplus, reverse, has_z, d_inner, barrier):
+                *, length, chunk, softplus, reverse, has_z, barrier):
     a = a_ref[...].astype(jnp.float32)
-    bd = a.shape[0]
-    # Channels of an overhanging last block hold undefined values: keep them out of the
-    # sums over d (dB, dC). Per-channel outputs are masked on store by Pallas.
-    channel = pl.program_id(1) * bd + jax.lax.broadcasted_iota(jnp.int32, (bd, 1), 0)
-    valid = channel < d_inner
     dskip = d_ref[...].astype(jnp.float32)[None, :]
     bias = bias_ref[...].astype(jnp.float32)[None, :]
     n_chunks = pl.cdiv(length, chunk)
@@ -113,7 +124,7 @@ def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g
     def inputs(t):
         u = _row(u_ref, t)
         pre = _row(delta_ref, t) + bias
-        dt = _softplus(pre) if softplus else pre
+        dt = softplus_formula(pre) if softplus else pre
         return u, pre, dt, _row(b_ref, t), _row(c_ref, t)
 
     def chunk_body(i, carry):
@@ -156,9 +167,8 @@ def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g
             lam = gy.reshape(-1, 1) * cc + lam_next                          # (BD, N)
             lam_ah = lam * da * h_prev
             lam_b = jnp.sum(lam * b, axis=1)[None, :]                        # (1, BD)
-            dc_ref[pl.ds(t, 1), :] = jnp.sum(jnp.where(valid, gy.reshape(-1, 1) * h, 0.0), axis=0)[None, :]
-            db_ref[pl.ds(t, 1), :] = jnp.sum(jnp.where(valid, lam * (dt * u).reshape(-1, 1), 0.0),
-                                             axis=0)[None, :]
+            dc_ref[pl.ds(t, 1), :] = jnp.sum(gy.reshape(-1, 1) * h, axis=0)[None, :]
+            db_ref[pl.ds(t, 1), :] = jnp.sum(lam * (dt * u).reshape(-1, 1), axis=0)[None, :]
             du_ref[pl.ds(t, 1), :] = (gy * dskip + dt * lam_b).astype(du_ref.dtype)
             ddt = u * lam_b + jnp.sum(lam_ah * a, axis=1)[None, :]
             ddelta = ddt * _sigmoid(pre) if softplus else ddt
@@ -176,7 +186,7 @@ def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g
     dbias_ref[...] = dbias_acc[0]
 
 
-def _specs(bsz, length, d, n, bd, n_chunks):
+def _specs(length, n, bd, n_chunks):
     seq = pl.BlockSpec((None, length, bd), lambda i, j: (i, 0, j))
     bc = pl.BlockSpec((None, length, n), lambda i, j: (i, 0, 0))
     a = pl.BlockSpec((bd, n), lambda i, j: (j, 0))
@@ -186,45 +196,67 @@ def _specs(bsz, length, d, n, bd, n_chunks):
     return seq, bc, a, vec, state, states
 
 
-def _check(A):
-    n = A.shape[1]
-    if n & (n - 1):
-        raise ValueError(f"the pallas selective scan needs d_state to be a power of two, got {n}; "
-                         "use backend='reference'")
+def _padded(x, axis, size):
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
 
 
-def _forward(u, delta, z, B, C, A, D, bias, softplus, reverse, has_z):
+def forward(u, delta, z, B, C, A, D, bias, *, softplus, reverse, has_z, chunk, save_states,
+            interpret, config: Config | None = None):
+    """Returns (out (b, L, d) in u's dtype, last state (b, d, n) float32, states or None).
+
+    states: (b, cdiv(L, chunk), d, n) float32, the state entering every chunk, written
+    only when ``save_states`` (the differentiated forward). z is never read unless has_z.
+    """
     bsz, length, d = u.shape
     n = A.shape[1]
-    bd, chunk = block_sizes(d, length)
+    cfg = config or config_for("fwd", bsz, length, d)
+    bd = cfg.block_d
+    dp = pl.cdiv(d, bd) * bd  # no block may overhang: pad the channels when d needs it
+    u, delta, z = (_padded(x, 2, dp) for x in (u, delta, z))
+    A, D, bias = _padded(A, 0, dp), _padded(D, 0, dp), _padded(bias, 0, dp)
     n_chunks = pl.cdiv(length, chunk)
-    seq, bc, a, vec, state, states = _specs(bsz, length, d, n, bd, n_chunks)
+    seq, bc, a, vec, state, states = _specs(length, n, bd, n_chunks)
+    out_specs = [seq, state] + ([states] if save_states else [])
+    out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct((bsz, dp, n), jnp.float32)]
+    if save_states:
+        out_shape.append(jax.ShapeDtypeStruct((bsz, n_chunks, dp, n), jnp.float32))
     kernel = functools.partial(_fwd_kernel, length=length, chunk=chunk, softplus=softplus,
                                reverse=reverse, has_z=has_z)
-    return pl.pallas_call(
-        kernel, grid=(bsz, pl.cdiv(d, bd)),
-        in_specs=[seq, seq, seq, bc, bc, a, vec, vec],
-        out_specs=[seq, state, states],
-        out_shape=[jax.ShapeDtypeStruct(u.shape, u.dtype),
-                   jax.ShapeDtypeStruct((bsz, d, n), jnp.float32),
-                   jax.ShapeDtypeStruct((bsz, n_chunks, d, n), jnp.float32)],
-        interpret=_interpret(), compiler_params=_params(), name="selective_scan_fwd",
+    outs = pl.pallas_call(
+        kernel, grid=(bsz, dp // bd),
+        in_specs=[seq, seq, seq, bc, bc, a, vec, vec], out_specs=out_specs, out_shape=out_shape,
+        interpret=interpret, compiler_params=_params(cfg), name="selective_scan_fwd",
     )(u, delta, z, B, C, A, D, bias)
+    out, last = outs[0][..., :d], outs[1][:, :d]
+    return out, last, (outs[2][:, :, :d] if save_states else None)
 
 
-def _backward(u, delta, z, B, C, A, D, bias, g, g_last, states, softplus, reverse, has_z):
+def backward(u, delta, z, B, C, A, D, bias, states, g, g_last, *, softplus, reverse, has_z,
+             chunk, interpret, config: Config | None = None):
+    """The gradients (du, ddelta, dz, dB, dC, dA, dD, dbias) of ``forward``'s outputs,
+    from its saved ``states``; dA, dD and dbias summed over the batch. dz is not
+    meaningful unless has_z."""
     bsz, length, d = u.shape
     n = A.shape[1]
-    bd, chunk = block_sizes(d, length)
-    n_blocks = pl.cdiv(d, bd)
+    cfg = config or config_for("bwd", bsz, length, d)
+    bd = cfg.block_d
+    dp = pl.cdiv(d, bd) * bd
+    u, delta, z, g = (_padded(x, 2, dp) for x in (u, delta, z, g))
+    A, D, bias = _padded(A, 0, dp), _padded(D, 0, dp), _padded(bias, 0, dp)
+    g_last, states = _padded(g_last, 1, dp), _padded(states, 2, dp)
+    n_blocks = dp // bd
     n_chunks = states.shape[1]
-    seq, bc, a, vec, state, states_spec = _specs(bsz, length, d, n, bd, n_chunks)
+    seq, bc, a, vec, state, states_spec = _specs(length, n, bd, n_chunks)
     part_bc = pl.BlockSpec((None, None, length, n), lambda i, j: (j, i, 0, 0))
     part_a = pl.BlockSpec((None, bd, n), lambda i, j: (i, j, 0))
     part_vec = pl.BlockSpec((None, bd), lambda i, j: (i, j))
     scratch = pl.BlockSpec((None, None, chunk, bd, n), lambda i, j: (i, j, 0, 0, 0))
     kernel = functools.partial(_bwd_kernel, length=length, chunk=chunk, softplus=softplus,
-                               reverse=reverse, has_z=has_z, d_inner=d, barrier=not _interpret())
+                               reverse=reverse, has_z=has_z, barrier=not interpret)
     f32 = jnp.float32
     outs = pl.pallas_call(
         kernel, grid=(bsz, n_blocks),
@@ -235,48 +267,13 @@ def _backward(u, delta, z, B, C, A, D, bias, g, g_last, states, softplus, revers
                    jax.ShapeDtypeStruct(z.shape, z.dtype),
                    jax.ShapeDtypeStruct((n_blocks, bsz, length, n), f32),
                    jax.ShapeDtypeStruct((n_blocks, bsz, length, n), f32),
-                   jax.ShapeDtypeStruct((bsz, d, n), f32),
-                   jax.ShapeDtypeStruct((bsz, d), f32),
-                   jax.ShapeDtypeStruct((bsz, d), f32),
+                   jax.ShapeDtypeStruct((bsz, dp, n), f32),
+                   jax.ShapeDtypeStruct((bsz, dp), f32),
+                   jax.ShapeDtypeStruct((bsz, dp), f32),
                    jax.ShapeDtypeStruct((bsz, n_blocks, chunk, bd, n), f32)],
-        interpret=_interpret(), compiler_params=_params(), name="selective_scan_bwd",
+        interpret=interpret, compiler_params=_params(cfg), name="selective_scan_bwd",
     )(u, delta, z, B, C, A, D, bias, g, g_last, states)
     du, ddelta, dz, db, dc, da, dd, dbias, _ = outs
-    return du, ddelta, dz, db.sum(0), dc.sum(0), da.sum(0), dd.sum(0), dbias.sum(0)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def _scan(u, delta, z, B, C, A, D, bias, softplus, reverse, has_z):
-    out, last, _ = _forward(u, delta, z, B, C, A, D, bias, softplus, reverse, has_z)
-    return out, last
-
-
-def _scan_fwd(u, delta, z, B, C, A, D, bias, softplus, reverse, has_z):
-    out, last, states = _forward(u, delta, z, B, C, A, D, bias, softplus, reverse, has_z)
-    return (out, last), (u, delta, z, B, C, A, D, bias, states)
-
-
-def _scan_bwd(softplus, reverse, has_z, res, cts):
-    u, delta, z, B, C, A, D, bias, states = res
-    g, g_last = cts
-    du, ddelta, dz, db, dc, da, dd, dbias = _backward(
-        u, delta, z, B, C, A, D, bias, g, g_last, states, softplus, reverse, has_z)
-    if not has_z:  # z is a stand-in that the kernel never reads: no gradient flows to it
-        dz = jnp.zeros_like(z)
-    return (du, ddelta, dz, db.astype(B.dtype), dc.astype(C.dtype), da.astype(A.dtype),
-            dd.astype(D.dtype), dbias.astype(bias.dtype))
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
-
-
-def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    """Backend entry for ``vim_jax.scan.selective_scan``; returns (out, last_state (b, d, n))."""
-    _check(A)
-    d = u.shape[-1]
-    has_z = z is not None
-    # Absent optional inputs become zeros of size d (tiny); an absent z is never read.
-    D_ = jnp.zeros((d,), jnp.float32) if D is None else D
-    bias_ = jnp.zeros((d,), jnp.float32) if delta_bias is None else delta_bias
-    out, last = _scan(u, delta, z if has_z else u, B, C, A, D_, bias_, delta_softplus, reverse, has_z)
-    return out, last
+    return (du[..., :d], ddelta[..., :d], dz[..., :d], db.sum(0).astype(B.dtype),
+            dc.sum(0).astype(C.dtype), da.sum(0)[:d].astype(A.dtype), dd.sum(0)[:d].astype(D.dtype),
+            dbias.sum(0)[:d].astype(bias.dtype))

@@ -175,33 +175,6 @@ def test_drop_path_and_gradients():
     assert all(np.abs(g).max() > 0 for g in leaves)
 
 
-@pytest.mark.parametrize("anti_causal", [False, True])
-def test_depthwise_conv_values_and_gradients(anti_causal):
-    """The conv's hand-written VJP against autodiff of XLA's grouped convolution."""
-    x = jax.random.normal(jax.random.key(0), (2, 11, 6))
-    w = jax.random.normal(jax.random.key(1), (4, 6))
-    b = jax.random.normal(jax.random.key(2), (6,))
-    g = jax.random.normal(jax.random.key(3), (2, 11, 6))
-
-    def reference(x, w, b):
-        if anti_causal:  # the causal conv of the flipped sequence, flipped back
-            return reference_causal(x[:, ::-1], w, b)[:, ::-1]
-        return reference_causal(x, w, b)
-
-    def reference_causal(x, w, b):
-        y = jax.lax.conv_general_dilated(x, w[:, None, :], (1,), [(3, 0)],
-                                         dimension_numbers=("NWC", "WIO", "NWC"),
-                                         feature_group_count=6, precision="highest")
-        return y + b
-
-    ours = lambda *a: jnp.sum(vim.depthwise_conv(*a, anti_causal) * g)
-    want = lambda *a: jnp.sum(reference(*a) * g)
-    assert_close(vim.depthwise_conv(x, w, b, anti_causal), reference(x, w, b), tol=1e-5)
-    for got, exp in zip(jax.grad(ours, argnums=(0, 1, 2))(x, w, b),
-                        jax.grad(want, argnums=(0, 1, 2))(x, w, b)):
-        assert_close(got, exp, tol=1e-5)
-
-
 def test_layer_parameter_gradients_match_a_python_loop():
     """The scanned blocks (each layer's parameters picked inside the loop) against the same
     blocks called one by one: equal features and equal gradients for every stacked array."""
@@ -249,19 +222,6 @@ def test_bfloat16_compute():
     out = model(x)
     assert out.dtype == jnp.float32 and model.layers.mixer.in_proj.kernel.dtype == jnp.float32
     assert_close(out, ref(x), tol=0.1)
-
-
-def test_dense_values_and_gradients():
-    """The projection's hand-written VJP (weight gradient from a transposed copy of x)
-    against autodiff of the plain matmul."""
-    x = jax.random.normal(jax.random.key(0), (2, 5, 6))
-    w = jax.random.normal(jax.random.key(1), (6, 7))
-    g = jax.random.normal(jax.random.key(2), (2, 5, 7))
-    assert_close(vim.dense(x, w), x @ w, tol=1e-5)
-    got = jax.grad(lambda x, w: jnp.sum(vim.dense(x, w) * g), argnums=(0, 1))(x, w)
-    want = jax.grad(lambda x, w: jnp.sum((x @ w) * g), argnums=(0, 1))(x, w)
-    for a, b in zip(got, want):
-        assert_close(a, b, tol=1e-5)
 
 
 def test_remat_modes_agree_and_mixer_never_reruns_the_scan():

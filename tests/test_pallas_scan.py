@@ -1,7 +1,14 @@
 """Pallas selective-scan kernels in interpret mode against the reference backend and the
-official numbers, and the Vim-Ti train step lowered for CUDA (no GPU needed)."""
+official numbers; what a GPU would run, read from programs lowered for CUDA on this CPU
+host (no GPU needed): the kernel each platform gets, kernel counts, block shapes."""
 
+import json
+import os
+import pathlib
 import re
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +18,14 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-import kernels.selective_scan as pallas_scan
+from vim_jax.kernels import selective_scan as pallas_scan
+from conftest import NO_GPU_INFO, cuda_target, lower_for_cuda, triton_calls
 from test_selective_scan import NAMES, channels_last, random_inputs, rel_err
 from vim_jax import create_model, scan as ss
 from vim_jax.train_step import make_train_step
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def grads(args, backend, reverse, softplus=True, cot_seed=9):
@@ -110,22 +121,203 @@ def test_model_matches_reference_backend(vim_weights_path, vim_io):
         assert rel_err(gp, gr) < 1e-4, jax.tree_util.keystr(path)
 
 
-def test_train_step_lowers_for_cuda(monkeypatch):
-    """Vim-Ti train step with backend='pallas' lowered for CUDA on this CPU-only machine:
-    Triton calls for the forward and backward scans, and no (B, L, D, N) array anywhere."""
-    monkeypatch.setattr(pallas_scan, "INTERPRET", False)
-    batch, length, d_inner, d_state = 2, 197, 384, 16
-    model = create_model("vim_tiny_patch16_224", scan_backend="pallas")
-    model.train()
-    step, state = make_train_step(model, optax.adamw(1e-3))
-    images = jnp.zeros((batch, 224, 224, 3))
-    labels = jnp.zeros((batch,), jnp.int32)
-    text = step.trace(state, images, labels).lower(lowering_platforms=("cuda",)).as_text()
-    calls = [line for line in text.splitlines() if "xla.gpu.triton" in line]
-    assert any("selective_scan_fwd" in c for c in calls), "no Triton forward scan"
-    assert any("selective_scan_bwd" in c for c in calls), "no Triton backward scan"
-    # No tensor holds the full states: none has the length, d_inner and d_state axes together.
+def _no_bldn_array(text, batch, length, d_inner, d_state):
+    """No tensor holds the full states: none has the length, d_inner and d_state axes
+    together, or their product's size."""
     for shape in set(re.findall(r"tensor<((?:\d+x)+)[a-z]", text)):
         dims = [int(v) for v in shape.rstrip("x").split("x")]
         assert not ({length, d_inner, d_state} <= set(dims)), f"(B, L, D, N)-like array {dims}"
         assert np.prod(dims) != batch * length * d_inner * d_state, f"(B, L, D, N)-sized array {dims}"
+
+
+def test_one_traced_train_step_gets_each_platforms_kernels():
+    """The Vim-Ti train step (backend "auto", no flag or global touched) traced once on this
+    CPU host. Lowered for CUDA: Triton calls for the forward and backward scans, none of the
+    CPU tricks (polynomial exp, projection VJP barrier) and no (B, L, D, N) array. Lowered
+    for the CPU: no Triton call, and the CPU tricks."""
+    batch, length, d_inner, d_state = 2, 197, 384, 16
+    model = create_model("vim_tiny_patch16_224")
+    model.train()
+    step, state = make_train_step(model, optax.adamw(1e-3))
+    traced = step.trace(state, jnp.zeros((batch, 224, 224, 3)), jnp.zeros((batch,), jnp.int32))
+    cuda = lower_for_cuda(traced).as_text()
+    cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    calls = triton_calls(cuda)
+    assert any("selective_scan_fwd" in c for c in calls), "no Triton forward scan"
+    assert any("selective_scan_bwd" in c for c in calls), "no Triton backward scan"
+    for cpu_trick in ("optimization_barrier", "bitcast_convert"):
+        assert cpu_trick not in cuda and cpu_trick in cpu, cpu_trick
+    assert not triton_calls(cpu)
+    _no_bldn_array(cuda, batch, length, d_inner, d_state)
+
+
+def _kernel_counts(text):
+    calls = triton_calls(text)
+    return (sum("selective_scan_fwd" in c for c in calls),
+            sum("selective_scan_bwd" in c for c in calls))
+
+
+def test_no_forward_kernel_runs_twice():
+    """Under remat="mixer" the backward keeps the forward kernels' named residuals (the chunk
+    states): the gradient holds as many forward kernels as the forward, one per direction
+    in the scanned layer body. remat="full" reruns them, which the count sees."""
+    x = jnp.zeros((2, 32, 32, 3))
+    counts = {}
+    for remat in ("mixer", "full"):
+        model = create_model("vim_tiny_patch16_224", depth=2, img_size=32, num_classes=3,
+                             scan_backend="pallas", remat=remat)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        logits = lambda p: nnx.merge(graphdef, p, rest, copy=True)(x)
+        loss = lambda p: jnp.sum(logits(p) ** 2)
+        counts[remat] = (_kernel_counts(lower_for_cuda(jax.jit(logits).trace(params)).as_text()),
+                         _kernel_counts(lower_for_cuda(jax.jit(jax.grad(loss)).trace(params)).as_text()))
+    assert counts["mixer"] == ((2, 0), (2, 2)), counts
+    assert counts["full"] == ((2, 0), (4, 2)), counts
+
+
+def _pallas_calls(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield eqn
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _pallas_calls(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _pallas_calls(sub)
+
+
+@pytest.mark.parametrize("b,l,d", [(2, 37, 40), (1, 21, 24), (3, 70, 37), (2, 33, 384)])
+def test_no_block_overhangs_its_array(b, l, d):
+    """Triton does not mask a block that overhangs its array (interpret mode pads and hides
+    it): in every kernel launched, forward and backward, each block dimension divides its
+    array's dimension, at widths that are not multiples of the channel block."""
+    from vim_jax import scan as ss_mod
+
+    args = random_inputs(d, b, l, d, 16)
+    order = ("u", "delta", "z", "B", "C", "A", "D", "delta_bias")
+    flat = [args[k] for k in order]
+    static = dict(softplus=True, reverse=True, has_z=True, chunk=ss_mod.STATE_CHUNK, interpret=False)
+
+    def fwd_bwd(*a):
+        out, last, states = pallas_scan.forward(*a, save_states=True, **static)
+        return pallas_scan.backward(*a, states, out, last, **static)
+
+    calls = list(_pallas_calls(jax.make_jaxpr(fwd_bwd)(*flat).jaxpr))
+    assert len(calls) == 2
+    for eqn in calls:
+        for bm in eqn.params["grid_mapping"].block_mappings:
+            block = [getattr(dim, "block_size", 1) for dim in bm.block_shape]
+            assert all(n % k == 0 for n, k in zip(bm.array_aval.shape, block)), \
+                (eqn.params["name"], bm.origin, block, bm.array_aval.shape)
+
+
+def test_pallas_backend_on_a_platform_without_kernels_is_an_error():
+    """backend="pallas" lowered for a TPU raises an error naming the platform and what to
+    use instead; "auto" lowers there with the reference scan."""
+    args = random_inputs(0, 1, 8, 8, 16)
+    for backend in ("pallas", "auto"):
+        traced = jax.jit(lambda a: ss.selective_scan(**a, backend=backend)).trace(args)
+        if backend == "pallas":
+            with pytest.raises(NotImplementedError, match="no kernel for platform tpu.*backend='auto'"):
+                traced.lower(lowering_platforms=("tpu",))
+        else:
+            assert "xla.gpu.triton" not in traced.lower(lowering_platforms=("tpu",)).as_text()
+
+
+def test_export_for_cpu_and_cuda_runs_on_the_cpu():
+    """One jax.export of the Vim-Ti forward for ("cpu", "cuda"): the artifact carries the
+    Triton kernels for CUDA, and its CPU half reproduces the model's logits."""
+    from jax import export
+
+    model = create_model("vim_tiny_patch16_224")
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)  # a list of arrays: a serializable signature
+    x = jax.random.normal(jax.random.key(0), (1, 224, 224, 3))
+    fn = jax.jit(lambda leaves, x: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(x))
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    with cuda_target():
+        exp = export.export(fn, platforms=("cpu", "cuda"), disabled_checks=[triton])(leaves, x)
+    assert exp.platforms == ("cpu", "cuda")
+    assert "xla.gpu.triton" in exp.mlir_module()
+    restored = export.deserialize(exp.serialize())
+    np.testing.assert_allclose(restored.call(leaves, x), model(x), atol=1e-5, rtol=1e-5)
+
+
+_MESH_SCRIPT = textwrap.dedent("""
+    import functools, json, re, sys
+    sys.path.insert(0, "tests")
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from conftest import lower_for_cuda, triton_calls
+    from test_selective_scan import random_inputs, rel_err
+    from vim_jax import create_model, scan as ss, sharding as shd
+    from vim_jax.train_step import TrainState, train_step_fn
+
+    assert jax.device_count() == 8
+    mesh = shd.make_mesh()
+    out = {}
+
+    def batch_dims(text):
+        dims = set()
+        for call in triton_calls(text):
+            for shape in re.findall(r"tensor<((?:\\d+x)+)[a-z]", call):
+                dims.update(int(v) for v in shape.rstrip("x").split("x"))
+        return dims
+
+    # The scan alone: batch 24 over 8 devices, values and gradients against one device.
+    args = random_inputs(1, 24, 37, 40, 16)
+    batched = {k: v is not None and v.ndim == 3 for k, v in args.items()}
+    sh = {k: NamedSharding(mesh, P("data") if b else P()) for k, b in batched.items()}
+    def loss(a, backend):
+        y, last = ss.selective_scan(**a, delta_softplus=True, reverse=True, return_last_state=True,
+                                    backend=backend)
+        return jnp.sum(y ** 2) + jnp.sum(last), y
+
+    for backend in ("pallas", "reference"):
+        grad = jax.value_and_grad(functools.partial(loss, backend=backend), has_aux=True)
+        one = jax.jit(grad)(args)
+        eight = shd.jit_on_mesh(mesh, grad, in_shardings=(sh,))(jax.device_put(args, sh))
+        out[backend] = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(eight), jax.tree.leaves(one)))
+    with jax.set_mesh(mesh):
+        traced = jax.jit(jax.grad(lambda a: loss(a, "pallas")[0]), in_shardings=(sh,)).trace(args)
+    dims = batch_dims(lower_for_cuda(traced, mesh).as_text())
+    out["scan_dims"] = sorted(dims)
+
+    # The trainer's step, data parallel and FSDP: every kernel on the per-device batch.
+    for fsdp in (False, True):
+        model = create_model("vim_tiny_patch16_224", img_size=32, depth=2, num_classes=5,
+                             scan_backend="pallas")
+        model.train()
+        step, state = train_step_fn(model, optax.adamw(1e-3))
+        shs = TrainState(NamedSharding(mesh, P()), *(shd.state_shardings(t, mesh, fsdp, min_size=1024)
+                                                     for t in state[1:]))
+        bs = shd.batch_sharding(mesh)
+        with jax.set_mesh(mesh):
+            traced = jax.jit(step, in_shardings=(shs, bs, bs)).trace(
+                state, jax.ShapeDtypeStruct((40, 32, 32, 3), jnp.float32),
+                jax.ShapeDtypeStruct((40,), jnp.int32))
+        text = lower_for_cuda(traced, mesh).as_text()
+        out["fsdp" if fsdp else "dp"] = dict(dims=sorted(batch_dims(text)),
+                                             calls=len(triton_calls(text)))
+    print(json.dumps(out))
+""")
+
+
+def test_kernels_run_per_device_under_a_mesh():
+    """8 simulated CPU devices with the trainer's mesh: the sharded scan (Pallas in
+    interpret mode, and the reference) equals one device, values and gradients; lowered
+    for CUDA, every Triton call takes the per-device batch (24 / 8 = 3, 40 / 8 = 5), never
+    the global one, for the scan alone and for the data-parallel and FSDP train steps."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+    if NO_GPU_INFO in r.stderr:
+        pytest.skip(f"this jax cannot lower Pallas Triton kernels on a CPU host: {r.stderr[-500:]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["pallas"] < 1e-5 and out["reference"] < 1e-5, out
+    assert 3 in out["scan_dims"] and 24 not in out["scan_dims"], out["scan_dims"]
+    for name in ("dp", "fsdp"):
+        assert out[name]["calls"] >= 2 and 5 in out[name]["dims"] and 40 not in out[name]["dims"], out

@@ -217,7 +217,7 @@ _DP_SCRIPT = textwrap.dedent("""
                                                      for t in state[1:]))
         state = shd.put_global(state, sh)
         bs = shd.batch_sharding(mesh)
-        f = jax.jit(step, in_shardings=(sh, bs, bs), out_shardings=(sh, None))
+        f = shd.jit_on_mesh(mesh, step, in_shardings=(sh, bs, bs), out_shardings=(sh, None))
         for _ in range(2):
             state, m = f(state, jax.device_put(images, bs), jax.device_put(labels, bs))
         sharded = sum(not s.is_fully_replicated for s in jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state.params)))

@@ -44,7 +44,7 @@ def _evaluate_config(config, num_classes: int, load=None) -> dict:
     model = build_model(config, num_classes or source.num_classes)
     param_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), nnx.state(model, nnx.Param))
     bs = shd.batch_sharding(mesh)
-    eval_step = jax.jit(eval_step_fn(model), in_shardings=(param_sh, bs, bs, bs))
+    eval_step = shd.jit_on_mesh(mesh, eval_step_fn(model), in_shardings=(param_sh, bs, bs, bs))
     params = shd.put_global(nnx.state(model, nnx.Param), param_sh)
     info, params = load(params) if load else (None, params)
     local_batch = (config.train.eval_batch_size or config.optim.batch_size) // jax.process_count()

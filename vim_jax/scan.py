@@ -1,4 +1,4 @@
-"""Selective scan (Mamba's S6 recurrence): one entry point, several backends.
+"""Selective scan (Mamba's S6 recurrence): one entry point, a kernel per platform.
 
 Layout is channels-last throughout (the official CUDA op is channels-first):
 
@@ -17,31 +17,50 @@ Semantics (official ``selective_scan_ref``), per batch b and channel d:
 ``reverse=True`` runs t from length-1 down to 0 on the same arrays, which is how
 the bidirectional Vim mixer avoids flipped copies.
 
-The "reference" backend is portable JAX (``lax.scan``) with a float32 state and a
-custom VJP whose backward recomputes the states chunk by chunk from chunk-boundary
-checkpoints: the forward stores O(B*D*N*L/chunk) state, never the O(B*L*D*N) of
-all states. Equations: ../shared/design/selective_scan.md.
+Backends, chosen by the platform the program is lowered for (``jax.lax.platform_dependent``),
+so one traced program carries the right kernel for each platform it is lowered for:
+
+    backend      cpu                      cuda                 other (tpu, rocm)
+    "auto"       reference (CPU tuned)    Pallas Triton        reference
+    "reference"  reference (CPU tuned)    reference            reference
+    "pallas"     Pallas, interpret mode   Pallas Triton        error at lowering
+
+The "reference" backend is portable JAX (``lax.scan``) with a float32 state. Both
+backends share one custom VJP: the forward saves the state at the start of every
+``STATE_CHUNK`` steps, (batch, length/STATE_CHUNK, d_inner, d_state) float32, named
+"scan_states" for remat policies, and the backward recomputes the states chunk by chunk
+from it: O(B*D*N*L/chunk) saved, never the O(B*L*D*N) of all states. Equations:
+../shared/design/selective_scan.md.
+
+Under a mesh with a ``data`` axis (``jax.set_mesh``), each device scans its own share
+of the batch (``jax.shard_map``): a Pallas kernel is opaque to XLA's partitioner.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.extend import core as jex_core
+from jax.interpreters import mlir
+from jax.sharding import PartitionSpec as P
 
-from vim_jax import fastmath
+from vim_jax import ops
+from vim_jax.sharding import AXIS
 
 BACKENDS = ("auto", "reference", "pallas")
 
-# Reference backend tuning, measured on a 2-core CPU at Vim-Ti shapes: the forward saves
-# the state every DEFAULT_CHUNK steps (the backward recomputes one chunk at a time; 4 or
-# 16 were slower); the forward loops are unrolled _UNROLL_FWD times, the backward's are
-# not (XLA then fuses the recurrence into each step's kernel and recomputes it: 5-20x
-# slower).
-DEFAULT_CHUNK = 8
+# The saved state's stride: one platform-independent value, so the residual has the same
+# shape whichever kernel a platform runs. 16 keeps the Pallas backward's per-chunk
+# recomputation small and costs the reference nothing measurable against 8 on the CPU.
+STATE_CHUNK = 16
+
+# Reference backend tuning, measured on a 2-core CPU at Vim-Ti shapes: the forward loops
+# are unrolled _UNROLL_FWD times, the backward's are not (XLA then fuses the recurrence
+# into each step's kernel and recomputes it: 5-20x slower).
 _UNROLL_FWD = 8
 
 
@@ -72,38 +91,27 @@ def selective_scan(
       delta_softplus: apply softplus to delta + delta_bias.
       reverse: scan from the last position to the first.
       return_last_state: also return the final state, (batch, d_inner, d_state) float32.
-      backend: "reference", "pallas" or "auto" (the best for the default device).
+      backend: "auto", "reference" or "pallas" (see the module docstring).
 
     Returns:
       out: (batch, length, d_inner) in u's dtype; and the last state if asked for.
     """
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    backend = resolve_backend(backend)
-    if backend == "pallas":
-        from kernels import selective_scan as pallas_scan  # GPU-only import path
-
-        fn = pallas_scan.selective_scan
-    else:
-        fn = _reference_scan
-    out, last = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
-    return (out, last) if return_last_state else out
-
-
-def resolve_backend(backend: str) -> str:
-    """Maps "auto" to the best backend for the default platform; validates names."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    if backend == "auto":
-        return "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "reference"
-    return backend
-
-
-def _pallas_available() -> bool:
-    try:
-        import kernels.selective_scan  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    n = A.shape[1]
+    if n & (n - 1):
+        if backend == "pallas":
+            raise ValueError(f"the pallas selective scan needs d_state to be a power of two, got {n}; "
+                             "use backend='reference' or 'auto'")
+        backend = "reference"  # "auto": the kernels need a power of two
+    spec = _Spec(delta_softplus, reverse, z is not None, D is not None, delta_bias is not None, backend)
+    d = u.shape[-1]
+    # Absent optional inputs become zeros of size d (tiny); an absent z is never read.
+    zeros = jnp.zeros((d,), jnp.float32)
+    out, last = _scan(u, delta, u if z is None else z, B, C, A, zeros if D is None else D,
+                      zeros if delta_bias is None else delta_bias, spec)
+    return (out, last) if return_last_state else out
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
@@ -128,22 +136,119 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
             )
 
 
+class _Spec(NamedTuple):
+    """The static part of a scan call."""
+    softplus: bool
+    reverse: bool
+    has_z: bool
+    has_d: bool
+    has_bias: bool
+    backend: str
+
+
+# ----------------------------------------------------------------------------
+# One custom VJP over every backend. Arguments: (u, delta, z, B, C, A, D, bias); the
+# backward also takes (states, g, g_last) and returns the eight gradients.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _scan(u, delta, z, B, C, A, D, bias, spec):
+    return _run(spec, "primal", u, delta, z, B, C, A, D, bias)
+
+
+def _scan_fwd(u, delta, z, B, C, A, D, bias, spec):
+    out, last, states = _run(spec, "forward", u, delta, z, B, C, A, D, bias)
+    # Named so that a remat policy can keep it (the models' default does): the backward
+    # pass then never reruns a forward scan.
+    return (out, last), (u, delta, z, B, C, A, D, bias, checkpoint_name(states, "scan_states"))
+
+
+def _scan_bwd(spec, res, cts):
+    grads = _run(spec, "backward", *res, *cts)
+    if not spec.has_z:  # z is a stand-in that is never read: no gradient flows to it
+        grads = grads[:2] + (jnp.zeros_like(grads[2]),) + grads[3:]
+    return grads
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+_PARAM_ARGS = (5, 6, 7)  # A, D, bias: not batched; every other argument is
+
+
+def _run(spec, stage, *args):
+    """``stage`` of the backend each platform runs, per shard of the batch under a mesh."""
+    branches = {platform: functools.partial(getattr(impl, stage), spec)
+                for platform, impl in _BACKENDS[spec.backend].items()}
+    call = lambda *a: jax.lax.platform_dependent(*a, **branches)
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty or AXIS not in mesh.axis_names or AXIS in mesh.manual_axes \
+        else mesh.shape[AXIS]
+    if shards == 1 or args[0].shape[0] % shards:
+        return call(*args)
+    in_specs = tuple(P() if i in _PARAM_ARGS else P(AXIS) for i in range(len(args)))
+    backward = stage == "backward"
+
+    def per_shard(*a):
+        out = call(*a)
+        # A, D and bias gradients are per-shard sums: stacked here, summed below.
+        return out[:5] + tuple(g[None] for g in out[5:]) if backward else out
+
+    n_out = 8 if backward else (2 if stage == "primal" else 3)
+    # check_vma=False: a pallas_call's outputs carry no varying-axes type.
+    out = jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs, out_specs=(P(AXIS),) * n_out,
+                        check_vma=False)(*args)
+    return out[:5] + tuple(g.sum(0) for g in out[5:]) if backward else out
+
+
 # ----------------------------------------------------------------------------
 # Reference backend.
 
 
-def _reference_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    return _scan_vjp(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, DEFAULT_CHUNK)
+class _Reference:
+    """Portable JAX; ``exp`` is the CPU's polynomial one where lowered for the CPU."""
+
+    def __init__(self, exp):
+        self.exp = exp
+
+    def primal(self, spec, u, delta, z, B, C, A, D, bias):
+        # Not differentiated: no states to save, and small batches scan in segments.
+        dt = _dt(delta, bias if spec.has_bias else None, spec.softplus, self.exp)
+        segments = num_segments(u.shape[0], u.shape[1])
+        if segments > 1:
+            y, last = _forward_segmented(dt, u, A, B, C, spec.reverse, segments, self.exp)
+        else:
+            y, _, last = _forward(dt, u, A, B, C, spec.reverse, self.exp)
+        return self._output(spec, y, u, z, D), last.transpose(0, 2, 1)
+
+    def forward(self, spec, u, delta, z, B, C, A, D, bias):
+        dt = _dt(delta, bias if spec.has_bias else None, spec.softplus, self.exp)
+        y, entries, last = _forward(dt, u, A, B, C, spec.reverse, self.exp)
+        states = entries.transpose(1, 0, 3, 2)  # the shared layout (batch, chunks, D, N)
+        return self._output(spec, y, u, z, D), last.transpose(0, 2, 1), states
+
+    def _output(self, spec, y, u, z, D):
+        if spec.has_d:
+            y = y + D.astype(jnp.float32) * u.astype(jnp.float32)
+        if spec.has_z:
+            y = y * z.astype(jnp.float32) * _sigmoid(z.astype(jnp.float32), self.exp)
+        return y.astype(u.dtype)
+
+    def backward(self, spec, u, delta, z, B, C, A, D, bias, states, g_out, g_last):
+        return _backward(spec, u, delta, z, B, C, A, D, bias, states, g_out, g_last, self.exp)
 
 
-def _dt(delta, delta_bias, softplus):
+def _sigmoid(x, exp):
+    return 1.0 / (1.0 + exp(-x))
+
+
+def _dt(delta, delta_bias, softplus, exp):
     x = delta.astype(jnp.float32)
     if delta_bias is not None:
         x = x + delta_bias.astype(jnp.float32)
-    return fastmath.softplus(x) if softplus else x
+    return ops.softplus_formula(x, exp) if softplus else x
 
 
-def _chunked(x, chunk):
+def _chunked(x, chunk=STATE_CHUNK):
     """(batch, L, k) -> (L/chunk, chunk, batch, k) float32, zero-padded at the end.
 
     Zero dt and zero input make a padded step the identity on the state in either
@@ -166,9 +271,9 @@ def _drive(dtu_t, b_t):
     return dtu_t[:, None, :] * b_t[:, :, None]
 
 
-def _advance(h, dt_t, dtu_t, b_t, at):
+def _advance(h, dt_t, dtu_t, b_t, at, exp):
     """One scan step on states (batch, N, D): h = exp(dt A) h + dt u B."""
-    return fastmath.exp(dt_t[:, None, :] * at) * h + _drive(dtu_t, b_t)
+    return exp(dt_t[:, None, :] * at) * h + _drive(dtu_t, b_t)
 
 
 def _readout(h, c_t):
@@ -177,21 +282,20 @@ def _readout(h, c_t):
     return jnp.sum(h * c_t[:, :, None], axis=1)
 
 
-def _forward(dt, u, A, B, C, reverse, chunk):
+def _forward(dt, u, A, B, C, reverse, exp):
     """Scans states (batch, N, D) float32 (D on the vector lanes).
 
-    Returns y = <h_t, C_t> as (batch, L, D), the chunk-entry states
-    (L/chunk, batch, N, D) and the last state (batch, N, D).
+    Returns y = <h_t, C_t> as (batch, L, D) float32, the chunk-entry states
+    (L/STATE_CHUNK, batch, N, D) and the last state (batch, N, D).
     """
     b, l, d = u.shape
     n = A.shape[1]
     at = A.astype(jnp.float32).T  # (N, D)
-    xs = (_chunked(dt, chunk), _chunked(dt * u.astype(jnp.float32), chunk),
-          _chunked(B, chunk), _chunked(C, chunk))
+    xs = (_chunked(dt), _chunked(dt * u.astype(jnp.float32)), _chunked(B), _chunked(C))
 
     def step(h, x):
         dt_t, dtu_t, b_t, c_t = x
-        h = _advance(h, dt_t, dtu_t, b_t, at)
+        h = _advance(h, dt_t, dtu_t, b_t, at, exp)
         return h, _readout(h, c_t)
 
     def chunk_step(h, x):
@@ -215,7 +319,7 @@ def num_segments(batch: int, length: int) -> int:
     return max(1, min(-(-_ROWS_PER_STEP // batch), length // _MIN_SEGMENT))
 
 
-def _forward_segmented(dt, u, A, B, C, reverse, segments):
+def _forward_segmented(dt, u, A, B, C, reverse, segments, exp):
     """Inference scan in K segments side by side: L/K loop steps instead of L.
 
     Pass 1 scans every segment from a zero state to its local end state; the true entry
@@ -237,15 +341,15 @@ def _forward_segmented(dt, u, A, B, C, reverse, segments):
     dt_s, dtu_s, b_s, c_s = split(dt), split(dt * u.astype(jnp.float32)), split(B), split(C)
 
     zeros = jnp.zeros((b * k, n, d), jnp.float32)
-    local_end, _ = jax.lax.scan(lambda h, x: (_advance(h, *x, at), None), zeros, (dt_s, dtu_s, b_s),
-                                reverse=reverse, unroll=_UNROLL_FWD)
-    decay = fastmath.exp(jnp.sum(dt_s, axis=0)[:, None, :] * at)  # (b*k, n, d): whole-segment decay
+    local_end, _ = jax.lax.scan(lambda h, x: (_advance(h, *x, at, exp), None), zeros,
+                                (dt_s, dtu_s, b_s), reverse=reverse, unroll=_UNROLL_FWD)
+    decay = exp(jnp.sum(dt_s, axis=0)[:, None, :] * at)  # (b*k, n, d): whole-segment decay
     to_k = lambda x: x.reshape(b, k, n, d).transpose(1, 0, 2, 3)
     last, entry = jax.lax.scan(lambda h, x: (x[0] * h + x[1], h), jnp.zeros((b, n, d), jnp.float32),
                                (to_k(decay), to_k(local_end)), reverse=reverse)
 
     def emit(h, x):
-        h = _advance(h, *x[:3], at)
+        h = _advance(h, *x[:3], at, exp)
         return h, _readout(h, x[3])
 
     _, y = jax.lax.scan(emit, entry.transpose(1, 0, 2, 3).reshape(b * k, n, d),
@@ -254,62 +358,30 @@ def _forward_segmented(dt, u, A, B, C, reverse, segments):
     return y, last
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def _scan_vjp(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk):
-    # Not differentiated: no chunk states to save, and small batches scan in segments.
-    segments = num_segments(u.shape[0], u.shape[1])
-    (out, last), _ = _scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
-                                    chunk, segments)
-    return out, last
-
-
-def _scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk, segments=0):
-    dt = _dt(delta, delta_bias, delta_softplus)
-    if segments > 1:
-        y, last = _forward_segmented(dt, u, A, B, C, reverse, segments)
-        entries = None
-    else:
-        y, entries, last = _forward(dt, u, A, B, C, reverse, chunk)
-    if D is not None:
-        y = y + D.astype(jnp.float32) * u.astype(jnp.float32)
-    out = y if z is None else y * fastmath.silu(z.astype(jnp.float32))
-    return (out.astype(u.dtype), last.transpose(0, 2, 1)), (y, entries)
-
-
-def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk):
-    outs, (y, entries) = _scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk)
-    # Named so that a remat policy can keep them (the models' default does): the backward
-    # pass then does not rerun the forward scan to rebuild them.
-    return outs, (u, delta, A, B, C, D, z, delta_bias, checkpoint_name(y, "scan_y"),
-                  checkpoint_name(entries, "scan_states"))
-
-
-def _scan_bwd(delta_softplus, reverse, chunk, res, cts):
-    u, delta, A, B, C, D, z, delta_bias, y, entries = res
-    g_out, g_last = cts
+def _backward(spec, u, delta, z, B, C, A, D, bias, states, g_out, g_last, exp):
+    """The eight gradients from the chunk-entry states (batch, chunks, D, N)."""
     b, l, d = u.shape
     f32 = jnp.float32
     g = g_out.astype(f32)
     uf = u.astype(f32)
-    if z is None:
-        gy, gz = g, None
-    else:
+    if spec.has_z:
         zf = z.astype(f32)
-        sig = jax.nn.sigmoid(zf)
+        sig = _sigmoid(zf, exp)
         gy = g * zf * sig
-        gz = (g * y * sig * (1 + zf * (1 - sig))).astype(z.dtype)
-    gD = None if D is None else jnp.sum(gy * uf, axis=(0, 1)).astype(D.dtype)
+    else:
+        gy = g
 
-    dt = _dt(delta, delta_bias, delta_softplus)
+    dt = _dt(delta, bias if spec.has_bias else None, spec.softplus, exp)
     at = A.astype(f32).T  # (N, D)
     dtu = dt * uf
-    xs = (_chunked(dt, chunk), _chunked(dtu, chunk), _chunked(B, chunk),
-          _chunked(C, chunk), _chunked(gy, chunk), entries)
+    entries = states.transpose(1, 0, 3, 2)  # (chunks, batch, N, D)
+    xs = (_chunked(dt), _chunked(dtu), _chunked(B), _chunked(C), _chunked(gy), entries)
     hi = jax.lax.Precision.HIGHEST
+    reverse = spec.reverse
 
     def chunk_grads(carry, x):
         dt_c, dtu_c, b_c, c_c, gy_c, h_entry = x  # (T, batch, .) and (batch, N, D)
-        a_c = fastmath.exp(dt_c[:, :, None, :] * at)  # (T, batch, N, D)
+        a_c = exp(dt_c[:, :, None, :] * at)  # (T, batch, N, D)
 
         def recompute(h, x):
             a_t, dtu_t, b_t = x
@@ -336,25 +408,117 @@ def _scan_bwd(delta_softplus, reverse, chunk, res, cts):
         g_c = jnp.einsum("tbnd,tbd->tbn", hs, gy_c, precision=hi)
         g_b = jnp.einsum("tbnd,tbd->tbn", lams, dtu_c, precision=hi)
         lam_b = jnp.einsum("tbnd,tbn->tbd", lams, b_c, precision=hi)
-        return carry, (lam_b, g_dt, g_b, g_c)
+        # The output before the gate, for the gate's gradient: rebuilt from the recomputed
+        # states rather than saved by the forward.
+        y_c = jnp.einsum("tbnd,tbn->tbd", hs, c_c, precision=hi) if spec.has_z else None
+        return carry, (lam_b, g_dt, g_b, g_c, y_c)
 
     lam0 = g_last.astype(f32).transpose(0, 2, 1)
-    (_, acc_a), (lam_b, g_dt, g_b, g_c) = jax.lax.scan(
+    (_, acc_a), (lam_b, g_dt, g_b, g_c, y_c) = jax.lax.scan(
         chunk_grads, (lam0, jnp.zeros(lam0.shape, f32)), xs, reverse=not reverse)
     gAt = jnp.sum(acc_a, axis=0)
     lam_b, g_dt = _unchunked(lam_b, l), _unchunked(g_dt, l)
     g_b, g_c = _unchunked(g_b, l), _unchunked(g_c, l)
-    g_u = dt * lam_b
+    g_u = dt * lam_b + gy * D.astype(f32)  # D is zeros when absent
     g_dt = g_dt + uf * lam_b
+    if spec.has_z:
+        y = _unchunked(y_c, l) + D.astype(f32) * uf
+        gz = g * y * sig * (1 + zf * (1 - sig))
+    else:
+        gz = jnp.zeros_like(g)
+    gD = jnp.sum(gy * uf, axis=(0, 1))
+    if spec.softplus:
+        pre = delta.astype(f32) + (bias.astype(f32) if spec.has_bias else 0.0)
+        g_dt = g_dt * _sigmoid(pre, exp)
+    g_bias = jnp.sum(g_dt, axis=(0, 1))
+    return (g_u.astype(u.dtype), g_dt.astype(delta.dtype), gz.astype(z.dtype), g_b.astype(B.dtype),
+            g_c.astype(C.dtype), gAt.T.astype(A.dtype), gD.astype(D.dtype), g_bias.astype(bias.dtype))
 
-    if D is not None:
-        g_u = g_u + gy * D.astype(f32)
-    if delta_softplus:
-        pre = delta.astype(f32) + (0 if delta_bias is None else delta_bias.astype(f32))
-        g_dt = g_dt * jax.nn.sigmoid(pre)
-    g_bias = None if delta_bias is None else jnp.sum(g_dt, axis=(0, 1)).astype(delta_bias.dtype)
-    return (g_u.astype(u.dtype), g_dt.astype(delta.dtype), gAt.T.astype(A.dtype),
-            g_b.astype(B.dtype), g_c.astype(C.dtype), gD, gz, g_bias)
+
+# ----------------------------------------------------------------------------
+# Pallas backends and the per-platform table.
 
 
-_scan_vjp.defvjp(_scan_fwd, _scan_bwd)
+class _Pallas:
+    """The Pallas kernels (``vim_jax.kernels.selective_scan``): Triton, or interpret mode."""
+
+    def __init__(self, interpret: bool):
+        self.interpret = interpret
+
+    def primal(self, spec, *args):
+        out, last, _ = self._call("forward", spec, args, save_states=False)
+        return out, last
+
+    def forward(self, spec, *args):
+        return self._call("forward", spec, args, save_states=True)
+
+    def backward(self, spec, *args):
+        return self._call("backward", spec, args)
+
+    def _call(self, name, spec, args, **kw):
+        from vim_jax.kernels import selective_scan as kernels
+
+        fn = functools.partial(getattr(kernels, name), softplus=spec.softplus, reverse=spec.reverse,
+                               has_z=spec.has_z, chunk=STATE_CHUNK, interpret=self.interpret, **kw)
+        return fn(*args) if self.interpret else _lowered_only_for("cuda", fn, *args)
+
+
+class _NoKernel:
+    """A platform without a Pallas kernel: lowering there fails with a message that names
+    the platform and the backends that do run there."""
+
+    def __getattr__(self, stage):
+        return lambda spec, *args: _lowered_only_for(
+            None, functools.partial(getattr(_REFERENCE, stage), spec), *args)
+
+
+def _lowered_only_for(platform: str | None, fn, *args):
+    """fn(*args) as one primitive that lowers fn only for ``platform``.
+
+    A Triton pallas_call cannot be lowered for the CPU, yet a program lowered for
+    ("cpu", "cuda") (``jax.export``) lowers every platform's branch of a
+    platform_dependent for every platform. Elsewhere this lowers to zeros, which the
+    platform_dependent around it never selects; with platform None it is an error.
+    """
+    flat, in_tree = jax.tree.flatten(args)
+    out = jax.eval_shape(fn, *args)
+    flat_out, out_tree = jax.tree.flatten(out)
+
+    def flat_fn(*flat):
+        return jax.tree.leaves(fn(*jax.tree.unflatten(in_tree, flat)))
+
+    outs = _platform_kernel_p.bind(*flat, fn=flat_fn, platform=platform,
+                                   avals=tuple(jax.core.ShapedArray(a.shape, a.dtype) for a in flat_out))
+    return jax.tree.unflatten(out_tree, outs)
+
+
+_platform_kernel_p = jex_core.Primitive("selective_scan_platform_kernel")
+_platform_kernel_p.multiple_results = True
+_platform_kernel_p.def_abstract_eval(lambda *args, fn, platform, avals: avals)
+
+
+def _kernel_lowering(ctx, *args, fn, platform, avals):
+    return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+
+
+def _elsewhere_lowering(ctx, *args, fn, platform, avals):
+    if platform is None:
+        platforms = ", ".join(ctx.module_context.platforms)
+        raise NotImplementedError(
+            f"selective_scan(backend='pallas') has no kernel for platform {platforms}: the Pallas "
+            "kernels are written for CUDA GPUs (Triton) and run on the CPU in interpret mode. "
+            "Use backend='auto' (the reference scan there) or backend='reference'.")
+    zeros = lambda *_: [jnp.zeros(a.shape, a.dtype) for a in avals]
+    return mlir.lower_fun(zeros, multiple_results=True)(ctx, *args)
+
+
+mlir.register_lowering(_platform_kernel_p, _kernel_lowering, platform="cuda")
+mlir.register_lowering(_platform_kernel_p, _elsewhere_lowering)
+
+_REFERENCE = _Reference(jnp.exp)
+_REFERENCE_CPU = _Reference(ops.poly_exp)
+_BACKENDS = {
+    "auto": dict(cpu=_REFERENCE_CPU, cuda=_Pallas(interpret=False), default=_REFERENCE),
+    "reference": dict(cpu=_REFERENCE_CPU, default=_REFERENCE),
+    "pallas": dict(cpu=_Pallas(interpret=True), cuda=_Pallas(interpret=False), default=_NoKernel()),
+}

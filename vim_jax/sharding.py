@@ -18,6 +18,18 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(devices.reshape(-1), (AXIS,))
 
 
+def jit_on_mesh(mesh: Mesh, fn, **jit_kwargs):
+    """``jax.jit(fn, **jit_kwargs)`` traced and run under ``jax.set_mesh(mesh)``: code that
+    works per device shard (the selective-scan kernels, see ``vim_jax.scan``) sees the mesh."""
+    jitted = jax.jit(fn, **jit_kwargs)
+
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+
+    return call
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over the data axis."""
     return NamedSharding(mesh, P(AXIS))

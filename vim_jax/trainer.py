@@ -239,9 +239,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state = restored
     start = int(jax.device_get(state.step))
     bs = shd.batch_sharding(mesh)
-    train_step = jax.jit(step_fn, in_shardings=(shardings, bs, bs), out_shardings=(shardings, None),
-                         donate_argnums=0)
-    eval_step = jax.jit(eval_fn, in_shardings=(shardings.params, bs, bs, bs))
+    train_step = shd.jit_on_mesh(mesh, step_fn, in_shardings=(shardings, bs, bs),
+                                 out_shardings=(shardings, None), donate_argnums=0)
+    eval_step = shd.jit_on_mesh(mesh, eval_fn, in_shardings=(shardings.params, bs, bs, bs))
 
     log.info("%s on %d device(s) x %d process(es), %s, compute %s: %d train / %d eval images per "
              "process, batch %d, %d steps/epoch, %d steps, peak lr %.3g%s", config.model.name, mesh.size,

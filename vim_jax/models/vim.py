@@ -10,7 +10,6 @@ compile time does not grow with depth.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -19,17 +18,15 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from vim_jax import fastmath
-from vim_jax.pytree import path_name
+from vim_jax import ops
 from vim_jax.scan import selective_scan
 
 CLS_POSITIONS = ("middle", "head", "double", "none")
 REMAT = ("mixer", "full", "none")
 # What a block keeps for its backward pass under remat="mixer": the matmul outputs, the
-# scan outputs and the scan's residuals (its output before the gate and its chunk-entry
-# states), so the backward never reruns a forward scan. The conv, SiLU, softplus and
-# norms are recomputed.
-_SAVED = ("in_proj", "x_proj", "scan", "out_proj", "scan_y", "scan_states")
+# scan outputs and the scan's residual (its chunk-entry states), so the backward never
+# reruns a forward scan. The conv, SiLU, softplus and norms are recomputed.
+_SAVED = ("in_proj", "x_proj", "scan", "out_proj", "scan_states")
 
 # PyTorch's default Linear/Conv1d init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
 torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -57,69 +54,6 @@ def _dt_bias_init(key, shape, dt_min=1e-3, dt_max=1e-1, floor=1e-4):
     dt = jnp.exp(jax.random.uniform(key, shape) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     dt = jnp.maximum(dt, floor)
     return dt + jnp.log(-jnp.expm1(-dt))
-
-
-def _conv_taps(x, k: int, anti_causal: bool):
-    """The k shifted views of x (batch, L, d) that multiply weight[0..k-1]."""
-    L = x.shape[1]
-    xp = jnp.pad(x, ((0, 0), (0, k - 1), (0, 0)) if anti_causal else ((0, 0), (k - 1, 0), (0, 0)))
-    return [xp[:, (k - 1 - j) if anti_causal else j:][:, :L] for j in range(k)]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def depthwise_conv(x, weight, bias, anti_causal: bool):
-    """Depthwise 1-D convolution along the sequence.
-
-    x: (batch, L, d); weight: (k, d); bias: (d,). Causal: out[t] = sum_j w[j] x[t-k+1+j].
-    Anti-causal is the causal conv of the flipped sequence, flipped back:
-    out[t] = sum_j w[j] x[t+k-1-j], computed on the original order (no flipped copy).
-    """
-    taps = _conv_taps(x, weight.shape[0], anti_causal)
-    return sum(t * weight[j] for j, t in enumerate(taps)) + bias
-
-
-def _conv_fwd(x, weight, bias, anti_causal):
-    return depthwise_conv(x, weight, bias, anti_causal), (x, weight)
-
-
-def _conv_bwd(anti_causal, res, g):
-    # The transpose of a causal conv is the anti-causal conv with the same taps: one padded
-    # copy of g rather than one per tap, which XLA would otherwise materialise and sum.
-    x, weight = res
-    k = weight.shape[0]
-    gx = sum(t * weight[j] for j, t in enumerate(_conv_taps(g, k, not anti_causal)))
-    gw = jnp.stack([jnp.sum(g * t, axis=(0, 1)) for t in _conv_taps(x, k, anti_causal)])
-    return gx.astype(x.dtype), gw.astype(weight.dtype), jnp.sum(g, axis=(0, 1)).astype(weight.dtype)
-
-
-depthwise_conv.defvjp(_conv_fwd, _conv_bwd)
-
-
-@jax.custom_vjp
-def dense(x, w):
-    """x (..., i) @ w (i, o) -> (..., o); its weight gradient transposes x, not the gradient.
-
-    For the weight gradient x^T g XLA's CPU layout pass otherwise transposes g, inside
-    the elementwise kernel that produces it (the conv, gate and scan gradients), which
-    then runs several times slower; a transposed copy of x on its own costs far less.
-    """
-    return x @ w
-
-
-def _dense_fwd(x, w):
-    return x @ w, (x, w)
-
-
-def _dense_bwd(res, g):
-    x, w = res
-    # The barrier keeps the transpose a copy of its own: XLA would fold it into the dot.
-    # Flattening keeps the batch axis leading, so a batch-sharded x stays sharded.
-    xt = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
-    gw = xt @ g.reshape(-1, g.shape[-1]).astype(x.dtype)
-    return (g @ w.T.astype(g.dtype)).astype(x.dtype), gw.astype(w.dtype)
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class BiMambaMixer(nnx.Module):
@@ -159,12 +93,12 @@ class BiMambaMixer(nnx.Module):
     def _direction(self, x, z, suffix: str, reverse: bool):
         conv_w = getattr(self, "conv_weight" + suffix)[...].astype(self.dtype)
         conv_b = getattr(self, "conv_bias" + suffix)[...].astype(self.dtype)
-        xc = fastmath.silu(depthwise_conv(x, conv_w, conv_b, anti_causal=reverse))
+        xc = ops.silu(ops.depthwise_conv(x, conv_w, conv_b, anti_causal=reverse))
         x_proj = getattr(self, "x_proj" + suffix).kernel[...].astype(self.dtype)
-        x_dbl = checkpoint_name(dense(xc, x_proj), "x_proj")
+        x_dbl = checkpoint_name(ops.dense(xc, x_proj), "x_proj")
         dt_in, b, c = jnp.split(x_dbl, [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
         dt_proj = getattr(self, "dt_proj" + suffix)
-        delta = dense(dt_in, dt_proj.kernel[...].astype(self.dtype))  # bias goes into the scan
+        delta = ops.dense(dt_in, dt_proj.kernel[...].astype(self.dtype))  # bias goes into the scan
         a = -jnp.exp(getattr(self, "A_log" + suffix)[...].astype(jnp.float32))
         y = selective_scan(
             xc, delta, a, b, c, getattr(self, "D" + suffix)[...], z,
@@ -176,11 +110,11 @@ class BiMambaMixer(nnx.Module):
         # strided halves of a (.., 2*d_inner) array slow every kernel that reads them.
         h = hidden.astype(self.dtype)
         w = self.in_proj.kernel[...].astype(self.dtype)
-        x = checkpoint_name(dense(h, w[:, :self.d_inner]), "in_proj")
-        z = checkpoint_name(dense(h, w[:, self.d_inner:]), "in_proj")
+        x = checkpoint_name(ops.dense(h, w[:, :self.d_inner]), "in_proj")
+        z = checkpoint_name(ops.dense(h, w[:, self.d_inner:]), "in_proj")
         y = self._direction(x, z, "", reverse=False) + self._direction(x, z, "_b", reverse=True)
         out_w = self.out_proj.kernel[...].astype(self.dtype)
-        return checkpoint_name(dense(y / 2, out_w), "out_proj")
+        return checkpoint_name(ops.dense(y / 2, out_w), "out_proj")
 
 
 class Block(nnx.Module):
@@ -192,24 +126,6 @@ class Block(nnx.Module):
 
     def __call__(self, residual):
         return self.mixer(self.norm(residual))
-
-
-def _select_layer(stacked, i, depth: int):
-    """Layer i's slice of stacked (depth, ...) arrays inside the loop over layers.
-
-    Matmul kernels are sliced; every other array is picked by a one-hot product. XLA's
-    CPU emitter fuses a dynamic slice into the elementwise kernels that read it and then
-    runs them several times slower (no vectorisation); the product materialises the small
-    per-layer vectors (norm weights, conv taps, A_log, D, biases, drop rate) first.
-    """
-    onehot = jax.nn.one_hot(i, depth, dtype=jnp.float32)
-
-    def take(path, x):
-        if path_name(path).removesuffix(".value").endswith("kernel"):
-            return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
-        return jnp.tensordot(onehot.astype(x.dtype), x, axes=1, precision=jax.lax.Precision.HIGHEST)
-
-    return jax.tree_util.tree_map_with_path(take, stacked)
 
 
 def drop_path(x, rate, key, deterministic: bool):
@@ -277,9 +193,8 @@ class VisionMamba(nnx.Module):
     (batch, num_classes). Starts in eval mode; ``model.train()`` turns on drop path.
 
     remat: what each block stores for the backward pass. "mixer" (default, as the paper):
-    the matmul and scan outputs (and, for the reference scan, its output before the gate
-    and its chunk-entry states, so that no forward scan reruns), recomputing the conv,
-    activations and norms; "full": nothing (recompute the block); "none": everything.
+    the matmul and scan outputs and the scan's chunk-entry states (so that no forward
+    scan reruns), recomputing the conv, activations and norms; "full": nothing (recompute the block); "none": everything.
     """
 
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, stride: Optional[int] = None,
@@ -363,7 +278,7 @@ class VisionMamba(nnx.Module):
         def body(carry, xs):
             residual, hidden = carry
             i, key = xs
-            layer_state, rate = _select_layer((state, rates), i, self.depth)
+            layer_state, rate = ops.select_layer((state, rates), i)
             residual = residual + drop_path(hidden, rate, key, deterministic).astype(jnp.float32)
             hidden = nnx.merge(graphdef, layer_state)(residual).astype(self.dtype)
             return (residual, hidden), None

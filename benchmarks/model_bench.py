@@ -13,6 +13,7 @@ devices keep both cores busy.
 """
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -47,6 +48,8 @@ def main():
     p.add_argument("--remat", default="mixer", choices=["mixer", "full", "none"],
                    help="what each block stores for the backward pass")
     p.add_argument("--backend", default="auto", help="selective-scan backend")
+    p.add_argument("--dtype", default="float32", help="compute dtype (float32 or bfloat16)")
+    p.add_argument("--json", help="append the measurements as one JSON object to this file")
     p.add_argument("--cpu-devices", type=int, default=0,
                    help="split the host into this many XLA CPU devices (0: leave as is)")
     args = p.parse_args()
@@ -65,13 +68,28 @@ def main():
     from vim_jax.train_step import train_step_fn
 
     mesh = make_mesh()
+    # Under the mesh, the scan kernels run per device shard (vim_jax.scan).
+    jax.set_mesh(mesh)
     n_dev = mesh.devices.size
     if args.batch % n_dev:
         raise SystemExit(f"--batch {args.batch} is not divisible by the {n_dev} devices")
     print(f"device: {n_dev} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}")
     model = create_model(args.model, img_size=args.img_size, remat=args.remat,
-                         scan_backend=args.backend)
+                         scan_backend=args.backend, dtype=args.dtype)
+    row = dict(model=args.model, batch=args.batch, img_size=args.img_size, backend=args.backend,
+               dtype=args.dtype, remat=args.remat, devices=n_dev, device=jax.devices()[0].device_kind,
+               jax=jax.__version__)
+
+    def peak_mb():
+        stats = jax.devices()[0].memory_stats() or {}
+        return stats.get("peak_bytes_in_use", 0) / 2**20 or None
+
+    def record(**kw):
+        row.update(kw)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
     graphdef, params = nnx.split(model)
     data = batch_sharding(mesh)
     replicated = state_shardings(params, mesh, fsdp=False)
@@ -87,7 +105,9 @@ def main():
     if not args.compile_only:
         fwd_c(params, images).block_until_ready()
         t = timed(fwd_c, params, images, repeats=args.repeats)
-        print(f"  forward     {args.batch / t:7.2f} img/s  ({t * 1e3:.0f} ms/batch)")
+        print(f"  forward     {args.batch / t:7.2f} img/s  ({t * 1e3:.0f} ms/batch), "
+              f"peak memory {peak_mb()} MiB", flush=True)
+        record(forward_img_s=args.batch / t, forward_peak_mb=peak_mb(), forward_compile_s=t_fwd_compile)
     if args.skip_train:
         return
 
@@ -109,7 +129,9 @@ def main():
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t)
         t = statistics.median(times)
-        print(f"  train step  {args.batch / t:7.2f} img/s  ({t * 1e3:.0f} ms/batch)")
+        print(f"  train step  {args.batch / t:7.2f} img/s  ({t * 1e3:.0f} ms/batch), "
+              f"peak memory {peak_mb()} MiB", flush=True)
+        record(train_img_s=args.batch / t, train_peak_mb=peak_mb(), train_compile_s=t_step_compile)
 
 
 if __name__ == "__main__":
