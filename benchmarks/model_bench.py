@@ -85,6 +85,10 @@ def main():
         stats = jax.devices()[0].memory_stats() or {}
         return stats.get("peak_bytes_in_use", 0) / 2**20 or None
 
+    def peak_text():
+        mb = peak_mb()
+        return "" if mb is None else f", peak memory {mb:.0f} MiB"
+
     def record(**kw):
         row.update(kw)
         if args.json:
@@ -105,8 +109,8 @@ def main():
     if not args.compile_only:
         fwd_c(params, images).block_until_ready()
         t = timed(fwd_c, params, images, repeats=args.repeats)
-        print(f"  forward     {args.batch / t:7.2f} img/s  ({t * 1e3:.0f} ms/batch), "
-              f"peak memory {peak_mb()} MiB", flush=True)
+        print(f"  forward     {args.batch / t:7.2f} img/s  ({t * 1e3:.0f} ms/batch){peak_text()}",
+              flush=True)
         record(forward_img_s=args.batch / t, forward_peak_mb=peak_mb(), forward_compile_s=t_fwd_compile)
     if args.skip_train:
         return
@@ -129,8 +133,8 @@ def main():
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t)
         t = statistics.median(times)
-        print(f"  train step  {args.batch / t:7.2f} img/s  ({t * 1e3:.0f} ms/batch), "
-              f"peak memory {peak_mb()} MiB", flush=True)
+        print(f"  train step  {args.batch / t:7.2f} img/s  ({t * 1e3:.0f} ms/batch){peak_text()}",
+              flush=True)
         record(train_img_s=args.batch / t, train_peak_mb=peak_mb(), train_compile_s=t_step_compile)
 
 
