@@ -40,7 +40,7 @@ stage() {  # stage NAME SECONDS COMMAND...
 } 2>&1 | tee -a "$log"
 
 stage smoke 80 python benchmarks/scan_bench.py --check
-stage sweep 110 python benchmarks/scan_bench.py --sweep --repeats 5 --json "$out/sweep.jsonl"
+stage sweep 110 python benchmarks/scan_bench.py --sweep --budget 90 --repeats 5 --json "$out/sweep.jsonl"
 stage model 150 bash -c "
   for cfg in 'vim_tiny_patch16_224 pallas float32 128' 'vim_tiny_patch16_224 reference float32 128' \
              'vim_tiny_patch16_224 pallas bfloat16 128' 'vim_small_patch16_224 pallas bfloat16 64'; do

@@ -156,40 +156,61 @@ def bench(repeats, record):
                         bytes=nbytes, gbps=gbps, pct_peak=pct, status="ok"))
 
 
-def candidates(d_inner):
+def candidates(kind, b, l, d):
+    """Launch parameters to try: channel block, warps, stages, and for the forward at small
+    batch the number of sequence segments."""
+    from vim_jax.kernels import selective_scan as k
     from vim_jax.kernels.selective_scan import Config
 
-    for bd, warps, stages in itertools.product((16, 32, 64), (1, 2, 4, 8), (1, 2)):
-        if bd <= d_inner and bd * D_STATE >= 32 * warps:  # at least one element a thread
-            yield Config(bd, warps, stages)
+    segs = (1,)
+    if kind == "fwd" and b * d // 32 < 512:
+        segs = tuple(s for s in (1, 2, 4, 8, 16, 32) if s * 4 * ss.STATE_CHUNK <= l)
+    # num_stages stays 1: Triton pipelines only loads that feed a dot, which these lack.
+    default = k.default_config(b, l, d)
+    yield default if kind == "fwd" else default._replace(segments=1)
+    for bd, warps, seg in itertools.product((16, 32, 64), (1, 2, 4, 8), segs):
+        cfg = Config(bd, warps, 1, seg)
+        if bd <= d and bd * D_STATE >= 32 * warps and cfg != default:  # >= 1 element a thread
+            yield cfg
 
 
-def sweep(repeats, record):
+def sweep(repeats, record, budget):
+    """Times the candidates of each shape and kernel, the default first, for an equal share
+    of ``budget`` seconds; prints the winners found as ``TUNED`` entries."""
     from vim_jax.kernels import selective_scan as k
 
+    share = budget / (2 * len(SHAPES))
     winners = {}
+    static = dict(softplus=True, reverse=False, has_z=True, chunk=ss.STATE_CHUNK, interpret=False)
     for model, d, b, l in SHAPES:
-        a = inputs(jax.random.key(0), b, l, d)
-        best = {}
-        for cfg in candidates(d):
-            try:
-                fwd, _, bwd, bwd_args = _kernel_fns(kernel_args(a), cfg, cfg)
-                t = {"fwd": timed(fwd, *kernel_args(a), repeats=repeats),
-                     "bwd": timed(bwd, *bwd_args, repeats=repeats)}
-            except Exception as e:
-                print(f"{model} b={b} L={l} {cfg}: failed {type(e).__name__} {str(e)[:80]}", flush=True)
-                continue
-            for kind, v in t.items():
+        a = kernel_args(inputs(jax.random.key(0), b, l, d))
+        _, _, _, bwd_args = _kernel_fns(a)
+        for kind in ("fwd", "bwd"):
+            best, deadline = None, time.perf_counter() + share
+            for cfg in candidates(kind, b, l, d):
+                if time.perf_counter() > deadline:
+                    break
+                if kind == "fwd":
+                    fn = jax.jit(lambda *x, cfg=cfg: k.forward(*x, save_states=False, config=cfg, **static)[0])
+                    fn_args = a
+                else:
+                    fn = jax.jit(lambda *x, cfg=cfg: k.backward(*x, config=cfg, **static))
+                    fn_args = bwd_args
+                try:
+                    t = timed(fn, *fn_args, repeats=repeats)
+                except Exception as e:
+                    print(f"{kind} {model} b={b} L={l} {cfg}: failed {type(e).__name__} {str(e)[:80]}",
+                          flush=True)
+                    continue
                 record(dict(model=model, d_inner=d, batch=b, length=l, kernel=kind, config=cfg._asdict(),
-                            ms=v * 1e3))
-                if kind not in best or v < best[kind][1]:
-                    best[kind] = (cfg, v)
-            print(f"{model} b={b} L={l} {cfg}: fwd {t['fwd'] * 1e3:.3f} ms, bwd {t['bwd'] * 1e3:.3f} ms",
-                  flush=True)
-        for kind, (cfg, v) in best.items():
-            default = k.default_config(b, l, d)
-            print(f"winner {kind} {model} b={b} L={l}: {cfg} {v * 1e3:.3f} ms (default {default})", flush=True)
-            winners[(kind, d, b, l)] = cfg
+                            ms=t * 1e3))
+                print(f"{kind} {model} b={b} L={l} {cfg}: {t * 1e3:.3f} ms", flush=True)
+                if best is None or t < best[1]:
+                    best = (cfg, t)
+            if best:
+                print(f"winner {kind} {model} b={b} L={l}: {best[0]} {best[1] * 1e3:.3f} ms "
+                      f"(default {k.default_config(b, l, d)})", flush=True)
+                winners[(kind, d, b, l)] = best[0]
     print("TUNED = {")
     for key, cfg in winners.items():
         print(f"    {key!r}: Config{tuple(cfg)!r},")
@@ -201,6 +222,7 @@ def main():
     p.add_argument("--check", action="store_true", help="correctness only")
     p.add_argument("--sweep", action="store_true", help="time the launch candidates (GPU)")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--budget", type=float, default=600, help="--sweep: stop after this many seconds")
     p.add_argument("--json", help="append one JSON object per measurement to this file")
     args = p.parse_args()
 
@@ -214,7 +236,10 @@ def main():
         if not args.check:
             print("no GPU: timings skipped (they would measure interpret mode)")
         raise SystemExit(0 if ok else 1)
-    (sweep if args.sweep else bench)(args.repeats, record)
+    if args.sweep:
+        sweep(args.repeats, record, args.budget)
+    else:
+        bench(args.repeats, record)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,16 @@ for the platforms they are written for. Same layout and semantics as ``vim_jax.s
 (channels-last; ../shared/design/selective_scan.md).
 
 One program per (batch element, block of BD channels) keeps its (BD, d_state) state in
-registers and loops over the sequence: u, delta, z, B, C are read once and the output
-written once; the (B, L, D, N) states never exist in HBM. Each step loads the next
-step's rows before it computes, so the loads are in flight during the recurrence
-(Triton pipelines only loads that feed a dot). When differentiated, the forward also
-writes the state at the start of every chunk of T steps; the backward walks the chunks
-from the end, recomputes a chunk's T states from its entry state into a per-program
-scratch (T * BD * N floats, L2-resident at T = 16) and walks them backwards. dB and dC
-are reduced over d_inner outside the kernel from per-block partials, dA, dD and
-d(delta_bias) from per-batch partials: no atomics, deterministic results.
+registers and walks the sequence in chunks of T steps: u, delta, z, B, C are read once
+and the output written once; the (B, L, D, N) states never exist in HBM. A chunk's rows
+are all loaded before its recurrence starts, so their latency is paid once a chunk, not
+once a step (Triton software-pipelines only loads that feed a dot). When differentiated,
+the forward also writes the state entering every chunk; the backward walks the chunks
+from the end, recomputes a chunk's T states from its entry state into registers and
+walks them backwards. A chunk that runs past the sequence's end turns its extra steps
+into the identity (dt = 0) and stores nothing for them. dB and dC are reduced over
+d_inner outside the kernel from per-block partials, dA, dD and d(delta_bias) from
+per-batch partials: no atomics, deterministic results.
 
 ``reverse=True`` indexes position L-1-t at step t: no flipped copies. Triton does not
 mask loads and stores of a block that overhangs its array (interpret mode pads and
@@ -37,10 +38,12 @@ from vim_jax.ops import softplus_formula
 
 
 class Config(NamedTuple):
-    """Launch parameters of one kernel: channels per program, warps, pipeline stages."""
+    """Launch parameters of one kernel: channels per program, warps, pipeline stages, and
+    (forward only) how many segments of the sequence are scanned side by side."""
     block_d: int
     num_warps: int
     num_stages: int
+    segments: int = 1
 
 
 # Measured winners of ``python benchmarks/scan_bench.py --sweep`` on a GPU, keyed by
@@ -48,11 +51,18 @@ class Config(NamedTuple):
 TUNED: dict[tuple[str, int, int, int], Config] = {}
 
 
-def default_config(batch: int, length: int, d_inner: int) -> Config:
+# Programs a launch should have to fill a GPU (an H100 has 132 SMs, each holding several).
+_PROGRAMS = 512
+
+
+def default_config(batch: int, length: int, d_inner: int, chunk: int = 16) -> Config:
     """A (BD, 16) float32 state of BD = 32 is 4 registers a thread at 4 warps; smaller
-    blocks when the batch alone cannot give the GPU a few hundred programs."""
-    bd = 32 if batch * d_inner // 32 >= 256 else 16
-    return Config(min(bd, pl.next_power_of_2(d_inner)), 4, 1)
+    blocks, and for the forward sequence segments of at least 4 chunks, when the batch
+    alone cannot give the GPU a few hundred programs."""
+    bd = min(32 if batch * d_inner // 32 >= _PROGRAMS // 2 else 16, pl.next_power_of_2(d_inner))
+    programs = batch * pl.cdiv(d_inner, bd)
+    segments = max(1, min(pl.cdiv(_PROGRAMS, programs), pl.cdiv(length, chunk) // 4))
+    return Config(bd, 4, 1, segments if programs < _PROGRAMS // 2 else 1)
 
 
 def config_for(kernel: str, batch: int, length: int, d_inner: int) -> Config:
@@ -73,110 +83,126 @@ def _row(ref, t):
     return ref[pl.ds(t, 1), :].astype(jnp.float32)
 
 
-def _fwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, out_ref, last_ref,
-                *states_ref, length, chunk, softplus, reverse, has_z):
+def _store_row(ref, t, value, valid):
+    """Writes row t of a (L, k) block unless this is a step past the sequence's end."""
+    @pl.when(valid)
+    def _():
+        ref[pl.ds(t, 1), :] = value.astype(ref.dtype)
+
+
+def _chunk_rows(u_ref, delta_ref, others, start, chunk, length, reverse, bias, softplus):
+    """The inputs of steps start .. start+chunk-1, all loaded before any is used.
+
+    Per step: (valid, t, u, pre, dt, (a row of each of ``others``)). A step past the end of
+    the sequence (the last chunk's tail) reads the last row again and gets dt = 0, which
+    makes it the identity on the state; its outputs are never stored.
+    """
+    rows = []
+    for k in range(chunk):
+        s = start + k
+        valid = s < length
+        t = jnp.minimum(s, length - 1)
+        t = length - 1 - t if reverse else t
+        pre = _row(delta_ref, t) + bias
+        dt = jnp.where(valid, softplus_formula(pre) if softplus else pre, 0.0)
+        rows.append((valid, t, _row(u_ref, t), pre, dt, tuple(_row(r, t) for r in others)))
+    return rows
+
+
+def _fwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, *refs, length, chunk,
+                seg_chunks, softplus, reverse, has_z, mode, save_states):
+    """mode "full": the whole sequence from a zero state -> out, last[, states].
+    Segments side by side (program_id(2) is the segment, ``seg_chunks`` chunks long):
+    "summary" -> each segment's end state from a zero state and its sum of dt;
+    "emit" (given each segment's true entry state) -> out[, states]."""
+    refs = list(refs)
+    entry_ref = refs.pop(0) if mode == "emit" else None
+    if mode == "summary":
+        end_ref, dtsum_ref = refs
+        others = (b_ref,)
+    else:
+        out_ref, *refs = refs
+        last_ref = refs.pop(0) if mode == "full" else None
+        others = (b_ref, c_ref) + ((z_ref,) if has_z else ())
+    states_ref = refs[0] if save_states else None
     a = a_ref[...].astype(jnp.float32)                      # (BD, N)
     dskip = d_ref[...].astype(jnp.float32)[None, :]         # (1, BD)
     bias = bias_ref[...].astype(jnp.float32)[None, :]
-    pos = (lambda s: length - 1 - s) if reverse else (lambda s: s)
+    first = pl.program_id(2) * seg_chunks
+    stop = jnp.minimum(first + seg_chunks, pl.cdiv(length, chunk))
 
-    def load(s):
-        t = pos(jnp.minimum(s, length - 1))  # the last step prefetches its own row again
-        rows = (_row(u_ref, t), _row(delta_ref, t), _row(b_ref, t), _row(c_ref, t))
-        return rows + ((_row(z_ref, t),) if has_z else ())
+    def chunk_body(c, carry):
+        h, dt_sum = carry
+        if states_ref is not None:  # differentiated: the state entering every chunk
+            states_ref[pl.ds(c, 1), :, :] = h[None]
+        # A chunk's loads are all issued before its recurrence starts: their latency is
+        # paid once a chunk rather than once a step.
+        for valid, t, u, _, dt, (b, *cz) in _chunk_rows(u_ref, delta_ref, others, c * chunk, chunk,
+                                                        length, reverse, bias, softplus):
+            h = jnp.exp(dt.reshape(-1, 1) * a) * h + (dt * u).reshape(-1, 1) * b
+            if mode == "summary":
+                dt_sum = dt_sum + dt
+                continue
+            y = jnp.sum(h * cz[0], axis=1)[None, :] + dskip * u
+            if has_z:
+                y = y * cz[1] * _sigmoid(cz[1])
+            _store_row(out_ref, t, y, valid)
+        return h, dt_sum
 
-    def step(s, carry):
-        h, rows = carry
-        following = load(s + 1)  # issued before this step's arithmetic needs its own rows
-        u, dt, b, c = rows[:4]
-        dt = dt + bias
-        dt = softplus_formula(dt) if softplus else dt
-        h = jnp.exp(dt.reshape(-1, 1) * a) * h + (dt * u).reshape(-1, 1) * b
-        y = jnp.sum(h * c, axis=1)[None, :] + dskip * u
-        if has_z:
-            z = rows[4]
-            y = y * z * _sigmoid(z)
-        out_ref[pl.ds(pos(s), 1), :] = y.astype(out_ref.dtype)
-        return h, following
-
-    carry = (jnp.zeros(a.shape, jnp.float32), load(0))
-    if states_ref:  # differentiated: the state entering every chunk, for the backward
-        def chunk_body(c, carry):
-            states_ref[0][pl.ds(c, 1), :, :] = carry[0][None]
-            return jax.lax.fori_loop(c * chunk, jnp.minimum((c + 1) * chunk, length), step, carry)
-
-        carry = jax.lax.fori_loop(0, pl.cdiv(length, chunk), chunk_body, carry)
-    else:
-        carry = jax.lax.fori_loop(0, length, step, carry)
-    last_ref[...] = carry[0]
+    h0 = entry_ref[...] if mode == "emit" else jnp.zeros(a.shape, jnp.float32)
+    h, dt_sum = jax.lax.fori_loop(first, stop, chunk_body, (h0, jnp.zeros((1, a.shape[0]), jnp.float32)))
+    if mode == "summary":
+        end_ref[...] = h
+        dtsum_ref[...] = dt_sum[0]
+    elif mode == "full":
+        last_ref[...] = h
 
 
 def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g_ref,
                 glast_ref, states_ref,
-                du_ref, ddelta_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref, hbuf_ref,
-                *, length, chunk, softplus, reverse, has_z, barrier):
+                du_ref, ddelta_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref,
+                *, length, chunk, softplus, reverse, has_z):
     a = a_ref[...].astype(jnp.float32)
     dskip = d_ref[...].astype(jnp.float32)[None, :]
     bias = bias_ref[...].astype(jnp.float32)[None, :]
     n_chunks = pl.cdiv(length, chunk)
-    pos = (lambda s: length - 1 - s) if reverse else (lambda s: s)
-
-    def inputs(t):
-        u = _row(u_ref, t)
-        pre = _row(delta_ref, t) + bias
-        dt = softplus_formula(pre) if softplus else pre
-        return u, pre, dt, _row(b_ref, t), _row(c_ref, t)
+    others = (b_ref, c_ref, g_ref) + ((z_ref,) if has_z else ())
 
     def chunk_body(i, carry):
         c = n_chunks - 1 - i
-        start = c * chunk
-        stop = jnp.minimum(start + chunk, length)
-        h_entry = states_ref[pl.ds(c, 1), :, :][0]
-        # The scratch is written and read back by all threads of the program: order the
-        # previous chunk's reads before these writes, and these writes before the reads.
-        sync = plt.debug_barrier if barrier else (lambda: None)
-        sync()
+        rows = _chunk_rows(u_ref, delta_ref, others, c * chunk, chunk, length, reverse, bias, softplus)
+        # The chunk's states, recomputed from its entry state, stay in registers.
+        hs = [states_ref[pl.ds(c, 1), :, :][0]]
+        for _, _, u, _, dt, (b, *_) in rows:
+            hs.append(jnp.exp(dt.reshape(-1, 1) * a) * hs[-1] + (dt * u).reshape(-1, 1) * b)
 
-        def recompute(s, h):
-            u, _, dt, b, _ = inputs(pos(s))
-            h = jnp.exp(dt.reshape(-1, 1) * a) * h + (dt * u).reshape(-1, 1) * b
-            hbuf_ref[pl.ds(s - start, 1), :, :] = h[None]
-            return h
-
-        jax.lax.fori_loop(start, stop, recompute, h_entry)
-        sync()
-
-        def step(k, carry):
-            lam_next, da_acc, dd_acc, dbias_acc = carry
-            s = stop - 1 - k
-            t = pos(s)
-            u, pre, dt, b, cc = inputs(t)
-            h = hbuf_ref[pl.ds(s - start, 1), :, :][0]
-            h_prev = jnp.where(s == start, h_entry,
-                               hbuf_ref[pl.ds(jnp.maximum(s - start - 1, 0), 1), :, :][0])
+        lam_next, da_acc, dd_acc, dbias_acc = carry
+        for k in reversed(range(chunk)):
+            valid, t, u, pre, dt, (b, cc, g, *z) = rows[k]
+            h_prev, h = hs[k], hs[k + 1]
+            g = jnp.where(valid, g, 0.0)  # a step past the end: no gradient, lam passes on
             y = jnp.sum(h * cc, axis=1)[None, :] + dskip * u
-            g = _row(g_ref, t)
             if has_z:
-                z = _row(z_ref, t)
-                sig = _sigmoid(z)
-                gy = g * z * sig
-                dz_ref[pl.ds(t, 1), :] = (g * y * sig * (1.0 + z * (1.0 - sig))).astype(dz_ref.dtype)
+                sig = _sigmoid(z[0])
+                gy = g * z[0] * sig
+                _store_row(dz_ref, t, g * y * sig * (1.0 + z[0] * (1.0 - sig)), valid)
             else:
                 gy = g
             da = jnp.exp(dt.reshape(-1, 1) * a)
             lam = gy.reshape(-1, 1) * cc + lam_next                          # (BD, N)
             lam_ah = lam * da * h_prev
             lam_b = jnp.sum(lam * b, axis=1)[None, :]                        # (1, BD)
-            dc_ref[pl.ds(t, 1), :] = jnp.sum(gy.reshape(-1, 1) * h, axis=0)[None, :]
-            db_ref[pl.ds(t, 1), :] = jnp.sum(lam * (dt * u).reshape(-1, 1), axis=0)[None, :]
-            du_ref[pl.ds(t, 1), :] = (gy * dskip + dt * lam_b).astype(du_ref.dtype)
+            _store_row(dc_ref, t, jnp.sum(gy.reshape(-1, 1) * h, axis=0)[None, :], valid)
+            _store_row(db_ref, t, jnp.sum(lam * (dt * u).reshape(-1, 1), axis=0)[None, :], valid)
+            _store_row(du_ref, t, gy * dskip + dt * lam_b, valid)
             ddt = u * lam_b + jnp.sum(lam_ah * a, axis=1)[None, :]
-            ddelta = ddt * _sigmoid(pre) if softplus else ddt
-            ddelta_ref[pl.ds(t, 1), :] = ddelta.astype(ddelta_ref.dtype)
+            ddelta = jnp.where(valid, ddt * _sigmoid(pre) if softplus else ddt, 0.0)
+            _store_row(ddelta_ref, t, ddelta, valid)
             da_acc = da_acc + lam_ah * dt.reshape(-1, 1)
-            return da * lam, da_acc, dd_acc + gy * u, dbias_acc + ddelta
-
-        return jax.lax.fori_loop(0, stop - start, step, carry)
+            dd_acc = dd_acc + gy * u
+            dbias_acc = dbias_acc + ddelta
+            lam_next = da * lam
+        return lam_next, da_acc, dd_acc, dbias_acc
 
     zeros_row = jnp.zeros((1, a.shape[0]), jnp.float32)
     carry = (glast_ref[...].astype(jnp.float32), jnp.zeros(a.shape, jnp.float32), zeros_row, zeros_row)
@@ -187,12 +213,14 @@ def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g
 
 
 def _specs(length, n, bd, n_chunks):
-    seq = pl.BlockSpec((None, length, bd), lambda i, j: (i, 0, j))
-    bc = pl.BlockSpec((None, length, n), lambda i, j: (i, 0, 0))
-    a = pl.BlockSpec((bd, n), lambda i, j: (j, 0))
-    vec = pl.BlockSpec((bd,), lambda i, j: (j,))
-    state = pl.BlockSpec((None, bd, n), lambda i, j: (i, j, 0))
-    states = pl.BlockSpec((None, n_chunks, bd, n), lambda i, j: (i, 0, j, 0))
+    """Blocks for a grid (batch, channel block[, segment]): every block spans its array's
+    full length, so none overhangs."""
+    seq = pl.BlockSpec((None, length, bd), lambda i, j, *_: (i, 0, j))
+    bc = pl.BlockSpec((None, length, n), lambda i, j, *_: (i, 0, 0))
+    a = pl.BlockSpec((bd, n), lambda i, j, *_: (j, 0))
+    vec = pl.BlockSpec((bd,), lambda i, j, *_: (j,))
+    state = pl.BlockSpec((None, bd, n), lambda i, j, *_: (i, j, 0))
+    states = pl.BlockSpec((None, n_chunks, bd, n), lambda i, j, *_: (i, 0, j, 0))
     return seq, bc, a, vec, state, states
 
 
@@ -210,6 +238,10 @@ def forward(u, delta, z, B, C, A, D, bias, *, softplus, reverse, has_z, chunk, s
 
     states: (b, cdiv(L, chunk), d, n) float32, the state entering every chunk, written
     only when ``save_states`` (the differentiated forward). z is never read unless has_z.
+    With ``config.segments`` > 1 (small batches, long sequences) the sequence is cut into
+    segments scanned side by side, twice: once for each segment's end state and total
+    decay, and, after a short recurrence over the segments for their true entry states,
+    once more to write the outputs.
     """
     bsz, length, d = u.shape
     n = A.shape[1]
@@ -219,20 +251,43 @@ def forward(u, delta, z, B, C, A, D, bias, *, softplus, reverse, has_z, chunk, s
     u, delta, z = (_padded(x, 2, dp) for x in (u, delta, z))
     A, D, bias = _padded(A, 0, dp), _padded(D, 0, dp), _padded(bias, 0, dp)
     n_chunks = pl.cdiv(length, chunk)
+    seg_chunks = pl.cdiv(n_chunks, cfg.segments)
+    segments = pl.cdiv(n_chunks, seg_chunks)
     seq, bc, a, vec, state, states = _specs(length, n, bd, n_chunks)
-    out_specs = [seq, state] + ([states] if save_states else [])
-    out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct((bsz, dp, n), jnp.float32)]
-    if save_states:
-        out_shape.append(jax.ShapeDtypeStruct((bsz, n_chunks, dp, n), jnp.float32))
-    kernel = functools.partial(_fwd_kernel, length=length, chunk=chunk, softplus=softplus,
-                               reverse=reverse, has_z=has_z)
-    outs = pl.pallas_call(
-        kernel, grid=(bsz, dp // bd),
-        in_specs=[seq, seq, seq, bc, bc, a, vec, vec], out_specs=out_specs, out_shape=out_shape,
-        interpret=interpret, compiler_params=_params(cfg), name="selective_scan_fwd",
-    )(u, delta, z, B, C, A, D, bias)
-    out, last = outs[0][..., :d], outs[1][:, :d]
-    return out, last, (outs[2][:, :, :d] if save_states else None)
+    seg_state = pl.BlockSpec((None, None, bd, n), lambda i, j, s: (i, s, j, 0))
+    f32 = jnp.float32
+
+    def call(mode, out_specs, out_shape, *extra):
+        kernel = functools.partial(_fwd_kernel, length=length, chunk=chunk, seg_chunks=seg_chunks,
+                                   softplus=softplus, reverse=reverse, has_z=has_z, mode=mode,
+                                   save_states=save_states and mode != "summary")
+        return pl.pallas_call(
+            kernel, grid=(bsz, dp // bd, segments if mode != "full" else 1),
+            in_specs=[seq, seq, seq, bc, bc, a, vec, vec] + [seg_state] * len(extra),
+            out_specs=out_specs, out_shape=out_shape, interpret=interpret,
+            compiler_params=_params(cfg), name="selective_scan_fwd",
+        )(u, delta, z, B, C, A, D, bias, *extra)
+
+    out_shape = jax.ShapeDtypeStruct(u.shape, u.dtype)
+    states_shape = [jax.ShapeDtypeStruct((bsz, n_chunks, dp, n), f32)] if save_states else []
+    if segments == 1:
+        out, last, *saved = call("full", [seq, state] + [states] * save_states,
+                                 [out_shape, jax.ShapeDtypeStruct((bsz, dp, n), f32)] + states_shape)
+    else:
+        end, dt_sum = call("summary",
+                           [seg_state, pl.BlockSpec((None, None, bd), lambda i, j, s: (i, s, j))],
+                           [jax.ShapeDtypeStruct((bsz, segments, dp, n), f32),
+                            jax.ShapeDtypeStruct((bsz, segments, dp), f32)])
+        decay = jnp.exp(dt_sum[..., None] * A.astype(f32))  # a segment's whole decay, (b, S, dp, n)
+
+        def combine(h, x):  # over segments in step order: h entering the next segment
+            return x[0] * h + x[1], h
+
+        last, entries = jax.lax.scan(combine, jnp.zeros((bsz, dp, n), f32),
+                                     (decay.swapaxes(0, 1), end.swapaxes(0, 1)))
+        out, *saved = call("emit", [seq] + [states] * save_states, [out_shape] + states_shape,
+                           entries.swapaxes(0, 1))
+    return out[..., :d], last[:, :d], (saved[0][:, :, :d] if save_states else None)
 
 
 def backward(u, delta, z, B, C, A, D, bias, states, g, g_last, *, softplus, reverse, has_z,
@@ -254,14 +309,13 @@ def backward(u, delta, z, B, C, A, D, bias, states, g, g_last, *, softplus, reve
     part_bc = pl.BlockSpec((None, None, length, n), lambda i, j: (j, i, 0, 0))
     part_a = pl.BlockSpec((None, bd, n), lambda i, j: (i, j, 0))
     part_vec = pl.BlockSpec((None, bd), lambda i, j: (i, j))
-    scratch = pl.BlockSpec((None, None, chunk, bd, n), lambda i, j: (i, j, 0, 0, 0))
     kernel = functools.partial(_bwd_kernel, length=length, chunk=chunk, softplus=softplus,
-                               reverse=reverse, has_z=has_z, barrier=not interpret)
+                               reverse=reverse, has_z=has_z)
     f32 = jnp.float32
     outs = pl.pallas_call(
         kernel, grid=(bsz, n_blocks),
         in_specs=[seq, seq, seq, bc, bc, a, vec, vec, seq, state, states_spec],
-        out_specs=[seq, seq, seq, part_bc, part_bc, part_a, part_vec, part_vec, scratch],
+        out_specs=[seq, seq, seq, part_bc, part_bc, part_a, part_vec, part_vec],
         out_shape=[jax.ShapeDtypeStruct(u.shape, u.dtype),
                    jax.ShapeDtypeStruct(delta.shape, delta.dtype),
                    jax.ShapeDtypeStruct(z.shape, z.dtype),
@@ -269,11 +323,10 @@ def backward(u, delta, z, B, C, A, D, bias, states, g, g_last, *, softplus, reve
                    jax.ShapeDtypeStruct((n_blocks, bsz, length, n), f32),
                    jax.ShapeDtypeStruct((bsz, dp, n), f32),
                    jax.ShapeDtypeStruct((bsz, dp), f32),
-                   jax.ShapeDtypeStruct((bsz, dp), f32),
-                   jax.ShapeDtypeStruct((bsz, n_blocks, chunk, bd, n), f32)],
+                   jax.ShapeDtypeStruct((bsz, dp), f32)],
         interpret=interpret, compiler_params=_params(cfg), name="selective_scan_bwd",
     )(u, delta, z, B, C, A, D, bias, g, g_last, states)
-    du, ddelta, dz, db, dc, da, dd, dbias, _ = outs
+    du, ddelta, dz, db, dc, da, dd, dbias = outs
     return (du[..., :d], ddelta[..., :d], dz[..., :d], db.sum(0).astype(B.dtype),
             dc.sum(0).astype(C.dtype), da.sum(0)[:d].astype(A.dtype), dd.sum(0)[:d].astype(D.dtype),
             dbias.sum(0)[:d].astype(bias.dtype))

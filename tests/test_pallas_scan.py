@@ -187,11 +187,12 @@ def _pallas_calls(jaxpr):
                     yield from _pallas_calls(sub)
 
 
-@pytest.mark.parametrize("b,l,d", [(2, 37, 40), (1, 21, 24), (3, 70, 37), (2, 33, 384)])
+@pytest.mark.parametrize("b,l,d", [(2, 37, 40), (1, 21, 24), (3, 70, 37), (2, 33, 384), (1, 150, 40)])
 def test_no_block_overhangs_its_array(b, l, d):
     """Triton does not mask a block that overhangs its array (interpret mode pads and hides
-    it): in every kernel launched, forward and backward, each block dimension divides its
-    array's dimension, at widths that are not multiples of the channel block."""
+    it): in every kernel launched, forward (one pass, or segments side by side as at
+    b=1, L=150) and backward, each block dimension divides its array's dimension, at
+    widths that are not multiples of the channel block."""
     from vim_jax import scan as ss_mod
 
     args = random_inputs(d, b, l, d, 16)
@@ -204,7 +205,8 @@ def test_no_block_overhangs_its_array(b, l, d):
         return pallas_scan.backward(*a, states, out, last, **static)
 
     calls = list(_pallas_calls(jax.make_jaxpr(fwd_bwd)(*flat).jaxpr))
-    assert len(calls) == 2
+    segments = pallas_scan.config_for("fwd", b, l, d).segments
+    assert len(calls) == (2 if segments == 1 else 3), (segments, len(calls))
     for eqn in calls:
         for bm in eqn.params["grid_mapping"].block_mappings:
             block = [getattr(dim, "block_size", 1) for dim in bm.block_shape]
@@ -321,3 +323,31 @@ def test_kernels_run_per_device_under_a_mesh():
     assert 3 in out["scan_dims"] and 24 not in out["scan_dims"], out["scan_dims"]
     for name in ("dp", "fsdp"):
         assert out[name]["calls"] >= 2 and 5 in out[name]["dims"] and 40 not in out[name]["dims"], out
+
+
+@pytest.mark.parametrize("segments", [2, 5])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_segmented_forward_equals_one_pass(segments, reverse):
+    """Small batches scan long sequences as segments side by side: output, last state and
+    the saved chunk states equal the one-pass kernel's, in either direction, with a last
+    segment shorter than the others."""
+    args = random_inputs(3, 1, 150, 24, 16)
+    flat = [args[k] for k in ("u", "delta", "z", "B", "C", "A", "D", "delta_bias")]
+    static = dict(softplus=True, reverse=reverse, has_z=True, chunk=16, save_states=True, interpret=True)
+    one = pallas_scan.forward(*flat, config=pallas_scan.Config(16, 4, 1, 1), **static)
+    seg = pallas_scan.forward(*flat, config=pallas_scan.Config(16, 4, 1, segments), **static)
+    for a, b in zip(seg, one):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["auto", "pallas"])
+def test_vmap_of_the_scan(backend):
+    """jax.vmap over a stack of scans (every platform's kernel is traced, the Triton one
+    too) equals the scans one by one; lowered for CUDA it still holds the Triton kernel."""
+    stack = [random_inputs(s, 2, 21, 16, 8) for s in (1, 2)]
+    args = jax.tree.map(lambda *x: jnp.stack(x), *stack)
+    f = lambda a: ss.selective_scan(**a, delta_softplus=True, backend=backend)
+    got = jax.vmap(f)(args)
+    for i, a in enumerate(stack):
+        assert rel_err(got[i], f(a)) < 1e-6
+    assert triton_calls(lower_for_cuda(jax.jit(jax.vmap(f)).trace(args)).as_text())

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.extend import core as jex_core
-from jax.interpreters import mlir
+from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec as P
 
 from vim_jax import ops
@@ -516,6 +516,18 @@ def _elsewhere_lowering(ctx, *args, fn, platform, avals):
 
 mlir.register_lowering(_platform_kernel_p, _kernel_lowering, platform="cuda")
 mlir.register_lowering(_platform_kernel_p, _elsewhere_lowering)
+
+
+def _kernel_batching(args, dims, *, fn, platform, avals):
+    # vmap of a scan (every platform's branch is traced, this one included): vmap fn.
+    vfn = jax.vmap(lambda *a: list(fn(*a)), in_axes=tuple(dims))
+    out = jax.eval_shape(vfn, *args)
+    outs = _platform_kernel_p.bind(*args, fn=vfn, platform=platform,
+                                   avals=tuple(jax.core.ShapedArray(o.shape, o.dtype) for o in out))
+    return outs, [0] * len(outs)
+
+
+batching.primitive_batchers[_platform_kernel_p] = _kernel_batching
 
 _REFERENCE = _Reference(jnp.exp)
 _REFERENCE_CPU = _Reference(ops.poly_exp)
