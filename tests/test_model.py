@@ -38,7 +38,7 @@ def test_fixture_from_npz(vim_weights_path, vim_io):
 
 
 def test_fixture_from_pth(vim_io):
-    pytest.importorskip("torch")
+    """The official PyTorch checkpoint, read without PyTorch."""
     from conftest import fixture_path
 
     model = create_model(

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from vim_jax import pth
 from vim_jax.convert import state_dict_to_params
 from vim_jax.models.vim import resize_pos_embed
 
@@ -30,15 +31,12 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
     if path.suffix in (".pth", ".pt", ".bin"):
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(f"reading {path} needs PyTorch: pip install 'vim-jax[torch]' "
-                              "(or convert it to .npz elsewhere)") from e
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = pth.load(path)  # no PyTorch needed; refuses anything but tensors and dicts
         sd = obj.get("model", obj) if isinstance(obj, dict) else obj
-        return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-                for k, v in sd.items()}
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict")
+        return {k: v.astype(np.float32) if pth.is_floating(v.dtype) else v
+                for k, v in sd.items() if isinstance(v, np.ndarray)}
     raise ValueError(f"checkpoint {path}: unknown format {path.suffix!r}; expected .pth, .pt, "
                      ".bin, .npz or a checkpoint directory")
 

@@ -1,0 +1,151 @@
+"""Reading PyTorch checkpoints without PyTorch: the official fixture, dtypes and layouts,
+and files crafted to run code on load, which must be refused."""
+
+import io
+import os
+import pickle
+import sys
+import types
+import zipfile
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from conftest import fixture_path
+from vim_jax import pth
+
+
+def test_official_fixture_equals_its_npz():
+    sd = pth.load(fixture_path("vim_tiny_d4.pth"))["model"]
+    with np.load(fixture_path("vim_tiny_d4_weights.npz")) as ref:
+        assert set(sd) == set(ref.files)
+        for k in ref.files:
+            assert sd[k].dtype == np.float32
+            np.testing.assert_array_equal(sd[k], ref[k])
+
+
+def _write_archive(path, pkl: bytes, storages=(), prefix="archive"):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr(f"{prefix}/data.pkl", pkl)
+        z.writestr(f"{prefix}/byteorder", "little")
+        for key, data in storages:
+            z.writestr(f"{prefix}/data/{key}", data)
+        z.writestr(f"{prefix}/version", "3\n")
+
+
+def _torch_like_pickle(obj):
+    """Pickles {name: (storage array, offset, size, stride)} the way torch.save does (the
+    same globals and persistent ids), with stand-in torch modules: no PyTorch needed."""
+    torch, utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
+    torch._utils = utils
+
+    def _rebuild_tensor_v2(*args):
+        raise AssertionError("never called while pickling")
+
+    utils._rebuild_tensor_v2 = _rebuild_tensor_v2
+    _rebuild_tensor_v2.__module__, _rebuild_tensor_v2.__qualname__ = "torch._utils", "_rebuild_tensor_v2"
+    kinds = {np.dtype(np.float16): "HalfStorage", np.dtype(ml_dtypes.bfloat16): "BFloat16Storage",
+             np.dtype(np.int64): "LongStorage", np.dtype(np.float32): "FloatStorage"}
+    for kind in kinds.values():
+        setattr(torch, kind, type(kind, (), {"__module__": "torch"}))
+
+    class Storage:
+        def __init__(self, array, key):
+            self.array, self.key = array, key
+
+    class Tensor:
+        def __init__(self, storage, offset, size, stride):
+            self.args = (storage, offset, size, stride, False, {})
+
+        def __reduce__(self):
+            return _rebuild_tensor_v2, self.args
+
+    storages, tree = [], {}
+    for name, (array, offset, size, stride) in obj.items():
+        st = Storage(array, str(len(storages)))
+        storages.append((st.key, array.tobytes()))
+        tree[name] = Tensor(st, offset, size, stride)
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            if isinstance(o, Storage):
+                return ("storage", getattr(torch, kinds[o.array.dtype]), o.key, "cpu", o.array.size)
+            return None
+
+    saved = {k: sys.modules.get(k) for k in ("torch", "torch._utils")}
+    sys.modules.update({"torch": torch, "torch._utils": utils})
+    try:
+        buf = io.BytesIO()
+        Pickler(buf, protocol=2).dump({"model": tree})
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return buf.getvalue(), storages
+
+
+def test_dtypes_offsets_and_strides(tmp_path):
+    """Half, bfloat16 and int64 storages; a tensor at an offset into a shared storage; a
+    transposed (non-contiguous) view."""
+    base = np.arange(24, dtype=np.float32)
+    half = np.linspace(-2, 2, 6).astype(np.float16)
+    bf16 = np.linspace(-1, 1, 4).astype(ml_dtypes.bfloat16)
+    ints = np.arange(5, dtype=np.int64)
+    pkl, storages = _torch_like_pickle({
+        "w": (base, 0, (4, 6), (6, 1)),
+        "w_t": (base, 0, (6, 4), (1, 6)),
+        "tail": (base, 20, (2, 2), (2, 1)),
+        "h": (half, 0, (2, 3), (3, 1)),
+        "b": (bf16, 0, (4,), (1,)),
+        "i": (ints, 1, (4,), (1,)),
+    })
+    _write_archive(tmp_path / "x.pth", pkl, storages)
+    sd = pth.load(tmp_path / "x.pth")["model"]
+    np.testing.assert_array_equal(sd["w"], base.reshape(4, 6))
+    np.testing.assert_array_equal(sd["w_t"], base.reshape(4, 6).T)
+    np.testing.assert_array_equal(sd["tail"], base[20:24].reshape(2, 2))
+    assert sd["h"].dtype == np.float16 and np.array_equal(sd["h"], half.reshape(2, 3))
+    assert sd["b"].dtype == ml_dtypes.bfloat16 and np.array_equal(sd["b"], bf16)
+    assert sd["i"].dtype == np.int64 and np.array_equal(sd["i"], ints[1:])
+
+
+def test_a_tensor_reaching_past_its_storage_is_refused(tmp_path):
+    pkl, storages = _torch_like_pickle({"w": (np.zeros(4, np.float32), 2, (4,), (1,))})
+    _write_archive(tmp_path / "x.pth", pkl, storages)
+    with pytest.raises(pth.UnsafeCheckpointError, match="reaches past its storage"):
+        pth.load(tmp_path / "x.pth")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("how", ["reduce", "exec"])
+def test_a_file_crafted_to_run_code_is_refused(tmp_path, how):
+    marker = tmp_path / "ran"
+    if how == "reduce":  # os.system through __reduce__, as in published exploits
+        pkl = pickle.dumps({"model": {"w": _RunsCode(marker)}}, protocol=2)
+    else:  # builtins.exec on a string, written opcode by opcode
+        code = f"open({str(marker)!r}, 'w').write('x')".encode()
+        pkl = (b"\x80\x02cbuiltins\nexec\nX" + len(code).to_bytes(4, "little") + code + b"\x85R.")
+    _write_archive(tmp_path / "evil.pth", pkl)
+    with pytest.raises(pth.UnsafeCheckpointError, match="refusing to load the global"):
+        pth.load(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+def test_files_that_are_not_torch_archives(tmp_path):
+    (tmp_path / "a.pth").write_bytes(b"\x80\x02}q\x00.")  # a bare (pre-1.6) pickle
+    with pytest.raises(ValueError, match="not a PyTorch zip checkpoint"):
+        pth.load(tmp_path / "a.pth")
+    with zipfile.ZipFile(tmp_path / "b.pth", "w") as z:
+        z.writestr("something.txt", "x")
+    with pytest.raises(ValueError, match="without a data.pkl"):
+        pth.load(tmp_path / "b.pth")
