@@ -39,9 +39,13 @@ _MODEL_ARGS = [p for p in inspect.signature(VisionMamba.__init__).parameters
                if p not in ("self", "rngs")]
 
 
-def list_models() -> list[str]:
-    """Names of the registered variants (short names; official long names are aliases)."""
-    return sorted(VARIANTS)
+def list_models(pretrained: bool = False) -> list[str]:
+    """Names of the registered variants (short names; official long names are aliases);
+    with ``pretrained=True`` only those with official weights (``create_model(name,
+    pretrained=True)``)."""
+    from vim_jax.hub import WEIGHTS
+
+    return sorted(n for n in VARIANTS if not pretrained or n in WEIGHTS)
 
 
 def resolve_name(name: str) -> str:
@@ -53,15 +57,17 @@ def resolve_name(name: str) -> str:
     return name
 
 
-def create_model(name: Optional[str] = None, *, pretrained: Optional[str] = None, seed: int = 0,
+def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = None, seed: int = 0,
                  **overrides) -> VisionMamba:
     """Builds a Vim model, optionally loading weights. Returned in eval mode.
 
     Args:
       name: a variant from ``list_models()`` or an official long name. May be None when
         ``pretrained`` is a checkpoint directory of this project (its saved name is used).
-      pretrained: an official ``.pth`` (``{"model": state_dict}``), an ``.npz`` state dict
-        with the official keys, or a checkpoint directory written by this project.
+      pretrained: True (or "True") for the official weights of ``name`` from the Hugging
+        Face Hub (``list_models(pretrained=True)``); or a path: an official ``.pth``
+        (``{"model": state_dict}``), an ``.npz`` state dict with the official keys, or a
+        checkpoint directory written by this project.
       seed: PRNG seed for the parameters that are not loaded (and drop path).
       **overrides: VisionMamba arguments (depth, num_classes, img_size, drop_path_rate,
         dtype, scan_backend, ...); they win over the variant and the checkpoint. depth,
@@ -73,6 +79,14 @@ def create_model(name: Optional[str] = None, *, pretrained: Optional[str] = None
     if bad:
         raise TypeError(f"unknown model argument(s) {bad}; allowed: {_MODEL_ARGS}")
     saved, state_dict, params = {}, None, None
+    if pretrained is True or pretrained in ("True", "true"):
+        if name is None:
+            raise ValueError("pretrained=True needs a model name; see list_models(pretrained=True)")
+        from vim_jax.hub import weights_path
+
+        pretrained = weights_path(resolve_name(name))
+    if pretrained is False or pretrained in ("", "False", "false"):
+        pretrained = None
     if pretrained is not None:
         if os.path.isdir(pretrained):
             saved, params = io.load_dir(pretrained)
