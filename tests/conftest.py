@@ -76,29 +76,14 @@ def tiny_config(data_dir, **over):
     return c
 
 
-def cuda_target(mesh=None):
-    """A context in which a program lowers for CUDA on this CPU-only host.
-
-    From jax 0.11 a Triton pallas_call asks at lowering which GPU it compiles for; a host
-    without one names it with an abstract device (an H100 here) on an abstract mesh of
-    the program's mesh shape (``mesh``, default one device), which earlier versions
-    accept as well.
-    """
-    import jax
-    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
-
-    sizes, names = (mesh.axis_sizes, mesh.axis_names) if mesh is not None else ((1,), ("gpu",))
-    device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
-    return jax.sharding.use_abstract_mesh(
-        AbstractMesh(sizes, names, (AxisType.Explicit,) * len(names), abstract_device=device))
-
-
 NO_GPU_INFO = "No supported GPU devices found"
 
 
 def lower_for_cuda(traced, mesh=None):
-    """``traced.lower`` for CUDA on this CPU-only host (see ``cuda_target``); a jax whose
-    Pallas lowering still finds no GPU skips the test, saying so."""
+    """``traced.lower`` for CUDA on this CPU-only host (``vim_jax.export.cuda_target``); a
+    jax whose Pallas lowering still finds no GPU skips the test, saying so."""
+    from vim_jax.export import cuda_target
+
     try:
         with cuda_target(mesh):
             return traced.lower(lowering_platforms=("cuda",))

@@ -19,7 +19,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from vim_jax.kernels import selective_scan as pallas_scan
-from conftest import NO_GPU_INFO, cuda_target, lower_for_cuda, triton_calls
+from conftest import NO_GPU_INFO, lower_for_cuda, triton_calls
 from test_selective_scan import NAMES, channels_last, random_inputs, rel_err
 from vim_jax import create_model, scan as ss
 from vim_jax.train_step import make_train_step
@@ -231,19 +231,15 @@ def test_export_for_cpu_and_cuda_runs_on_the_cpu():
     """One jax.export of the Vim-Ti forward for ("cpu", "cuda"): the artifact carries the
     Triton kernels for CUDA, and its CPU half reproduces the model's logits."""
     from jax import export
+    from vim_jax.export import export_model
 
     model = create_model("vim_tiny_patch16_224")
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)  # a list of arrays: a serializable signature
     x = jax.random.normal(jax.random.key(0), (1, 224, 224, 3))
-    fn = jax.jit(lambda leaves, x: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(x))
-    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-    with cuda_target():
-        exp = export.export(fn, platforms=("cpu", "cuda"), disabled_checks=[triton])(leaves, x)
+    exp = export_model(model, batch=1, img_size=224, platforms=("cpu", "cuda"))
     assert exp.platforms == ("cpu", "cuda")
     assert "xla.gpu.triton" in exp.mlir_module()
     restored = export.deserialize(exp.serialize())
-    np.testing.assert_allclose(restored.call(leaves, x), model(x), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(restored.call(x), model(x), atol=1e-5, rtol=1e-5)
 
 
 _MESH_SCRIPT = textwrap.dedent("""

@@ -4,7 +4,8 @@ The model and selective scan import without TensorFlow or ml_collections (the da
 pipeline is imported lazily by the training code).
 """
 
+from vim_jax.export import load_exported
 from vim_jax.models import VisionMamba, create_model, list_models
 from vim_jax.scan import selective_scan
 
-__all__ = ["VisionMamba", "create_model", "list_models", "selective_scan"]
+__all__ = ["VisionMamba", "create_model", "list_models", "load_exported", "selective_scan"]
