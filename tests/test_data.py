@@ -97,6 +97,24 @@ def test_folder_is_sharded_over_processes(tmp_path):
     assert len(seen) == 9 and len(set(seen)) == 9
 
 
+def test_folder_streams_from_disk(tmp_path):
+    """The folder source keeps only the file list: an image rewritten after the source and
+    its dataset were made is read as it is on disk when the pipeline reaches it. File order
+    is a function of the seed. A val/ class that train/ lacks is an error naming it."""
+    write_image_folder(tmp_path, classes=2, per_class=3, splits=("train", "val"))
+    src = make_source("folder", str(tmp_path), "train")
+    ds = src.dataset(shuffle_seed=None)
+    target = tmp_path / "train" / "class_00" / "img_000.JPEG"
+    target.write_bytes(b"rewritten after listing")
+    first = next(iter(ds.as_numpy_iterator()))
+    assert first["image"] == b"rewritten after listing" and first["id"].decode() == str(target)
+    order = lambda seed: [ex["id"] for ex in src.dataset(shuffle_seed=seed).as_numpy_iterator()]
+    assert order(1) == order(1) and sorted(order(1)) == sorted(order(None)) and order(1) != order(2)
+    (tmp_path / "val" / "class_zz").mkdir()
+    with pytest.raises(DataError, match="class directories that .*train lacks: \\['class_zz'\\]"):
+        make_source("folder", str(tmp_path), "val")
+
+
 def test_corrupt_jpeg_is_counted_and_replaced(tmp_path, caplog):
     write_image_folder(tmp_path, classes=2, per_class=4, splits=("train", "val"))
     bad = tmp_path / "train" / "class_01" / "img_001.JPEG"

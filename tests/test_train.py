@@ -287,3 +287,24 @@ def test_fine_tuning_with_a_new_head(data, vim_weights_path):
     config.model.reset_head = False
     with pytest.raises(ValueError, match="head.weight"):
         build_model(config, 3)
+
+
+def test_finetune_folder_recipe(data, vim_weights_path, tmp_path):
+    """configs/finetune_folder.py: an official-format checkpoint (the 10-class fixture)
+    fine-tuned on a 3-class folder with a new head, through train.py's command line."""
+    r = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/finetune_folder.py", "--workdir", str(tmp_path / "w"),
+         f"--config.data.data_dir={data}", f"--config.model.pretrained={vim_weights_path}",
+         "--config.data.image_size=32", "--config.optim.batch_size=8", "--config.train.num_steps=3",
+         "--config.train.eval_batch_size=8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
+    assert metrics["step"] == 3 and metrics["eval"]["count"] == 24
+    config = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert config["model"]["num_classes"] == 3 and config["model"]["reset_head"]
+    # Without weights the recipe refuses to start, saying how to give them.
+    r = subprocess.run([sys.executable, "train.py", "--config", "configs/finetune_folder.py",
+                        "--workdir", str(tmp_path / "w2"), f"--config.data.data_dir={data}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "--config.model.pretrained=True" in r.stderr

@@ -75,8 +75,9 @@ def validate_config(config, num_devices: int) -> None:
     if eb % num_devices:
         raise TrainingError(f"train.eval_batch_size={eb} must be a multiple of the device count {num_devices}")
     if config.model.require_pretrained and not config.model.pretrained:
-        raise TrainingError("this is a fine-tuning config: set --config.model.pretrained=PATH "
-                            "(an official .pth/.npz or a checkpoint directory)")
+        raise TrainingError("this is a fine-tuning config: set --config.model.pretrained=True "
+                            "(the official weights of model.name) or =PATH (an official "
+                            ".pth/.npz or a checkpoint directory)")
     for key in ("epochs", "warmup_epochs"):
         if config.optim[key] < 0:
             raise TrainingError(f"optim.{key}={config.optim[key]} must be >= 0")

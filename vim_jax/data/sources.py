@@ -10,6 +10,8 @@ import dataclasses
 import os
 from typing import Callable, Optional
 
+import numpy as np
+
 from vim_jax.data.tf_setup import tf, tfds
 
 
@@ -83,31 +85,51 @@ def _digits(data_dir: str, split, process_index, process_count) -> Source:
     return _tfds_source(builder, "digits", split, process_index, process_count)
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
 def _folder(root: str, split, process_index, process_count) -> Source:
+    """``root/split/<class>/<image>``, streamed: only the file list is held in memory (and
+    shuffled); each image is read from disk when the pipeline reaches it."""
     if not root:
         raise DataError("data.name='folder' needs --config.data.data_dir=DIR, a directory with "
                         "train/<class>/* and val/<class>/* images")
-    if not os.path.isdir(os.path.join(root, split)):
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
         have = sorted(d for d in os.listdir(root)) if os.path.isdir(root) else None
         raise DataError(f"image folder {root!r} has no {split!r} subdirectory "
                         f"({'it does not exist' if have is None else f'it has {have}'}); "
                         f"expected {root}/{split}/<class>/<image>")
-    builder = tfds.ImageFolder(root)
-    n = builder.info.splits[split].num_examples
-    if n == 0:
-        raise DataError(f"{os.path.join(root, split)} holds no images in class subdirectories")
+    # Classes are the class directories of the train split (so val/ may lack some).
+    class_root = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else split_dir
+    classes = sorted(e.name for e in os.scandir(class_root) if e.is_dir())
+    unknown = sorted(set(e.name for e in os.scandir(split_dir) if e.is_dir()) - set(classes))
+    if unknown:
+        raise DataError(f"{split_dir} has class directories that {class_root} lacks: {unknown[:5]}; "
+                        "every class needs training images")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        d = os.path.join(split_dir, name)
+        if os.path.isdir(d):
+            files = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTENSIONS))
+            paths += [os.path.join(d, f) for f in files]
+            labels += [label] * len(files)
+    if not paths:
+        raise DataError(f"{split_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in class "
+                        "subdirectories")
+    n = len(paths)
     shares = [len(range(i, n, process_count)) for i in range(process_count)]
+    mine = np.arange(process_index, n, process_count)
 
     def make(seed):
-        ds = builder.as_dataset(split=split, shuffle_files=False,
-                                decoders={"image": tfds.decode.SkipDecoding()})
-        ds = ds.shard(process_count, process_index)
-        if seed is not None:
-            ds = ds.shuffle(shares[process_index], seed=seed, reshuffle_each_iteration=False)
-        return ds.map(_standardise)
+        order = mine if seed is None else np.random.default_rng(seed).permutation(mine)
+        ds = tf.data.Dataset.from_tensor_slices(
+            (np.asarray(paths)[order], np.asarray(labels, np.int64)[order]))
+        return ds.map(lambda path, label: {"image": tf.io.read_file(path), "label": label, "id": path},
+                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-    return Source(f"folder:{root}", split, builder.info.features["label"].num_classes,
-                  shares[process_index], min(shares), max(shares), make)
+    return Source(f"folder:{root}", split, len(classes), shares[process_index], min(shares),
+                  max(shares), make)
 
 
 _SOURCES = {"imagenet2012": _imagenet, "digits": _digits, "folder": _folder}
