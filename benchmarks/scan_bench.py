@@ -25,13 +25,13 @@ import argparse
 import functools
 import itertools
 import json
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import model_bench  # benchmarks/, beside this script
 from vim_jax import scan as ss
 
 # Peak HBM bandwidth in GB/s by device kind (vendor data sheets).
@@ -73,13 +73,9 @@ def traffic(kind, b, l, d, itemsize, n=D_STATE, chunk=ss.STATE_CHUNK):
 
 
 def timed(fn, *args, repeats=10):
+    """Median seconds of ``repeats`` calls after a warm-up (compile) call."""
     jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return model_bench.timed(fn, *args, repeats=repeats)
 
 
 def rel_err(a, b):

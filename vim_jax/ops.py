@@ -6,9 +6,9 @@ implementation is made with ``jax.lax.platform_dependent`` from the platform the
 program is *lowered for*, never from the host's default backend. The CPU gets the
 tricks that XLA's CPU backend needs to be fast; every other platform gets plain JAX:
 
-- ``exp``, ``sigmoid``, ``silu``, ``softplus``: on the CPU a 2^n * p(f) polynomial exp
-  (XLA's CPU exp dominated the scan and the activations around it; this form
-  vectorises and fuses at about half the cost, with float32-level accuracy).
+- ``silu``, and the reference scan's exp and softplus (``vim_jax.scan``): on the CPU a
+  2^n * p(f) polynomial exp (XLA's CPU exp dominated the scan and the activations around
+  it; this form vectorises and fuses at about half the cost, with float32-level accuracy).
 - ``dense``: on the CPU a projection whose weight gradient reads a transposed copy of
   x (XLA's CPU layout pass would otherwise transpose the incoming gradient inside the
   elementwise kernel that produces it, several times slower).
@@ -97,22 +97,14 @@ def _poly_silu_jvp(primals, tangents):
     return x * s, s * (1.0 + x * (1.0 - s)) * tangents[0]
 
 
-def _cpu_or_default(cpu, default):
-    """One function that runs ``cpu`` where the program is lowered for the CPU."""
-    @functools.wraps(default)
-    def op(*args):
-        return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
-    return op
+def silu(x):
+    """x * sigmoid(x); the polynomial form where lowered for the CPU."""
+    return jax.lax.platform_dependent(x, cpu=_poly_silu, default=jax.nn.silu)
 
 
-exp = _cpu_or_default(poly_exp, jnp.exp)
-sigmoid = _cpu_or_default(_sigmoid_with(poly_exp), jax.nn.sigmoid)
-silu = _cpu_or_default(_poly_silu, jax.nn.silu)
-softplus = _cpu_or_default(functools.partial(softplus_formula, exp=poly_exp), softplus_formula)
-exp.__doc__ = "exp(x) in x's dtype."
-sigmoid.__doc__ = "1 / (1 + exp(-x))."
-silu.__doc__ = "x * sigmoid(x)."
-softplus.__doc__ = "log1p(exp(x)), x above 20 (see ``softplus_formula``)."
+def poly_softplus(x):
+    """``softplus_formula`` with the polynomial exp (the CPU's reference scan uses it)."""
+    return softplus_formula(x, poly_exp)
 
 
 # ----------------------------------------------------------------------------
