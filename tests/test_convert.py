@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vim_jax import create_model
-from vim_jax.convert import CheckpointMismatch, params_to_state_dict
+from vim_jax.state_dict import CheckpointMismatch, params_to_state_dict
 from vim_jax.pretrained import load_state_dict
 
 
@@ -15,7 +15,8 @@ def test_cli_converts_and_directory_reloads(tmp_path, vim_weights_path, vim_io):
     out = tmp_path / "converted"
     proc = subprocess.run([sys.executable, "-m", "vim_jax.convert", str(vim_weights_path), str(out)],
                           capture_output=True, text=True, check=True)
-    assert "converted" in proc.stdout and (out / "vim_config.json").exists()
+    assert "converted" in proc.stdout and (out / "model.json").exists()
+    assert (out / "checkpoints" / "0" / "params").is_dir()
     model = create_model(pretrained=str(out))          # name read from the directory
     x = vim_io["input_nchw"].transpose(0, 2, 3, 1)
     np.testing.assert_allclose(model(x), vim_io["logits"], atol=1e-4)
@@ -60,5 +61,7 @@ def test_bad_paths_and_formats(tmp_path):
     with pytest.raises(ValueError, match="unknown format '.ckpt'"):
         create_model("vim_tiny_patch16_224", pretrained=str(tmp_path / "x.ckpt"))
     (tmp_path / "partial").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a vim-jax checkpoint directory"):
+    with pytest.raises(FileNotFoundError, match="not a vim-jax checkpoint directory: no model.json"):
         create_model(pretrained=str(tmp_path / "partial"))
+    with pytest.raises(ValueError, match="step= and ema= apply to checkpoint directories"):
+        create_model("vim_tiny_patch16_224", pretrained=str(tmp_path / "x.ckpt"), ema=True)

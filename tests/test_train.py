@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
@@ -30,7 +31,7 @@ def _config(data, **over):
 
 def _final_params(workdir):
     from flax import nnx
-    from vim_jax.trainer import build_model, load_config
+    from vim_jax.run_config import build_model, load_config
 
     config = load_config(workdir)
     model = build_model(config, 3)
@@ -272,7 +273,7 @@ def test_fine_tuning_with_a_new_head(data, vim_weights_path):
     import jax
     from flax import nnx
     from vim_jax import create_model
-    from vim_jax.trainer import build_model
+    from vim_jax.run_config import build_model
 
     config = _config(data, model__pretrained=str(vim_weights_path), model__reset_head=True,
                      data__image_size=32)
@@ -287,6 +288,27 @@ def test_fine_tuning_with_a_new_head(data, vim_weights_path):
     config.model.reset_head = False
     with pytest.raises(ValueError, match="head.weight"):
         build_model(config, 3)
+
+
+def test_a_training_workdir_loads_with_create_model(trained):
+    """create_model(pretrained=WORKDIR): the model the run trained (name and arguments from
+    its model.json), at the latest step, at an earlier step=, and its EMA weights."""
+    from flax import nnx
+    from vim_jax import create_model
+    from vim_jax.run_config import build_model, load_config
+
+    workdir, _ = trained
+    target = nnx.state(build_model(load_config(workdir), 3), nnx.Param)
+    ckpt = Checkpoints(workdir)
+    steps = ckpt.steps()
+    assert len(steps) >= 2
+    for kw, (step, want) in (({}, ckpt.restore_params(target, ema=False)),
+                             ({"step": steps[0]}, ckpt.restore_params(target, ema=False, step=steps[0])),
+                             ({"ema": True}, ckpt.restore_params(target, ema=True))):
+        got = nnx.state(create_model(pretrained=str(workdir), **kw), nnx.Param)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert step == steps[-1]
 
 
 def test_finetune_folder_recipe(data, vim_weights_path, tmp_path):

@@ -58,6 +58,12 @@ class Checkpoints:
                                      for name in _ITEMS})
         return self.manager.save(int(jax.device_get(state.step)), args=args, force=force)
 
+    def save_params(self, step: int, params) -> None:
+        """Saves ``params`` (as both params and ema) at ``step``: a model without optimiser
+        state, in the same layout (``python -m vim_jax.convert``). Asynchronous."""
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params), ema=ocp.args.StandardSave(params))
+        self.manager.save(step, args=args, force=True)
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -1,157 +1,14 @@
-"""Official PyTorch Vim state_dict <-> this project's model parameters.
-
-CLI: ``python -m vim_jax.convert CKPT OUT_DIR [--model NAME]`` reads an official
-checkpoint (``.pth`` holding ``{"model": state_dict}``, or an ``.npz`` with the
-official keys) and writes a checkpoint directory that ``create_model(pretrained=OUT_DIR)``
-and ``eval.py`` read.
-
-Layouts: PyTorch Linear is (out, in), Flax (in, out); Conv2d (out, in, kh, kw) vs
-(kh, kw, in, out); the depthwise Conv1d (d_inner, 1, k) becomes (k, d_inner). Per-layer
-tensors are stacked on a leading depth axis (the blocks are one scanned module).
-"""
+"""``python -m vim_jax.convert CKPT OUT_DIR [--model NAME]``: an official checkpoint
+(``.pth`` holding ``{"model": state_dict}``, or an ``.npz`` with the official keys) into
+this project's checkpoint directory, the format training workdirs have, which
+``create_model(pretrained=OUT_DIR)``, ``eval.py`` and ``predict``/``export`` read."""
 
 from __future__ import annotations
 
 import argparse
-import re
-from typing import Callable, Mapping
 
-import numpy as np
-
-_Fn = Callable[[np.ndarray], np.ndarray]
-_ID: tuple[_Fn, _Fn] = (lambda x: x, lambda x: x)
-_LINEAR: tuple[_Fn, _Fn] = (lambda x: x.T, lambda x: x.T)
-_CONV1D: tuple[_Fn, _Fn] = (lambda x: x[:, 0, :].T, lambda x: x.T[:, None, :])
-_CONV2D: tuple[_Fn, _Fn] = (lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
-
-# (official key, path in the NNX state, (to_jax, to_torch)).
-_TOP = [
-    ("patch_embed.proj.weight", ("patch_embed", "kernel"), _CONV2D),
-    ("patch_embed.proj.bias", ("patch_embed", "bias"), _ID),
-    ("pos_embed", ("pos_embed",), _ID),
-    ("norm_f.weight", ("norm_f", "weight"), _ID),
-    ("head.weight", ("head", "kernel"), _LINEAR),
-    ("head.bias", ("head", "bias"), _ID),
-]
-_LAYER = [
-    ("norm.weight", ("norm", "weight"), _ID),
-    ("mixer.in_proj.weight", ("mixer", "in_proj", "kernel"), _LINEAR),
-    ("mixer.out_proj.weight", ("mixer", "out_proj", "kernel"), _LINEAR),
-]
-for _off, _ours in (("", ""), ("_b", "_b")):
-    _LAYER += [
-        (f"mixer.conv1d{_off}.weight", ("mixer", f"conv_weight{_ours}"), _CONV1D),
-        (f"mixer.conv1d{_off}.bias", ("mixer", f"conv_bias{_ours}"), _ID),
-        (f"mixer.x_proj{_off}.weight", ("mixer", f"x_proj{_ours}", "kernel"), _LINEAR),
-        (f"mixer.dt_proj{_off}.weight", ("mixer", f"dt_proj{_ours}", "kernel"), _LINEAR),
-        (f"mixer.dt_proj{_off}.bias", ("mixer", f"dt_proj{_ours}", "bias"), _ID),
-        (f"mixer.A{_off}_log", ("mixer", f"A_log{_ours}"), _ID),
-        (f"mixer.D{_off}", ("mixer", f"D{_ours}"), _ID),
-    ]
-_CLS_KEYS = {"middle": ["cls_token"], "head": ["cls_token"],
-             "double": ["cls_token_head", "cls_token_tail"], "none": []}
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
-
-
-class CheckpointMismatch(ValueError):
-    """A state_dict does not fit the model: names the keys and shapes at fault."""
-
-
-def infer_model_kwargs(state_dict: Mapping[str, np.ndarray], cls_position: str = "middle") -> dict:
-    """depth, num_classes and the patch count (num_patches) read off an official state_dict."""
-    layers = {int(m.group(1)) for k in state_dict if (m := _LAYER_RE.match(k))}
-    out = {}
-    if layers:
-        out["depth"] = max(layers) + 1
-    if "head.weight" in state_dict:
-        out["num_classes"] = int(state_dict["head.weight"].shape[0])
-    elif not any(k.startswith("head.") for k in state_dict):
-        out["num_classes"] = 0
-    if "pos_embed" in state_dict:
-        out["num_patches"] = int(state_dict["pos_embed"].shape[1]) - len(_CLS_KEYS[cls_position])
-    return out
-
-
-def _expected(depth: int, cls_position: str, has_head: bool):
-    """(official key, path, layer index or None, transforms) for every tensor of a model."""
-    rows = [(k, p, None, f) for k, p, f in _TOP if has_head or not k.startswith("head.")]
-    for i in range(depth):
-        rows += [(f"layers.{i}.{k}", ("layers",) + p, i, f) for k, p, f in _LAYER]
-    return rows
-
-
-def _get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _set(tree, path, value):
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
-
-def state_dict_to_params(state_dict: Mapping[str, np.ndarray], target: dict, *, cls_position: str,
-                         pos_embed_fn=None) -> dict:
-    """Official state_dict -> nested dict of arrays with the structure and shapes of ``target``.
-
-    target: the model's ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``.
-    pos_embed_fn: maps the checkpoint's pos_embed to the model's grid (a resize), if needed.
-    Raises CheckpointMismatch naming every missing key, unexpected key and shape mismatch.
-    """
-    sd = {k: np.asarray(v) for k, v in state_dict.items()}
-    depth = _get(target, ("layers", "norm", "weight")).shape[0]
-    rows = _expected(depth, cls_position, "head" in target)
-    cls_keys = _CLS_KEYS[cls_position]
-    known = {k for k, *_ in rows} | set(cls_keys)
-    missing = sorted(known - set(sd))
-    unexpected = sorted(set(sd) - known)
-    problems = [f"missing key {k!r}" for k in missing] + [f"unexpected key {k!r}" for k in unexpected]
-
-    out: dict = {}
-    stacked: dict = {}
-    if "pos_embed" in sd and pos_embed_fn is not None:
-        sd["pos_embed"] = np.asarray(pos_embed_fn(sd["pos_embed"]))
-    for key, path, layer, (to_jax, _) in rows:
-        if key not in sd:
-            continue
-        value = to_jax(sd[key])
-        want = _get(target, path).shape
-        want = want[1:] if layer is not None else want
-        if tuple(value.shape) != tuple(want):
-            problems.append(f"shape mismatch for {key!r}: checkpoint {tuple(sd[key].shape)} "
-                            f"-> {tuple(value.shape)} here, model expects {tuple(want)}")
-            continue
-        if layer is None:
-            _set(out, path, value)
-        else:
-            stacked.setdefault(path, [None] * depth)[layer] = value
-    if cls_keys and all(k in sd for k in cls_keys):
-        cls = np.concatenate([sd[k] for k in cls_keys], axis=1)
-        if cls.shape != tuple(target["cls_token"].shape):
-            problems.append(f"shape mismatch for {cls_keys}: checkpoint {cls.shape}, model expects "
-                            f"{tuple(target['cls_token'].shape)}")
-        else:
-            out["cls_token"] = cls
-    if problems:
-        raise CheckpointMismatch("checkpoint does not fit the model:\n  " + "\n  ".join(problems))
-    for path, values in stacked.items():
-        _set(out, path, np.stack(values))
-    return out
-
-
-def params_to_state_dict(params: dict, *, cls_position: str) -> dict[str, np.ndarray]:
-    """Inverse of ``state_dict_to_params``: this project's params -> official state_dict."""
-    depth = _get(params, ("layers", "norm", "weight")).shape[0]
-    sd = {}
-    for key, path, layer, (_, to_torch) in _expected(depth, cls_position, "head" in params):
-        value = np.asarray(_get(params, path))
-        sd[key] = to_torch(value if layer is None else value[layer])
-    cls_keys = _CLS_KEYS[cls_position]
-    for i, k in enumerate(cls_keys):
-        sd[k] = np.asarray(params["cls_token"])[:, i:i + 1]
-    return sd
+from vim_jax.models.registry import create_model
+from vim_jax.pretrained import num_params, save_pretrained
 
 
 def main(argv=None):
@@ -162,9 +19,6 @@ def main(argv=None):
                         help="variant name (short or official long name); depth, classes and "
                              "grid are read off the checkpoint")
     args = parser.parse_args(argv)
-    from vim_jax.models.registry import create_model
-    from vim_jax.pretrained import num_params, save_pretrained
-
     model = create_model(args.model, pretrained=args.checkpoint)
     path = save_pretrained(model, args.out_dir)
     print(f"converted {args.checkpoint} ({num_params(model):,} parameters, "

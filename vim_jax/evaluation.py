@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vim_jax import sharding as shd
+from vim_jax.run_config import build_model, load_config
 from vim_jax.train_step import eval_step_fn
 
 
@@ -35,7 +36,6 @@ def _evaluate_config(config, num_classes: int, load=None) -> dict:
     """Builds ``config``'s model, optionally replaces its params with ``load(params) ->
     (info, params)``, and evaluates on ``config.data``'s eval split: (info, results)."""
     from vim_jax.data.sources import make_source
-    from vim_jax.trainer import build_model
 
     d = config.data
     source = make_source(d.name, d.data_dir, d.eval_split, process_index=jax.process_index(),
@@ -54,7 +54,6 @@ def _evaluate_config(config, num_classes: int, load=None) -> dict:
 def evaluate_workdir(workdir: str, *, step: Optional[int] = None, ema: bool = False) -> dict:
     """Evaluates checkpoint ``step`` (default latest) of a training workdir with its config."""
     from vim_jax.checkpoints import Checkpoints
-    from vim_jax.trainer import load_config
 
     config = load_config(workdir)
     config.model.pretrained = ""  # the weights come from the checkpoint

@@ -1,7 +1,9 @@
 """Checkpoint files: official state dicts (.pth/.npz) and this project's checkpoint directories.
 
-A checkpoint directory holds ``vim_config.json`` (the variant name and every model
-argument) and ``params/`` (an orbax checkpoint of the parameters as a nested dict).
+One directory format for trained and converted models alike, a training workdir's:
+``model.json`` (the variant name and every model argument) and
+``checkpoints/<step>/{params, ema[, opt_state]}`` (orbax, ``vim_jax.checkpoints``).
+``python -m vim_jax.convert`` writes step 0 with ``ema`` equal to ``params``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ import numpy as np
 from flax import nnx
 
 from vim_jax import pth
-from vim_jax.convert import state_dict_to_params
+from vim_jax.state_dict import state_dict_to_params
 from vim_jax.models.vim import resize_pos_embed
 
-CONFIG_FILE = "vim_config.json"
-PARAMS_DIR = "params"
+MODEL_FILE = "model.json"
 
 
 def load_state_dict(path) -> dict[str, np.ndarray]:
@@ -75,35 +76,46 @@ def load_params_into(model, pure: dict, *, saved_img_size=None, source=""):
     nnx.update(model, params)
 
 
+def write_model_config(directory, model) -> None:
+    """Writes ``model.config`` as ``directory/model.json`` (atomically)."""
+    directory = pathlib.Path(directory)
+    tmp = directory / (MODEL_FILE + ".tmp")
+    tmp.write_text(json.dumps(model.config, indent=2, sort_keys=True))
+    os.replace(tmp, directory / MODEL_FILE)
+
+
 def save_pretrained(model, out_dir) -> pathlib.Path:
-    """Writes ``model`` (its config and parameters) as a checkpoint directory; returns its path."""
-    import orbax.checkpoint as ocp
+    """Writes ``model`` as a checkpoint directory (step 0); returns its path."""
+    from vim_jax.checkpoints import Checkpoints
 
     out = pathlib.Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out / PARAMS_DIR, pure, force=True)
-    # The config goes last: its presence marks a complete checkpoint.
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(model.config, indent=2, sort_keys=True))
-    os.replace(tmp, out / CONFIG_FILE)
+    ckpt = Checkpoints(str(out))
+    ckpt.save_params(0, nnx.state(model, nnx.Param))
+    ckpt.wait()
+    write_model_config(out, model)  # last: its presence marks a complete directory
     return out
 
 
-def load_dir(path) -> tuple[dict, dict]:
-    """Reads a checkpoint directory -> (model config incl. "name", nested param dict)."""
-    import orbax.checkpoint as ocp
+def load_dir(path, *, step=None, ema: bool = False) -> tuple[dict, dict, int]:
+    """Reads a checkpoint directory or training workdir -> (model config incl. "name",
+    nested param dict, step): the latest step unless ``step``, the EMA weights if ``ema``."""
+    from vim_jax.checkpoints import Checkpoints
+    from vim_jax.models.vim import VisionMamba
 
     path = pathlib.Path(path).resolve()
-    cfg_file = path / CONFIG_FILE
+    cfg_file = path / MODEL_FILE
     if not cfg_file.exists():
-        raise FileNotFoundError(f"{path} is not a vim-jax checkpoint directory (no {CONFIG_FILE}; "
-                                "an interrupted save leaves none)")
+        old = " (it was written by an older vim-jax: convert the original checkpoint again)" \
+            if (path / "vim_config.json").exists() else ""
+        raise FileNotFoundError(f"{path} is not a vim-jax checkpoint directory: no {MODEL_FILE}, "
+                                f"which training workdirs and python -m vim_jax.convert write{old}")
     config = json.loads(cfg_file.read_text())
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(path / PARAMS_DIR)
-    return config, params
+    kwargs = {k: v for k, v in config.items() if k != "name"}
+    kwargs["dtype"] = np.dtype(kwargs.get("dtype") or "float32")
+    abstract = nnx.eval_shape(lambda: VisionMamba(**kwargs, rngs=nnx.Rngs(0)))
+    s, params = Checkpoints(str(path)).restore_params(nnx.state(abstract, nnx.Param), ema=ema, step=step)
+    return config, nnx.to_pure_dict(params), s
 
 
 def num_params(model) -> int:

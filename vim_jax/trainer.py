@@ -25,19 +25,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from vim_jax import sharding as shd
 from vim_jax.checkpoints import Checkpoints
 from vim_jax.evaluation import evaluate
-from vim_jax.models.registry import create_model
 from vim_jax.optim import lr_schedule, make_optimizer
+from vim_jax.pretrained import write_model_config
+from vim_jax.run_config import CONFIG_FILE, TrainingError, build_model, load_config
 from vim_jax.train_step import StepOptions, TrainState, eval_step_fn, train_step_fn
 
 log = logging.getLogger(__name__)
-CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 # Config keys that change parameter shapes: a workdir's checkpoints only fit the same values.
 _SHAPE_KEYS = ("model.name", "model.num_classes", "model.overrides", "data.image_size")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or go on; the message says why and what to change."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -54,15 +50,6 @@ def _flat(d: dict, prefix="") -> dict:
 
 def _json_config(config) -> dict:
     return json.loads(config.to_json())
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a workdir was trained with."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise TrainingError(f"{workdir} has no {CONFIG_FILE}: not a training workdir")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
 
 
 def validate_config(config, num_devices: int) -> None:
@@ -96,27 +83,6 @@ def _check_workdir_config(config, workdir: str, has_checkpoints: bool) -> None:
                             "with the saved config or use a new --workdir")
     for k in sorted(changed):
         log.warning("resuming with %s changed: %r -> %r", k, old.get(k), new.get(k))
-
-
-# ----------------------------------------------------------------------------- building
-
-def build_model(config, num_classes: int):
-    """The model a config describes (loading ``model.pretrained`` if set), in eval mode.
-    With ``model.reset_head`` the checkpoint's head is dropped and a new one initialised,
-    for fine-tuning on a dataset with other classes."""
-    m = config.model
-    kwargs = dict(img_size=config.data.image_size, drop_path_rate=m.drop_path_rate, dtype=m.dtype,
-                  scan_backend=m.scan_backend, remat=m.remat, **m.overrides.to_dict())
-    if not (m.reset_head and m.pretrained):
-        return create_model(m.name, pretrained=m.pretrained or None, seed=config.seed,
-                            num_classes=num_classes, **kwargs)
-    source = create_model(m.name, pretrained=m.pretrained, seed=config.seed, **kwargs)
-    model = create_model(m.name, seed=config.seed, num_classes=num_classes,
-                         **{"depth": source.depth, **kwargs})
-    body = nnx.state(source, nnx.Param)
-    body.pop("head")
-    nnx.update(model, body)
-    return model
 
 
 def _num_classes(config, source) -> int:
@@ -221,6 +187,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                            warmup_steps=config.optim.warmup_epochs * spe, total_steps=total)
 
     model = build_model(config, config.model.num_classes)
+    if jax.process_index() == 0:  # the workdir is also a checkpoint directory for create_model
+        write_model_config(workdir, model)
     model.train()
     tx = make_optimizer(config.optim, nnx.state(model, nnx.Param), schedule)
     opts = StepOptions(mixup=d.mixup, cutmix=d.cutmix, mix_switch_prob=d.mix_switch_prob,

@@ -10,6 +10,8 @@ from typing import Optional
 import jax.numpy as jnp
 from flax import nnx
 
+from vim_jax import pretrained as io
+from vim_jax.state_dict import infer_model_kwargs
 from vim_jax.models.vim import VisionMamba
 
 _WIDTHS = {"tiny": 192, "small": 384, "base": 768}
@@ -58,7 +60,7 @@ def resolve_name(name: str) -> str:
 
 
 def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = None, seed: int = 0,
-                 **overrides) -> VisionMamba:
+                 step: Optional[int] = None, ema: bool = False, **overrides) -> VisionMamba:
     """Builds a Vim model, optionally loading weights. Returned in eval mode.
 
     Args:
@@ -67,14 +69,15 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
       pretrained: True (or "True") for the official weights of ``name`` from the Hugging
         Face Hub (``list_models(pretrained=True)``); or a path: an official ``.pth``
         (``{"model": state_dict}``), an ``.npz`` state dict with the official keys, or a
-        checkpoint directory written by this project.
+        checkpoint directory of this project: a training workdir or the output of
+        ``python -m vim_jax.convert``.
       seed: PRNG seed for the parameters that are not loaded (and drop path).
+      step, ema: with a checkpoint directory, which step (default: the latest) and whether
+        to take its EMA weights.
       **overrides: VisionMamba arguments (depth, num_classes, img_size, drop_path_rate,
         dtype, scan_backend, ...); they win over the variant and the checkpoint. depth,
         num_classes and the patch grid are read off a checkpoint when not given.
     """
-    from vim_jax import pretrained as io  # the checkpoint formats live there
-
     bad = sorted(set(overrides) - set(_MODEL_ARGS))
     if bad:
         raise TypeError(f"unknown model argument(s) {bad}; allowed: {_MODEL_ARGS}")
@@ -89,9 +92,11 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
         pretrained = None
     if pretrained is not None:
         if os.path.isdir(pretrained):
-            saved, params = io.load_dir(pretrained)
+            saved, params, _ = io.load_dir(pretrained, step=step, ema=ema)
             name = name or saved.pop("name")
             saved.pop("name", None)
+        elif step is not None or ema:
+            raise ValueError(f"step= and ema= apply to checkpoint directories; {pretrained} is a file")
         else:
             state_dict = io.load_state_dict(pretrained)
     if name is None:
@@ -99,8 +104,6 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
     name = resolve_name(name)
     kwargs = {**VARIANTS[name], **saved}
     if state_dict is not None:
-        from vim_jax.convert import infer_model_kwargs
-
         inferred = infer_model_kwargs(state_dict, kwargs["cls_position"])
         num_patches = inferred.pop("num_patches", None)
         ckpt_img = None

@@ -1,0 +1,48 @@
+"""A training run's config: reading it from a workdir, and the model it describes.
+
+Shared by training and evaluation (``vim_jax.trainer``, ``vim_jax.evaluation``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+from flax import nnx
+
+from vim_jax.models.registry import create_model
+
+CONFIG_FILE = "config.json"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on; the message says why and what to change."""
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise TrainingError(f"{workdir} has no {CONFIG_FILE}: not a training workdir")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def build_model(config, num_classes: int):
+    """The model a config describes (loading ``model.pretrained`` if set), in eval mode.
+    With ``model.reset_head`` the checkpoint's head is dropped and a new one initialised,
+    for fine-tuning on a dataset with other classes."""
+    m = config.model
+    kwargs = dict(img_size=config.data.image_size, drop_path_rate=m.drop_path_rate, dtype=m.dtype,
+                  scan_backend=m.scan_backend, remat=m.remat, **m.overrides.to_dict())
+    if not (m.reset_head and m.pretrained):
+        return create_model(m.name, pretrained=m.pretrained or None, seed=config.seed,
+                            num_classes=num_classes, **kwargs)
+    source = create_model(m.name, pretrained=m.pretrained, seed=config.seed, **kwargs)
+    model = create_model(m.name, seed=config.seed, num_classes=num_classes,
+                         **{"depth": source.depth, **kwargs})
+    body = nnx.state(source, nnx.Param)
+    body.pop("head")
+    nnx.update(model, body)
+    return model
