@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vim_jax.pytree import path_name
+from vim_jax.state_dict import mismatches
 from vim_jax.train_step import TrainState
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,10 @@ class Checkpoints:
     def _check_shapes(self, step: int, name: str, target) -> None:
         saved = self.manager.item_metadata(step)[name]
         want, have = _shapes(target), _shapes(saved)
-        bad = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
-        if bad:
-            lines = "\n".join(f"  {k}: checkpoint {h}, model {w}" for k, (h, w) in sorted(bad.items()))
+        # The arrays the model needs (a checkpoint may hold more items than one restore reads).
+        problems = mismatches(want, {k: v for k, v in have.items() if k in want})
+        if problems:
+            lines = "\n".join(f"  {p}" for p in problems)
             raise CheckpointError(
                 f"checkpoint step {step} in {self.dir} does not fit the model built from the "
                 f"config (a different model, image size or class count?):\n{lines}")

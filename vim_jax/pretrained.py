@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from vim_jax import pth
-from vim_jax.state_dict import state_dict_to_params
+from vim_jax.state_dict import mismatches, state_dict_to_params
 from vim_jax.models.vim import resize_pos_embed
 
 MODEL_FILE = "model.json"
@@ -66,10 +66,7 @@ def load_params_into(model, pure: dict, *, saved_img_size=None, source=""):
             pure["pos_embed"], model.cls_position, _grid(model, saved_img_size), model.grid))
     want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(target)}
     got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(pure)}
-    problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
-    problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
-    problems += [f"shape mismatch for {k}: checkpoint {got[k]}, model expects {want[k]}"
-                 for k in sorted(set(want) & set(got)) if tuple(got[k]) != tuple(want[k])]
+    problems = mismatches(want, got)
     if problems:
         raise ValueError(f"checkpoint {source} does not fit the model:\n  " + "\n  ".join(problems))
     nnx.replace_by_pure_dict(params, pure)

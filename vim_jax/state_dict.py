@@ -51,6 +51,17 @@ class CheckpointMismatch(ValueError):
     """A state_dict does not fit the model: names the keys and shapes at fault."""
 
 
+def mismatches(want: Mapping[str, tuple], got: Mapping[str, tuple]) -> list[str]:
+    """The one report of a checkpoint that does not fit a model, from the shapes by key the
+    model needs (``want``) and the checkpoint holds (``got``): every missing key,
+    unexpected key and shape mismatch, one line each."""
+    lines = [f"missing key {k!r}" for k in sorted(set(want) - set(got))]
+    lines += [f"unexpected key {k!r}" for k in sorted(set(got) - set(want))]
+    lines += [f"shape mismatch for {k!r}: checkpoint {tuple(got[k])}, model expects {tuple(want[k])}"
+              for k in sorted(set(want) & set(got)) if tuple(got[k]) != tuple(want[k])]
+    return lines
+
+
 def infer_model_kwargs(state_dict: Mapping[str, np.ndarray], cls_position: str = "middle") -> dict:
     """depth, num_classes and the patch count (num_patches) read off an official state_dict."""
     layers = {int(m.group(1)) for k in state_dict if (m := _LAYER_RE.match(k))}
@@ -98,38 +109,28 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], target: dict, *, 
     depth = _get(target, ("layers", "norm", "weight")).shape[0]
     rows = _expected(depth, cls_position, "head" in target)
     cls_keys = _CLS_KEYS[cls_position]
-    known = {k for k, *_ in rows} | set(cls_keys)
-    missing = sorted(known - set(sd))
-    unexpected = sorted(set(sd) - known)
-    problems = [f"missing key {k!r}" for k in missing] + [f"unexpected key {k!r}" for k in unexpected]
+    if "pos_embed" in sd and pos_embed_fn is not None:
+        sd["pos_embed"] = np.asarray(pos_embed_fn(sd["pos_embed"]))
+    # What the model needs, in the checkpoint's (official) layout.
+    want = {}
+    for key, path, layer, (_, to_torch) in rows:
+        shape = _get(target, path).shape[1 if layer is not None else 0:]
+        want[key] = to_torch(np.broadcast_to(np.float32(0), shape)).shape
+    for k in cls_keys:
+        want[k] = (1, 1, target["cls_token"].shape[-1])
+    problems = mismatches(want, {k: v.shape for k, v in sd.items()})
+    if problems:
+        raise CheckpointMismatch("checkpoint does not fit the model:\n  " + "\n  ".join(problems))
 
     out: dict = {}
     stacked: dict = {}
-    if "pos_embed" in sd and pos_embed_fn is not None:
-        sd["pos_embed"] = np.asarray(pos_embed_fn(sd["pos_embed"]))
     for key, path, layer, (to_jax, _) in rows:
-        if key not in sd:
-            continue
-        value = to_jax(sd[key])
-        want = _get(target, path).shape
-        want = want[1:] if layer is not None else want
-        if tuple(value.shape) != tuple(want):
-            problems.append(f"shape mismatch for {key!r}: checkpoint {tuple(sd[key].shape)} "
-                            f"-> {tuple(value.shape)} here, model expects {tuple(want)}")
-            continue
         if layer is None:
-            _set(out, path, value)
+            _set(out, path, to_jax(sd[key]))
         else:
-            stacked.setdefault(path, [None] * depth)[layer] = value
-    if cls_keys and all(k in sd for k in cls_keys):
-        cls = np.concatenate([sd[k] for k in cls_keys], axis=1)
-        if cls.shape != tuple(target["cls_token"].shape):
-            problems.append(f"shape mismatch for {cls_keys}: checkpoint {cls.shape}, model expects "
-                            f"{tuple(target['cls_token'].shape)}")
-        else:
-            out["cls_token"] = cls
-    if problems:
-        raise CheckpointMismatch("checkpoint does not fit the model:\n  " + "\n  ".join(problems))
+            stacked.setdefault(path, [None] * depth)[layer] = to_jax(sd[key])
+    if cls_keys:
+        out["cls_token"] = np.concatenate([sd[k] for k in cls_keys], axis=1)
     for path, values in stacked.items():
         _set(out, path, np.stack(values))
     return out
