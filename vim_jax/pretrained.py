@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 from vim_jax import pth
-from vim_jax.state_dict import mismatches, state_dict_to_params
 from vim_jax.models.vim import resize_pos_embed
+from vim_jax.state_dict import mismatches, state_dict_to_params
 
 MODEL_FILE = "model.json"
 
