@@ -68,7 +68,7 @@ def traffic(kind, b, l, d, itemsize, n=D_STATE, chunk=ss.STATE_CHUNK):
         return 4 * seq + 2 * bc
     if kind == "fwd_train":
         return 4 * seq + 2 * bc + states
-    blocks = -(-d // config_for("bwd", b, l, d).block_d)
+    blocks = -(-d // config_for("bwd", b, l, d, chunk).block_d)
     return 7 * seq + 2 * bc + states + 2 * blocks * b * l * n * 4  # bwd
 
 
@@ -162,7 +162,7 @@ def candidates(kind, b, l, d):
     if kind == "fwd" and b * d // 32 < 512:
         segs = tuple(s for s in (1, 2, 4, 8, 16, 32) if s * 4 * ss.STATE_CHUNK <= l)
     # num_stages stays 1: Triton pipelines only loads that feed a dot, which these lack.
-    default = k.default_config(b, l, d)
+    default = k.default_config(b, l, d, ss.STATE_CHUNK)
     yield default if kind == "fwd" else default._replace(segments=1)
     for bd, warps, seg in itertools.product((16, 32, 64), (1, 2, 4, 8), segs):
         cfg = Config(bd, warps, 1, seg)
@@ -205,7 +205,7 @@ def sweep(repeats, record, budget):
                     best = (cfg, t)
             if best:
                 print(f"winner {kind} {model} b={b} L={l}: {best[0]} {best[1] * 1e3:.3f} ms "
-                      f"(default {k.default_config(b, l, d)})", flush=True)
+                      f"(default {k.default_config(b, l, d, ss.STATE_CHUNK)})", flush=True)
                 winners[(kind, d, b, l)] = best[0]
     print("TUNED = {")
     for key, cfg in winners.items():

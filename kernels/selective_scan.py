@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from vim_jax.ops import softplus_formula
+from vim_jax.ops import sigmoid, softplus_formula
 
 
 class Config(NamedTuple):
@@ -55,7 +55,7 @@ TUNED: dict[tuple[str, int, int, int], Config] = {}
 _PROGRAMS = 512
 
 
-def default_config(batch: int, length: int, d_inner: int, chunk: int = 16) -> Config:
+def default_config(batch: int, length: int, d_inner: int, chunk: int) -> Config:
     """A (BD, 16) float32 state of BD = 32 is 4 registers a thread at 4 warps; smaller
     blocks, and for the forward sequence segments of at least 4 chunks, when the batch
     alone cannot give the GPU a few hundred programs."""
@@ -65,17 +65,13 @@ def default_config(batch: int, length: int, d_inner: int, chunk: int = 16) -> Co
     return Config(bd, 4, 1, segments if programs < _PROGRAMS // 2 else 1)
 
 
-def config_for(kernel: str, batch: int, length: int, d_inner: int) -> Config:
+def config_for(kernel: str, batch: int, length: int, d_inner: int, chunk: int) -> Config:
     """The launch parameters used for ``kernel`` ("fwd" or "bwd") at a shape."""
-    return TUNED.get((kernel, d_inner, batch, length)) or default_config(batch, length, d_inner)
+    return TUNED.get((kernel, d_inner, batch, length)) or default_config(batch, length, d_inner, chunk)
 
 
 def _params(cfg: Config):
     return plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + jnp.exp(-x))
 
 
 def _row(ref, t):
@@ -145,7 +141,7 @@ def _fwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, *
                 continue
             y = jnp.sum(h * cz[0], axis=1)[None, :] + dskip * u
             if has_z:
-                y = y * cz[1] * _sigmoid(cz[1])
+                y = y * cz[1] * sigmoid(cz[1])
             _store_row(out_ref, t, y, valid)
         return h, dt_sum
 
@@ -183,7 +179,7 @@ def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g
             g = jnp.where(valid, g, 0.0)  # a step past the end: no gradient, lam passes on
             y = jnp.sum(h * cc, axis=1)[None, :] + dskip * u
             if has_z:
-                sig = _sigmoid(z[0])
+                sig = sigmoid(z[0])
                 gy = g * z[0] * sig
                 _store_row(dz_ref, t, g * y * sig * (1.0 + z[0] * (1.0 - sig)), valid)
             else:
@@ -196,7 +192,7 @@ def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g
             _store_row(db_ref, t, jnp.sum(lam * (dt * u).reshape(-1, 1), axis=0)[None, :], valid)
             _store_row(du_ref, t, gy * dskip + dt * lam_b, valid)
             ddt = u * lam_b + jnp.sum(lam_ah * a, axis=1)[None, :]
-            ddelta = jnp.where(valid, ddt * _sigmoid(pre) if softplus else ddt, 0.0)
+            ddelta = jnp.where(valid, ddt * sigmoid(pre) if softplus else ddt, 0.0)
             _store_row(ddelta_ref, t, ddelta, valid)
             da_acc = da_acc + lam_ah * dt.reshape(-1, 1)
             dd_acc = dd_acc + gy * u
@@ -245,7 +241,7 @@ def forward(u, delta, z, B, C, A, D, bias, *, softplus, reverse, has_z, chunk, s
     """
     bsz, length, d = u.shape
     n = A.shape[1]
-    cfg = config or config_for("fwd", bsz, length, d)
+    cfg = config or config_for("fwd", bsz, length, d, chunk)
     bd = cfg.block_d
     dp = pl.cdiv(d, bd) * bd  # no block may overhang: pad the channels when d needs it
     u, delta, z = (_padded(x, 2, dp) for x in (u, delta, z))
@@ -297,7 +293,7 @@ def backward(u, delta, z, B, C, A, D, bias, states, g, g_last, *, softplus, reve
     meaningful unless has_z."""
     bsz, length, d = u.shape
     n = A.shape[1]
-    cfg = config or config_for("bwd", bsz, length, d)
+    cfg = config or config_for("bwd", bsz, length, d, chunk)
     bd = cfg.block_d
     dp = pl.cdiv(d, bd) * bd
     u, delta, z, g = (_padded(x, 2, dp) for x in (u, delta, z, g))

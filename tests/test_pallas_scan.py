@@ -205,7 +205,7 @@ def test_no_block_overhangs_its_array(b, l, d):
         return pallas_scan.backward(*a, states, out, last, **static)
 
     calls = list(_pallas_calls(jax.make_jaxpr(fwd_bwd)(*flat).jaxpr))
-    segments = pallas_scan.config_for("fwd", b, l, d).segments
+    segments = pallas_scan.config_for("fwd", b, l, d, ss_mod.STATE_CHUNK).segments
     assert len(calls) == (2 if segments == 1 else 3), (segments, len(calls))
     for eqn in calls:
         for bm in eqn.params["grid_mapping"].block_mappings:

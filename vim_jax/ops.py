@@ -81,19 +81,20 @@ def _poly_exp_jvp(primals, tangents):
     return y, y * tangents[0]
 
 
-def _sigmoid_with(exp):
-    return lambda x: 1.0 / (1.0 + exp(-x))
+def sigmoid(x, exp=jnp.exp):
+    """1 / (1 + exp(-x)) with the given ``exp`` (the kernels and the scan pick theirs)."""
+    return 1.0 / (1.0 + exp(-x))
 
 
 @jax.custom_jvp
 def _poly_silu(x):
-    return x * _sigmoid_with(poly_exp)(x)
+    return x * sigmoid(x, poly_exp)
 
 
 @_poly_silu.defjvp
 def _poly_silu_jvp(primals, tangents):
     x, = primals
-    s = _sigmoid_with(poly_exp)(x)
+    s = sigmoid(x, poly_exp)
     return x * s, s * (1.0 + x * (1.0 - s)) * tangents[0]
 
 
