@@ -53,11 +53,15 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, state: TrainState, *, force: bool = False) -> bool:
-        """Saves if the step is due (or ``force``); returns whether it saved. Asynchronous."""
+    def save(self, step: int, state: TrainState, *, force: bool = False) -> bool:
+        """Saves ``state`` as ``step`` if that step is due (or ``force``); returns whether it
+        saved. ``step`` is the host's count (== state.step): asking never waits for the
+        device. Asynchronous."""
+        if not (force or self.manager.should_save(step)):
+            return False
         args = ocp.args.Composite(**{name: ocp.args.StandardSave(getattr(state, name))
                                      for name in _ITEMS})
-        return self.manager.save(int(jax.device_get(state.step)), args=args, force=force)
+        return self.manager.save(step, args=args, force=force)
 
     def save_params(self, step: int, params) -> None:
         """Saves ``params`` (as both params and ema) at ``step``: a model without optimiser

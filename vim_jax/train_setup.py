@@ -1,0 +1,182 @@
+"""Everything a training run needs before its first step, built from its config.
+
+``setup_run`` checks the config and the workdir it resumes, resolves the class count,
+writes ``config.json`` and ``model.json``, builds the model, optimiser and jitted steps
+on the mesh, and restores the latest checkpoint: the loop (``vim_jax.trainer``) only steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+from typing import Callable, Iterator
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vim_jax import sharding as shd
+from vim_jax.checkpoints import Checkpoints
+from vim_jax.optim import lr_schedule, make_optimizer
+from vim_jax.pretrained import write_model_config
+from vim_jax.run_config import CONFIG_FILE, TrainingError, build_model, load_config
+from vim_jax.train_step import StepOptions, TrainState, eval_step_fn, train_step_fn
+
+log = logging.getLogger(__name__)
+# Config keys that change parameter shapes: a workdir's checkpoints only fit the same values.
+_SHAPE_KEYS = ("model.name", "model.num_classes", "model.overrides", "data.image_size")
+
+
+def validate_config(config, num_devices: int) -> None:
+    """Checks values that would otherwise fail deep inside JAX or silently misbehave."""
+    b = config.optim.batch_size
+    if b <= 0 or b % num_devices or b % jax.process_count():
+        raise TrainingError(f"optim.batch_size={b} must be a positive multiple of the device "
+                            f"count {num_devices} (and of the process count {jax.process_count()})")
+    eb = config.train.eval_batch_size or b
+    if eb % num_devices:
+        raise TrainingError(f"train.eval_batch_size={eb} must be a multiple of the device count {num_devices}")
+    if config.model.require_pretrained and not config.model.pretrained:
+        raise TrainingError("this is a fine-tuning config: set --config.model.pretrained=True "
+                            "(the official weights of model.name) or =PATH (an official "
+                            ".pth/.npz or a checkpoint directory)")
+    for key in ("epochs", "warmup_epochs"):
+        if config.optim[key] < 0:
+            raise TrainingError(f"optim.{key}={config.optim[key]} must be >= 0")
+    if config.train.log_every_steps <= 0:
+        raise TrainingError(f"train.log_every_steps={config.train.log_every_steps} must be >= 1")
+
+
+def _flat(d: dict, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not (prefix + k) == "model.overrides":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_workdir_config(config, workdir: str, has_checkpoints: bool) -> None:
+    """Refuses to resume checkpoints of another model; warns about other changed values."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not (has_checkpoints and os.path.exists(path)):
+        return
+    old = _flat(json.loads(load_config(workdir).to_json()))
+    new = _flat(json.loads(config.to_json()))
+    changed = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    fatal = sorted(k for k in changed if any(k.startswith(s) for s in _SHAPE_KEYS))
+    if fatal:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in fatal)
+        raise TrainingError(f"{workdir} holds checkpoints of a different model ({diff}); resume "
+                            "with the saved config or use a new --workdir")
+    for k in sorted(changed):
+        log.warning("resuming with %s changed: %r -> %r", k, old.get(k), new.get(k))
+
+
+def _num_classes(config, source) -> int:
+    n = config.model.num_classes
+    if n and n < source.num_classes:
+        raise TrainingError(f"model.num_classes={n} but {source.name} has {source.num_classes} "
+                            "classes")
+    return n or source.num_classes
+
+
+def peak_lr(optim) -> float:
+    """The learning rate after warm-up: ``optim.base_lr * optim.batch_size / 512`` (DeiT)."""
+    return optim.base_lr * optim.batch_size / 512
+
+
+@dataclasses.dataclass
+class Run:
+    """A set-up training run: the pieces the loop uses, all consistent with ``config``."""
+    config: object                # the config as saved (class count resolved)
+    workdir: str
+    mesh: Mesh
+    train_source: object
+    eval_source: object
+    steps_per_epoch: int
+    total_steps: int
+    schedule: optax.Schedule
+    checkpoints: Checkpoints
+    state: TrainState             # restored from the latest checkpoint, or fresh
+    start_step: int               # == state.step, read once here
+    train_step: Callable          # (state, images, labels) -> (state, metrics), jitted
+    eval_step: Callable           # (params, images, labels, mask) -> sums, jitted
+    batch_sharding: NamedSharding
+
+    @property
+    def peak_lr(self) -> float:
+        """DeiT's scaling: base_lr per 512 images."""
+        return peak_lr(self.config.optim)
+
+    @property
+    def local_batch(self) -> int:
+        return self.config.optim.batch_size // jax.process_count()
+
+    @property
+    def eval_local_batch(self) -> int:
+        return (self.config.train.eval_batch_size or self.config.optim.batch_size) // jax.process_count()
+
+    def train_batches(self, corrupt) -> Iterator[dict]:
+        """Global batches from ``start_step`` on, ``data.prefetch`` of them kept on device."""
+        from vim_jax.data.pipeline import train_batches
+        local = train_batches(self.train_source, self.config.data, seed=self.config.seed,
+                              local_batch=self.local_batch, start_step=self.start_step, corrupt=corrupt)
+        return shd.prefetch(local, self.batch_sharding, size=self.config.data.prefetch)
+
+
+def setup_run(config, workdir: str, devices=None) -> Run:
+    """Builds (or resumes) the run ``config`` describes in ``workdir``."""
+    from vim_jax.data.pipeline import steps_per_epoch
+    from vim_jax.data.sources import make_source
+
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = shd.make_mesh(devices)
+    validate_config(config, mesh.size)
+    d, pi, pc = config.data, jax.process_index(), jax.process_count()
+    train_src = make_source(d.name, d.data_dir, d.train_split, process_index=pi, process_count=pc)
+    eval_src = make_source(d.name, d.data_dir, d.eval_split, process_index=pi, process_count=pc)
+    # The class count is resolved once and saved with the config: eval.py builds the same head.
+    config = copy.deepcopy(config)
+    config.model.num_classes = _num_classes(config, train_src)
+    ckpt = Checkpoints(workdir, keep=config.train.keep_checkpoints,
+                       every_steps=config.train.checkpoint_every_steps)
+    check_workdir_config(config, workdir, bool(ckpt.steps()))
+
+    batch = config.optim.batch_size
+    spe = steps_per_epoch(train_src, batch // pc)
+    total = config.train.num_steps if config.train.num_steps > 0 else config.optim.epochs * spe
+    o = config.optim
+    schedule = lr_schedule(peak_lr=peak_lr(o), warmup_lr=o.warmup_lr, min_lr=o.min_lr,
+                           warmup_steps=o.warmup_epochs * spe, total_steps=total)
+
+    model = build_model(config, config.model.num_classes)
+    if pi == 0:  # the workdir is also a checkpoint directory for create_model
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            f.write(config.to_json(indent=2))
+        write_model_config(workdir, model)
+    model.train()
+    tx = make_optimizer(o, nnx.state(model, nnx.Param), schedule)
+    opts = StepOptions(mixup=d.mixup, cutmix=d.cutmix, mix_switch_prob=d.mix_switch_prob,
+                       label_smoothing=d.label_smoothing, ema_decay=o.ema_decay, seed=config.seed)
+    step_fn, state = train_step_fn(model, tx, opts)
+    model.eval()
+
+    fsdp = config.train.fsdp
+    shardings = TrainState(NamedSharding(mesh, P()), shd.state_shardings(state.params, mesh, fsdp),
+                           shd.state_shardings(state.opt_state, mesh, fsdp),
+                           shd.state_shardings(state.ema, mesh, fsdp))
+    state = shd.put_global(state, shardings)
+    state = ckpt.restore(state) or state
+    bs = shd.batch_sharding(mesh)
+    train_step = shd.jit_on_mesh(mesh, step_fn, in_shardings=(shardings, bs, bs),
+                                 out_shardings=(shardings, None), donate_argnums=0)
+    eval_step = shd.jit_on_mesh(mesh, eval_step_fn(model), in_shardings=(shardings.params, bs, bs, bs))
+    return Run(config, workdir, mesh, train_src, eval_src, spe, total, schedule, ckpt, state,
+               int(jax.device_get(state.step)), train_step, eval_step, bs)
