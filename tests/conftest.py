@@ -1,5 +1,6 @@
 """Shared test fixtures: paths to the golden files of the official implementation."""
 
+import os
 import pathlib
 
 import numpy as np
@@ -9,9 +10,13 @@ FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 
 def fixture_path(name: str) -> pathlib.Path:
+    """A golden file; missing, it fails the test in CI (``CI`` set) and skips it elsewhere."""
     path = FIXTURES / name
     if not path.exists():
-        pytest.skip(f"golden fixture {path} is not present")
+        message = f"golden fixture {path} is not present (../shared/fixtures beside the checkout)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     return path
 
 
@@ -74,6 +79,21 @@ def tiny_config(data_dir, **over):
         section, name = key.split("__")
         c[section][name] = value
     return c
+
+
+# bfloat16 keeps 8 significant bits: one rounding changes a value by at most u = 2^-8 of it.
+BF16_U = 2.0 ** -8
+# Roundings to bfloat16 on a block's path: the normed input, in_proj's x and z, the conv,
+# SiLU, x_proj, dt_proj, the gated scan output, out_proj (the residual stays float32).
+BF16_ROUNDINGS_PER_BLOCK = 9
+
+
+def bf16_logit_tolerance(depth: int) -> float:
+    """Worst case of relative rounding errors adding up unamplified through the blocks:
+    (roundings per block * depth + 2 for the patch embedding and head) * u, as a fraction
+    of the largest logit. Independent roundings mostly cancel, so measured errors are a
+    few u (depth 2-8: 2.5u-3.7u) against this bound's 20u-74u."""
+    return (BF16_ROUNDINGS_PER_BLOCK * depth + 2) * BF16_U
 
 
 NO_GPU_INFO = "No supported GPU devices found"

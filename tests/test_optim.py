@@ -1,6 +1,7 @@
 """The recipe's optimiser and step, checked against independent computations: which
 parameters decay (the official rule, on the official names), the learning-rate schedule's
-values, the EMA update, a skipped non-finite step, and Mixup/CutMix label weights."""
+values, the EMA update, a skipped non-finite step, Mixup/CutMix label weights, and
+bfloat16 training against float32."""
 
 import math
 
@@ -12,6 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
+from conftest import bf16_logit_tolerance
 from vim_jax import create_model
 from vim_jax.data.mixing import mix_batch, smooth_one_hot
 from vim_jax.optim import decay_mask, lr_schedule, make_optimizer
@@ -19,9 +21,9 @@ from vim_jax.state_dict import params_to_state_dict
 from vim_jax.train_step import StepOptions, train_step_fn
 
 
-def _small_model():
+def _small_model(dtype="float32"):
     return create_model("vim_tiny_patch16_224", depth=2, embed_dim=32, img_size=16, patch_size=8,
-                        num_classes=3)
+                        num_classes=3, dtype=dtype)
 
 
 def test_weight_decay_follows_the_official_rule():
@@ -52,10 +54,10 @@ def test_learning_rate_schedule_values():
         assert float(s(step)) == pytest.approx(want, rel=1e-5), step
 
 
-def _step_and_state(ema_decay):
-    model = _small_model()
+def _step_and_state(ema_decay, dtype="float32", lr=1e-2):
+    model = _small_model(dtype)
     cfg = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=0.0))
-    tx = make_optimizer(cfg, nnx.state(model, nnx.Param), optax.constant_schedule(1e-2))
+    tx = make_optimizer(cfg, nnx.state(model, nnx.Param), optax.constant_schedule(lr))
     model.train()
     step, state = train_step_fn(model, tx, StepOptions(ema_decay=ema_decay, seed=0))
     return jax.jit(step), state
@@ -103,3 +105,28 @@ def test_mixing_label_weight_is_the_mixing_fraction(mode):
     # Smoothing spreads eps over the classes on top of the mixed weights.
     t = smooth_one_hot(labels, classes, 0.1)
     assert float(t[0, 0]) == pytest.approx(0.9 + 0.1 / classes) and float(t.sum(1)[0]) == pytest.approx(1.0)
+
+
+def test_bfloat16_training_tracks_float32():
+    """Six steps at lr 5e-3 on a learnable batch. bfloat16 compute trains on its own: losses
+    finite and falling. At every float32 step, the bfloat16 loss of the same parameters (the
+    state is float32 in both) is within the rounding bound: cross-entropy moves by at most
+    2 * max|change of a logit| (its logit gradient, softmax - target, has L1 norm <= 2), and
+    the logits by at most bf16_logit_tolerance(depth) of the largest one."""
+    step32, s32 = _step_and_state(0.0, "float32", lr=5e-3)
+    step16, s16 = _step_and_state(0.0, "bfloat16", lr=5e-3)
+    labels = jnp.arange(16) % 3
+    images = (0.5 * jax.random.normal(jax.random.key(1), (16, 16, 16, 3))
+              + labels[:, None, None, None] * jnp.array([1.0, -1.0, 0.5]))
+    model = _small_model()
+    own16 = []
+    for _ in range(6):
+        nnx.update(model, s32.params)
+        bound = 2 * bf16_logit_tolerance(2) * float(jnp.abs(model(images)).max())
+        _, same_params16 = step16(s32, images, labels)
+        s32, m32 = step32(s32, images, labels)
+        assert abs(float(same_params16["loss"]) - float(m32["loss"])) <= bound
+        s16, m16 = step16(s16, images, labels)
+        assert bool(m16["finite"])
+        own16.append(float(m16["loss"]))
+    assert own16[-1] < 0.75 * own16[0], own16

@@ -99,6 +99,10 @@ class BiMambaMixer(nnx.Module):
         dt_in, b, c = jnp.split(x_dbl, [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
         dt_proj = getattr(self, "dt_proj" + suffix)
         delta = ops.dense(dt_in, dt_proj.kernel[...].astype(self.dtype))  # bias goes into the scan
+        # A, softplus(dt + bias), the decay exp(dt * A) and the state stay float32 in every
+        # compute dtype (the scan casts; so do the norms and the residual): dt * A is often
+        # ~1e-3, and bfloat16's spacing below 1 is 2^-9, so a bfloat16 decay would round to
+        # exactly 1 and the state would never forget.
         a = -jnp.exp(getattr(self, "A_log" + suffix)[...].astype(jnp.float32))
         y = selective_scan(
             xc, delta, a, b, c, getattr(self, "D" + suffix)[...], z,
