@@ -64,7 +64,9 @@ def _resize(image, size):
 
 
 def random_resized_crop(image, seed, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """Inception crop (random area fraction in ``scale``, log-uniform aspect) resized to size."""
+    """Inception crop (random area fraction in ``scale``, log-uniform aspect) resized to size.
+    (Decoding only the window of a JPEG, ``decode_and_crop_jpeg``, measured no faster at
+    ImageNet sizes: benchmarks/input_pipeline.py.)"""
     begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image), tf.zeros((1, 0, 4), tf.float32), seed=seed,
         min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale,
@@ -106,23 +108,27 @@ def _about_centre(image, a, b, c, d):
 # ----------------------------------------------------------------------------- RandAugment
 
 def _blend(a, b, factor):
-    """PIL ImageEnhance: a + factor * (b - a), where a is the degenerate image."""
+    """PIL ImageEnhance: a + factor * (b - a), where a is the degenerate image, truncated
+    to uint8 as PIL's Image.blend does."""
     out = tf.cast(a, tf.float32) + factor * (tf.cast(b, tf.float32) - tf.cast(a, tf.float32))
-    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+    return tf.cast(tf.clip_by_value(tf.floor(out), 0, 255), tf.uint8)
 
 
 def _grey(image):
-    g = tf.image.rgb_to_grayscale(tf.cast(image, tf.float32))
-    return tf.cast(tf.round(tf.tile(g, [1, 1, 3])), tf.uint8)
+    """PIL's convert("L"): (19595 R + 38470 G + 7471 B + 2^15) >> 16, as RGB."""
+    x = tf.cast(image, tf.int32)
+    g = (x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000) // 0x10000
+    return tf.cast(tf.tile(g[..., None], [1, 1, 3]), tf.uint8)
 
 
 def _autocontrast(image):
-    x = tf.cast(image, tf.float32)
+    """PIL's ImageOps.autocontrast per channel: int(x * scale + offset), in float64 as PIL."""
+    x = tf.cast(image, tf.float64)
     lo = tf.reduce_min(x, axis=[0, 1], keepdims=True)
     hi = tf.reduce_max(x, axis=[0, 1], keepdims=True)
-    scaled = (x - lo) * 255.0 / tf.maximum(hi - lo, 1.0)
-    out = tf.where(hi > lo, scaled, x)
-    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+    scale = 255.0 / tf.maximum(hi - lo, 1.0)
+    out = tf.where(hi > lo, x * scale + -lo * scale, x)
+    return tf.cast(tf.clip_by_value(tf.floor(out), 0, 255), tf.uint8)
 
 
 def _equalize_channel(c):
@@ -269,8 +275,12 @@ def random_erasing(image, seed, prob: float, area=(0.02, 1 / 3), log_ratio=(math
     cols = tf.range(w)[None, :, None]
     box = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
     do = tf.logical_and(tf.random.stateless_uniform([], s[4]) < prob, tf.reduce_any(fits))
-    noise = tf.random.stateless_normal(tf.shape(image), tf.random.experimental.stateless_fold_in(seed, 7))
-    return tf.where(tf.logical_and(box, do), noise, image)
+
+    def erase():  # noise is drawn only for the images that are erased
+        noise = tf.random.stateless_normal(tf.shape(image), tf.random.experimental.stateless_fold_in(seed, 7))
+        return tf.where(box, noise, image)
+
+    return tf.cond(do, erase, lambda: image)
 
 
 # ----------------------------------------------------------------------------- full transforms
