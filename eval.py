@@ -6,7 +6,8 @@
         --config configs/vim_tiny.py --config.data.data_dir=~/tensorflow_datasets
 
 Prints top-1, top-5, loss and img/s and writes them to a JSON file (eval_step<N>[_ema].json
-in the workdir, or --output).
+in the workdir, or --output). As several processes (see train.py), each evaluates its share
+and process 0 reports the totals.
 """
 
 import json
@@ -17,6 +18,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from vim_jax import distributed
+
 config_flags.DEFINE_config_file("config", "configs/vim_tiny.py",
                                 "Dataset and model settings for --pretrained.", lock_config=True)
 flags.DEFINE_string("workdir", None, "A training workdir (its config.json and checkpoints).")
@@ -25,12 +28,18 @@ flags.DEFINE_bool("ema", False, "Evaluate the EMA parameters.")
 flags.DEFINE_string("pretrained", None, "Official .pth/.npz or converted checkpoint directory.")
 flags.DEFINE_string("model", None, "Model name for --pretrained (default: the config's).")
 flags.DEFINE_string("output", None, "Where to write the JSON results.")
+distributed.define_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every restore at INFO
+    try:
+        distributed.initialize_from_flags(FLAGS)
+    except distributed.DistributedError as e:
+        sys.exit(f"error: {e}")
+    import jax
     from vim_jax.checkpoints import CheckpointError
     from vim_jax.data.sources import DataError
     from vim_jax.evaluation import evaluate_pretrained, evaluate_workdir
@@ -48,6 +57,8 @@ def main(argv):
             output = FLAGS.output
     except (DataError, TrainingError, CheckpointError) as e:  # the message is the whole story
         sys.exit(f"error: {e}")
+    if jax.process_index() != 0:  # every process computed the same numbers; one reports
+        return
     print(f"top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  loss {results['loss']:.4f}  "
           f"({results['count']} images, {results['img_per_s']:.1f} img/s)")
     if output:

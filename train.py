@@ -1,7 +1,8 @@
 """Train (or resume) a Vim: python train.py --config configs/vim_tiny.py --workdir ckpts/
 
 Any config value can be overridden: --config.optim.batch_size=256. Rerunning the same
-command resumes from the latest checkpoint in --workdir.
+command resumes from the latest checkpoint in --workdir. Several processes (hosts): see
+vim_jax/distributed.py (flags, environment, --distributed) and vim_jax/launch.py.
 """
 
 import logging
@@ -10,21 +11,22 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from vim_jax import distributed
+
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file (optionally file.py:arg).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, config.json, metrics.json and TensorBoard logs.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
-    import jax
-
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
-
-    if flags.FLAGS.distributed:
-        jax.distributed.initialize()
+    try:
+        distributed.initialize_from_flags(flags.FLAGS)
+    except distributed.DistributedError as e:
+        sys.exit(f"error: {e}")
     from vim_jax.checkpoints import CheckpointError
     from vim_jax.data.sources import DataError
     from vim_jax.trainer import TrainingError, train_and_evaluate

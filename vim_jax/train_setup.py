@@ -157,6 +157,9 @@ def setup_run(config, workdir: str, devices=None) -> Run:
                            warmup_steps=o.warmup_epochs * spe, total_steps=total)
 
     model = build_model(config, config.model.num_classes)
+    if pc > 1:  # every process has read the old config.json before process 0 replaces it
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("workdir checked")
     if pi == 0:  # the workdir is also a checkpoint directory for create_model
         with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
             f.write(config.to_json(indent=2))

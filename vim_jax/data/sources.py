@@ -80,8 +80,12 @@ def _digits(data_dir: str, split, process_index, process_count) -> Source:
     from vim_jax.data.digits import SklearnDigits
 
     builder = SklearnDigits(data_dir=data_dir or None)
-    if not builder.is_prepared():
+    if process_index == 0 and not builder.is_prepared():
         builder.download_and_prepare()  # generated from scikit-learn's copy: no network
+    if process_count > 1:  # the others read what process 0 wrote, once it is complete
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"digits {split} prepared")
+        builder = SklearnDigits(data_dir=data_dir or None)
     return _tfds_source(builder, "digits", split, process_index, process_count)
 
 
