@@ -132,7 +132,11 @@ def main():
           f"like these ({per_core:.1f} img/s/core)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": platform.processor() or platform.machine(), "images": args.images,
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                    capture_output=True, text=True).stdout.strip()
+            json.dump({"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                       "images": args.images,
                        "batch": args.batch, "seconds": args.seconds, "results": results,
                        "accelerator_img_s": args.accelerator_img_s, "cores_per_accelerator": need}, f, indent=2)
 
