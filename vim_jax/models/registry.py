@@ -7,11 +7,12 @@ import math
 import os
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from vim_jax import pretrained as io
-from vim_jax.state_dict import infer_model_kwargs
+from vim_jax.state_dict import infer_model_kwargs, mismatches
 from vim_jax.models.vim import VisionMamba
 
 _WIDTHS = {"tiny": 192, "small": 384, "base": 768}
@@ -40,6 +41,13 @@ ALIASES = {
 _MODEL_ARGS = [p for p in inspect.signature(VisionMamba.__init__).parameters
                if p not in ("self", "rngs")]
 
+# Segmenters (official seg/configs/vim/upernet): UperNet channels = the backbone width,
+# FCN auxiliary head 256 channels, 512 crops.
+SEG_VARIANTS: dict[str, dict] = {
+    "upernet_vim_tiny": dict(backbone="vim_tiny_patch16_224", channels=192),
+    "upernet_vim_small": dict(backbone="vim_small_patch16_224", channels=384),
+}
+
 
 def list_models(pretrained: bool = False) -> list[str]:
     """Names of the registered variants (short names; official long names are aliases);
@@ -47,7 +55,9 @@ def list_models(pretrained: bool = False) -> list[str]:
     pretrained=True)``)."""
     from vim_jax.hub import WEIGHTS
 
-    return sorted(n for n in VARIANTS if not pretrained or n in WEIGHTS)
+    if pretrained:
+        return sorted(n for n in VARIANTS if n in WEIGHTS)
+    return sorted(VARIANTS) + sorted(SEG_VARIANTS)
 
 
 def resolve_name(name: str) -> str:
@@ -78,6 +88,8 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
         dtype, scan_backend, ...); they win over the variant and the checkpoint. depth,
         num_classes and the patch grid are read off a checkpoint when not given.
     """
+    if name in SEG_VARIANTS:
+        return _create_segmenter(name, pretrained=pretrained, seed=seed, **overrides)
     bad = sorted(set(overrides) - set(_MODEL_ARGS))
     if bad:
         raise TypeError(f"unknown model argument(s) {bad}; allowed: {_MODEL_ARGS}")
@@ -124,4 +136,49 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
         io.load_state_dict_into(model, state_dict, ckpt_img_size=ckpt_img)
     elif params is not None:
         io.load_params_into(model, params, saved_img_size=saved.get("img_size"), source=pretrained)
+    return model
+
+
+def _create_segmenter(name: str, *, pretrained=None, seed: int = 0, **overrides):
+    """A ``VimUperNet`` (``SEG_VARIANTS``) in eval mode; ``pretrained`` is a classification checkpoint (any
+    form ``create_model`` takes) loaded into the backbone as the official code does: the head,
+    the class token and its position entry dropped, the position embedding resized to the
+    crop size; neck and heads freshly initialised."""
+    from vim_jax.models.seg import VimUperNet
+    from vim_jax.models.vim import split_pos_embed
+
+    spec = SEG_VARIANTS[name]
+    bb = VARIANTS[spec["backbone"]]
+    kwargs = dict(num_classes=150, img_size=512, patch_size=bb["patch_size"], stride=bb["stride"],
+                  embed_dim=bb["embed_dim"], depth=bb["depth"], channels=spec["channels"])
+    allowed = set(inspect.signature(VimUperNet.__init__).parameters) - {"self", "rngs"}
+    bad = sorted(set(overrides) - allowed)
+    if bad:
+        raise TypeError(f"unknown argument(s) {bad} for {name}; allowed: {sorted(allowed)}")
+    source = None
+    if pretrained not in (None, False, "", "False", "false"):
+        img = overrides.get("img_size", kwargs["img_size"])
+        source = create_model(spec["backbone"] if not os.path.isdir(str(pretrained)) else None,
+                              pretrained=pretrained, img_size=img, seed=seed)
+        kwargs.update(depth=source.depth, embed_dim=source.embed_dim, patch_size=source.patch_size,
+                      stride=source.stride)
+    kwargs.update(overrides)
+    kwargs["dtype"] = jnp.dtype(kwargs.get("dtype") or "float32")
+    model = nnx.jit(lambda: VimUperNet(**kwargs, rngs=nnx.Rngs(seed)))()
+    if source is not None:
+        body = nnx.state(source, nnx.Param)
+        for key in ("head", "cls_token"):
+            if key in body:
+                body.pop(key)
+        n = source.grid[0] * source.grid[1]
+        body["pos_embed"] = nnx.Param(split_pos_embed(body["pos_embed"][...], source.cls_position, n)[0])
+        target = nnx.state(model.backbone, nnx.Param)
+        want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(target)}
+        got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(body)}
+        problems = mismatches(want, got)
+        if problems:
+            raise ValueError(f"{pretrained} does not fit {name}'s backbone:\n  " + "\n  ".join(problems))
+        nnx.update(model.backbone, body)
+    model.config = {"name": name, **{k: (v.name if k == "dtype" else v) for k, v in kwargs.items()}}
+    model.eval()  # running BatchNorm statistics, no dropout; model.train() for training
     return model

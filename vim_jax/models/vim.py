@@ -242,7 +242,8 @@ class VisionMamba(nnx.Module):
 
         self.layers = make_layers(rngs)
         self.norm_f = RMSNorm(embed_dim, norm_eps)
-        self.head = nnx.Linear(embed_dim, num_classes, dtype=dtype, kernel_init=trunc, rngs=rngs)
+        if num_classes:  # num_classes=0: no head, the model returns pooled features (timm's habit)
+            self.head = nnx.Linear(embed_dim, num_classes, dtype=dtype, kernel_init=trunc, rngs=rngs)
 
     def _grid_len(self, size: int) -> int:
         return (size - self.patch_size) // self.stride + 1
@@ -268,9 +269,9 @@ class VisionMamba(nnx.Module):
             x = join_pos_embed(x, cls, self.cls_position)
         return x + pos
 
-    def forward_features(self, images):
-        """(batch, H, W, C) -> pooled features (batch, embed_dim) float32."""
-        x = self.embed(images)
+    def _blocks(self, x, collect: bool = False):
+        """Residual stream entering layer 0 (batch, M, D) -> (residual, hidden) after the last
+        block, and with ``collect`` every block's hidden output (depth, batch, M, D)."""
         deterministic = self.deterministic or self.drop_path_rate == 0
         # Official rates: block i drops its incoming hidden with inter_dpr[i], the final
         # add with drop_path_rate; inter_dpr = [0] + linspace(0, rate, depth).
@@ -285,7 +286,7 @@ class VisionMamba(nnx.Module):
             layer_state, rate = ops.select_layer((state, rates), i)
             residual = residual + drop_path(hidden, rate, key, deterministic).astype(jnp.float32)
             hidden = nnx.merge(graphdef, layer_state)(residual).astype(self.dtype)
-            return (residual, hidden), None
+            return (residual, hidden), (hidden if collect else None)
 
         # Only matters under differentiation: what the backward pass keeps per block.
         if self.remat == "mixer":
@@ -297,14 +298,45 @@ class VisionMamba(nnx.Module):
         # Layer 0 adds a zero hidden to residual = embeddings: exactly the official
         # residual = hidden for the first block, with the carry in the compute dtype.
         carry = (x, jnp.zeros(x.shape, self.dtype))
-        (residual, hidden), _ = jax.lax.scan(body, carry, (jnp.arange(self.depth), layer_keys))
+        (residual, hidden), hiddens = jax.lax.scan(body, carry, (jnp.arange(self.depth), layer_keys))
         final_key = None if keys is None else keys[-1]
         residual = residual + drop_path(hidden, self.drop_path_rate, final_key, deterministic).astype(jnp.float32)
-        x = self.norm_f(residual)
+        return self.norm_f(residual), hiddens
+
+    def forward_features(self, images):
+        """(batch, H, W, C) -> pooled features (batch, embed_dim) float32."""
+        x, _ = self._blocks(self.embed(images))
         idx = class_token_indices(self.cls_position, x.shape[1] - self.num_cls_tokens)
         if not idx:
             return x.mean(axis=1)
         return sum(x[:, i] for i in idx) / len(idx)
 
+    def forward_intermediates(self, images, layers=(5, 11, 17, 23), *, norm: bool = False):
+        """Feature maps for dense prediction: (batch, H, W, C) images -> a list with, for each
+        block index in ``layers`` (negative counts from the end), that block's output tokens
+        (its mixer's output, as the official segmentation backbone takes them) without the
+        class token(s), as a (batch, gh, gw, embed_dim) float32 map; with ``norm``, then the
+        final normed residual stream as one more map. gh, gw is the patch grid of the input
+        (any size; the position embedding is resized)."""
+        bad = [i for i in layers if not -self.depth <= i < self.depth]
+        if bad:
+            raise ValueError(f"layers {bad} out of range for a {self.depth}-block model "
+                             f"(allowed {-self.depth}..{self.depth - 1})")
+        b, h, w = images.shape[:3]
+        gh, gw = self._grid_len(h), self._grid_len(w)
+        final, hiddens = self._blocks(self.embed(images), collect=True)
+
+        def as_map(tokens):
+            patches, _ = split_pos_embed(tokens, self.cls_position, gh * gw)
+            return patches.reshape(b, gh, gw, -1).astype(jnp.float32)
+
+        maps = [as_map(hiddens[i]) for i in layers]
+        return maps + [as_map(final)] if norm else maps
+
     def __call__(self, images):
-        return self.head(self.forward_features(images).astype(self.dtype)).astype(jnp.float32)
+        """(batch, H, W, C) -> logits (batch, num_classes) float32, or the pooled features
+        (batch, embed_dim) for a model built with num_classes=0."""
+        features = self.forward_features(images)
+        if not self.num_classes:
+            return features
+        return self.head(features.astype(self.dtype)).astype(jnp.float32)

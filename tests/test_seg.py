@@ -1,0 +1,98 @@
+"""Vim as a dense-prediction backbone: feature maps, the multi-scale neck, UperNet, and a
+classification checkpoint loaded into the segmenter."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vim_jax import create_model
+from vim_jax.models.seg import MultiScaleNeck, adaptive_avg_pool
+from vim_jax.models.vim import VisionMamba
+
+
+def _manual_block_outputs(model: VisionMamba, images):
+    """Every block's output tokens and the final normed stream, block by block (no scan)."""
+    residual = model.embed(images)
+    hidden = jnp.zeros_like(residual)
+    outs = []
+    for i in range(model.depth):
+        residual = residual + hidden
+        hidden = model.layer(i)(residual)
+        outs.append(hidden)
+    return outs, model.norm_f(residual + hidden)
+
+
+def test_feature_maps_are_block_outputs_without_the_class_token():
+    """At three input sizes (two not square): each map is its block's output tokens, class
+    token removed, reshaped to the patch grid; the removed token is the one pooled."""
+    model = create_model("vim_tiny_patch16_224", depth=4, embed_dim=32, patch_size=8, stride=8,
+                         img_size=32, num_classes=3)
+    maps_fn = nnx.jit(lambda m, x: m.forward_intermediates(x, layers=(0, 2, -1), norm=True))
+    manual_fn = nnx.jit(_manual_block_outputs)
+    pooled_fn = nnx.jit(lambda m, x: m.forward_features(x))
+    for h, w in ((32, 32), (32, 48), (48, 40)):
+        images = jax.random.normal(jax.random.key(0), (2, h, w, 3))
+        maps = maps_fn(model, images)
+        outs, final = manual_fn(model, images)
+        gh, gw = h // 8, w // 8
+        mid = gh * gw // 2  # the class token sits in the middle of the sequence
+        for got, want in zip(maps, [outs[0], outs[2], outs[3], final]):
+            assert got.shape == (2, gh, gw, 32)
+            patches = np.delete(np.asarray(want), mid, axis=1)
+            np.testing.assert_allclose(np.asarray(got).reshape(2, gh * gw, 32), patches, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(final[:, mid]), np.asarray(pooled_fn(model, images)),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"layers \[4\] out of range for a 4-block model"):
+        model.forward_intermediates(images, layers=(4,))
+
+
+@pytest.mark.parametrize("stride,grids", [(16, [(16, 24), (8, 12), (4, 6), (2, 3)]),
+                                          (8, [(8, 12), (4, 6), (2, 3), (1, 1)])])
+def test_neck_strides(stride, grids):
+    """From maps at the backbone's stride to strides 4, 8, 16, 32 of the image."""
+    neck = MultiScaleNeck(8, stride, rngs=nnx.Rngs(0))
+    x = jnp.ones((2, 4, 6, 8))
+    assert [tuple(o.shape[1:3]) for o in neck([x] * 4)] == grids
+
+
+def test_adaptive_pool_bins_follow_pytorch():
+    """Bins of 5 rows into 3: [0, 2), [1, 4), [3, 5) (floor start, ceil end)."""
+    x = jnp.arange(5.0)[None, :, None, None] * jnp.ones((1, 1, 2, 1))
+    np.testing.assert_allclose(np.asarray(adaptive_avg_pool(x, 3))[0, :, 0, 0], [0.5, 2.0, 3.5])
+
+
+def test_upernet_logits_have_the_input_size():
+    model = create_model("upernet_vim_tiny", num_classes=5, depth=4, embed_dim=32, channels=16,
+                         aux_channels=8, img_size=64)
+    both = nnx.jit(lambda m, x: m.logits_and_aux(x))
+    for h, w in ((64, 64), (64, 96)):
+        images = jax.random.normal(jax.random.key(1), (2, h, w, 3))
+        logits, aux = both(model, images)
+        assert logits.shape == aux.shape == (2, h, w, 5) and logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(model, images)), np.asarray(logits),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="multiples of the backbone stride 16"):
+        model(jnp.zeros((1, 60, 64, 3)))
+
+
+def test_classification_checkpoint_loads_into_the_segmenter(vim_weights_path):
+    """The official-format fixture (depth 4, 10 classes, 224 px) into upernet_vim_tiny at
+    64 px: the backbone is the checkpoint (class token and head dropped, the patch position
+    embedding resized), the neck and heads are a fresh initialisation."""
+    seg = create_model("upernet_vim_tiny", num_classes=7, pretrained=str(vim_weights_path), img_size=64)
+    cls = create_model("vim_tiny_patch16_224", pretrained=str(vim_weights_path), img_size=64)
+    fresh = create_model("upernet_vim_tiny", num_classes=7, depth=4, img_size=64)
+    assert seg.backbone.depth == 4 and not hasattr(seg.backbone, "head")
+    got, want = nnx.state(seg.backbone, nnx.Param), nnx.state(cls, nnx.Param)
+    np.testing.assert_array_equal(np.asarray(got["pos_embed"][...]),
+                                  np.delete(np.asarray(want["pos_embed"][...]), 8, axis=1))  # 16 patches
+    for key in ("layers", "patch_embed", "norm_f"):
+        for a, b in zip(jax.tree.leaves(got[key]), jax.tree.leaves(want[key])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for part in ("neck", "decode", "aux"):
+        for kind in (nnx.Param, nnx.BatchStat):
+            for a, b in zip(jax.tree.leaves(nnx.state(getattr(seg, part), kind)),
+                            jax.tree.leaves(nnx.state(getattr(fresh, part), kind))):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
