@@ -170,3 +170,34 @@ def test_mixing_targets_are_distributions():
     out, targets = mix_batch(key, images, labels, num_classes=4, mixup=0, cutmix=0, smoothing=0.0)
     np.testing.assert_array_equal(out, images)
     np.testing.assert_array_equal(targets, jax.nn.one_hot(labels, 4))
+
+
+def test_digit_canvases_label_every_pixel_by_the_scan_that_inks_it(tmp_path):
+    """Canvases for the segmentation demo: 1-3 scans (2x nearest) in disjoint boxes; a pixel
+    is 1 + digit exactly where that scan has ink, 0 elsewhere; test canvases use only held-out
+    scans. The tfds builder holds 3000 / 600 such canvases."""
+    from vim_jax.data.digits import INK, DigitsSegmentation, load_scans, make_canvas
+
+    images, digits, test = load_scans()
+    rng = np.random.default_rng(0)
+    sizes = set()
+    for _ in range(60):
+        image, mask, placed = make_canvas(images, digits, np.flatnonzero(test), rng)
+        sizes.add(len(placed))
+        covered = np.zeros(image.shape, int)
+        for i, top, left in placed:
+            assert test[i]
+            box = (slice(top, top + 16), slice(left, left + 16))
+            covered[box] += 1
+            np.testing.assert_array_equal(image[box][::2, ::2], images[i])
+            np.testing.assert_array_equal(image[box][1::2, 1::2], images[i])
+            assert set(np.unique(mask[box])) <= {0, 1 + digits[i]}
+        assert covered.max() <= 1  # the boxes never overlap
+        np.testing.assert_array_equal(mask > 0, image > INK)
+        assert not image[covered == 0].any()
+    assert sizes == {1, 2, 3}
+    builder = DigitsSegmentation(data_dir=str(tmp_path))
+    builder.download_and_prepare()
+    assert {s: builder.info.splits[s].num_examples for s in ("train", "test")} == {"train": 3000, "test": 600}
+    ex = next(iter(builder.as_dataset(split="test").take(1)))
+    assert ex["image"].shape == (48, 48, 1) and int(tf.reduce_max(ex["segmentation_mask"])) <= 10
