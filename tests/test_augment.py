@@ -115,7 +115,14 @@ def test_rand_augment_pixel_ops_equal_pil(level):
     """Each pixel op equals PIL's (as timm applies it) exactly, for both signs of the
     enhancement factor: PIL's integer greyscale, its truncating blend and autocontrast."""
     rng = np.random.default_rng(3)
-    image = np.clip(rng.normal(120, 40, (20, 28, 3)), 10, 230).astype(np.uint8)
+    noisy = np.clip(rng.normal(120, 40, (20, 28, 3)), 10, 230).astype(np.uint8)
+    # Grey mean exactly 100.5: PIL's Contrast rounds it half up (a half-to-even round would not).
+    halves = np.repeat(np.array([100, 101], np.uint8), 280).reshape(20, 28, 1).repeat(3, -1)
+    for image in (noisy, halves):
+        _check_pixel_ops(image, level)
+
+
+def _check_pixel_ops(image, level):
     signs = set()
     for s in range(8):
         seed = tf.constant([5, s], tf.int64)

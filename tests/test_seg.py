@@ -66,6 +66,9 @@ def test_adaptive_pool_bins_follow_pytorch():
 def test_upernet_logits_have_the_input_size():
     model = create_model("upernet_vim_tiny", num_classes=5, depth=4, embed_dim=32, channels=16,
                          aux_channels=8, img_size=64)
+    # Built in eval mode throughout: BatchNorm on running statistics, no dropout.
+    assert model.decode.fuse.bn.use_running_average and model.aux.dropout.deterministic
+    assert model.backbone.deterministic
     both = nnx.jit(lambda m, x: m.logits_and_aux(x))
     for h, w in ((64, 64), (64, 96)):
         images = jax.random.normal(jax.random.key(1), (2, h, w, 3))
@@ -88,11 +91,14 @@ def test_classification_checkpoint_loads_into_the_segmenter(vim_weights_path):
     got, want = nnx.state(seg.backbone, nnx.Param), nnx.state(cls, nnx.Param)
     np.testing.assert_array_equal(np.asarray(got["pos_embed"][...]),
                                   np.delete(np.asarray(want["pos_embed"][...]), 8, axis=1))  # 16 patches
-    for key in ("layers", "patch_embed", "norm_f"):
-        for a, b in zip(jax.tree.leaves(got[key]), jax.tree.leaves(want[key])):
+    def same(x, y):
+        x, y = jax.tree.leaves(x), jax.tree.leaves(y)
+        assert len(x) == len(y) > 0
+        for a, b in zip(x, y):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    for key in ("layers", "patch_embed", "norm_f"):
+        same(got[key], want[key])
     for part in ("neck", "decode", "aux"):
         for kind in (nnx.Param, nnx.BatchStat):
-            for a, b in zip(jax.tree.leaves(nnx.state(getattr(seg, part), kind)),
-                            jax.tree.leaves(nnx.state(getattr(fresh, part), kind))):
-                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            same(nnx.state(getattr(seg, part), kind), nnx.state(getattr(fresh, part), kind))

@@ -23,9 +23,11 @@ def test_loss_ignores_255_and_equals_numpy():
     valid = labels != IGNORE
     z = logits - logits.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    want = -np.take_along_axis(logp, np.where(valid, labels, 0)[..., None], -1)[..., 0][valid].mean()
+    ce = -np.take_along_axis(logp, np.where(valid, labels, 0)[..., None], -1)[..., 0]
     got = float(pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))
-    assert got == pytest.approx(want, rel=1e-5)
+    assert got == pytest.approx(ce[valid].sum() / labels.size, rel=1e-5)  # mmseg 0.29: all pixels
+    mean_valid = float(pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), avg_non_ignore=True))
+    assert mean_valid == pytest.approx(ce[valid].mean(), rel=1e-5)
     # Whatever the model says at ignored pixels changes nothing.
     other = np.where(valid[..., None], logits, 100 * rng.normal(size=logits.shape)).astype(np.float32)
     assert float(pixel_cross_entropy(jnp.asarray(other), jnp.asarray(labels))) == pytest.approx(got, rel=1e-6)

@@ -91,6 +91,11 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
                                    initialization_timeout=timeout_s)
     except Exception as e:  # jax raises XlaRuntimeError / RuntimeError with a long gRPC story
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if i == 0:
+            raise DistributedError(
+                f"process 0 (the coordinator, at {address}) did not hear from all {n} processes "
+                f"within {timeout_s} s ({first}); are the others running with "
+                f"--coordinator_address {address}?") from e
         raise DistributedError(
             f"process {i} of {n} could not join the coordinator at {address} within "
             f"{timeout_s} s ({first}); is process 0 running, and is {address} reachable from "

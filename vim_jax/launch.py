@@ -7,8 +7,10 @@ Each process gets the coordinator address (a free local port), the process count
 in ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, which
 ``train.py`` and ``eval.py`` read (``vim_jax.distributed``). Their output is forwarded line
 by line with a ``[pI]`` prefix. If one process fails, the others are stopped (SIGTERM, then
-SIGKILL after ``--grace`` seconds) and the launcher exits non-zero naming it; SIGTERM or
-Ctrl-C to the launcher is passed on to every process (they save a checkpoint and stop).
+SIGKILL after ``--grace`` seconds) and the launcher exits non-zero naming it. SIGTERM, SIGINT
+(Ctrl-C) or SIGHUP to the launcher reaches every process as SIGTERM (training saves a
+checkpoint and stops); if the launcher dies without cleaning up (SIGKILL), the kernel sends
+each process SIGTERM (Linux ``PR_SET_PDEATHSIG``), so none is left running unsupervised.
 """
 
 from __future__ import annotations
@@ -56,34 +58,49 @@ def _env(i: int, n: int, address: str, devices: int) -> dict:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the launcher dies (Linux; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def launch(command: list[str], processes: int, *, devices_per_process: int = 0,
            grace: float = 10.0, port: int = 0) -> int:
     """Runs ``command`` as ``processes`` JAX processes; returns 0 if all of them exit 0,
     else the first failure's code (128 + signal for a killed process)."""
     address = f"127.0.0.1:{port or _free_port()}"
     lock = threading.Lock()
-    procs, threads = [], []
-    for i in range(processes):
-        p = subprocess.Popen(command, env=_env(i, processes, address, devices_per_process),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(p)
-        t = threading.Thread(target=_forward, args=(p.stdout, f"[p{i}] ", lock), daemon=True)
+    # Every process is started before any thread: preexec_fn is unsafe once threads run.
+    procs = [subprocess.Popen(command, env=_env(i, processes, address, devices_per_process),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                              preexec_fn=_die_with_parent) for i in range(processes)]
+    for i, p in enumerate(procs):
+        print(f"[launch] process {i}/{processes}: pid {p.pid}, coordinator {address}", flush=True)
+    threads = [threading.Thread(target=_forward, args=(p.stdout, f"[p{i}] ", lock), daemon=True)
+               for i, p in enumerate(procs)]
+    for t in threads:
         t.start()
-        threads.append(t)
-        with lock:
-            print(f"[launch] process {i}/{processes}: pid {p.pid}, coordinator {address}", flush=True)
+
+    received = []  # the handler only records: the loop below relays (no locks in a handler)
 
     def relay(signum, frame):
-        with lock:
-            print(f"[launch] {signal.Signals(signum).name}: passing it on to every process", flush=True)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
+        received.append(signum)
 
-    old = {s: signal.signal(s, relay) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, relay) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     failed = None
     try:
         while any(p.poll() is None for p in procs):
+            while received:
+                name = signal.Signals(received.pop()).name
+                with lock:
+                    print(f"[launch] {name}: SIGTERM to every process", flush=True)
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
             for i, p in enumerate(procs):
                 if p.poll() not in (None, 0) and failed is None:
                     failed = i
@@ -110,18 +127,27 @@ def launch(command: list[str], processes: int, *, devices_per_process: int = 0,
     return 128 - code if code < 0 else code
 
 
+def _killpg(pid: int, sig) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:  # the whole group is gone already
+        pass
+
+
 def _stop(procs, grace: float) -> None:
-    """SIGTERM to every live process (and its children), SIGKILL to those alive after grace."""
+    """SIGTERM to every process group (each process and what it started), SIGKILL to the
+    groups of those still alive after ``grace`` seconds and to any leftovers of the rest."""
     for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
+        _killpg(p.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for p in procs:
         try:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+            pass
+    for p in procs:
+        _killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
 
 def main(argv=None) -> int:

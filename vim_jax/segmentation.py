@@ -18,12 +18,15 @@ import optax
 IGNORE = 255
 
 
-def pixel_cross_entropy(logits, labels, ignore: int = IGNORE):
-    """Mean cross-entropy over the pixels whose label is not ``ignore`` (0 if there are none)."""
+def pixel_cross_entropy(logits, labels, ignore: int = IGNORE, *, avg_non_ignore: bool = False):
+    """Cross-entropy summed over the pixels whose label is not ``ignore``, divided by all
+    pixels (mmseg 0.29's default, which the official recipe uses: padding and ignored pixels
+    dilute the loss) or, with ``avg_non_ignore``, by the non-ignored ones."""
     valid = labels != ignore
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                          jnp.where(valid, labels, 0))
-    return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    total = jnp.sum(jnp.where(valid, ce, 0.0))
+    return total / (jnp.maximum(jnp.sum(valid), 1) if avg_non_ignore else labels.size)
 
 
 def confusion_matrix(pred, labels, num_classes: int, *, mask=None, ignore: int = IGNORE):

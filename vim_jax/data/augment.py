@@ -204,9 +204,9 @@ def _rand_augment_ops(image, level, seed):
     def brightness_degenerate():
         return tf.zeros_like(image)
 
-    def contrast_degenerate():
-        mean = tf.reduce_mean(tf.cast(_grey(image)[..., 0], tf.float32))
-        return tf.cast(tf.fill(tf.shape(image), tf.round(mean)), tf.uint8)
+    def contrast_degenerate():  # PIL: int(mean of the grey image + 0.5), in double precision
+        mean = tf.reduce_mean(tf.cast(_grey(image)[..., 0], tf.float64))
+        return tf.cast(tf.fill(tf.shape(image), tf.floor(mean + 0.5)), tf.uint8)
 
     return [
         lambda: _autocontrast(image), lambda: _equalize(image), lambda: 255 - image, rotate,

@@ -86,6 +86,8 @@ def _digits(data_dir: str, split, process_index, process_count) -> Source:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"digits {split} prepared")
         builder = SklearnDigits(data_dir=data_dir or None)
+        if not builder.is_prepared():  # another host, whose data_dir is its own disk
+            builder.download_and_prepare()
     return _tfds_source(builder, "digits", split, process_index, process_count)
 
 

@@ -42,10 +42,10 @@ _MODEL_ARGS = [p for p in inspect.signature(VisionMamba.__init__).parameters
                if p not in ("self", "rngs")]
 
 # Segmenters (official seg/configs/vim/upernet): UperNet channels = the backbone width,
-# FCN auxiliary head 256 channels, 512 crops.
+# FCN auxiliary head 256 channels, 512 crops. (The official small segmenter adds rotary
+# position embeddings to its backbone, which this port does not have: not registered.)
 SEG_VARIANTS: dict[str, dict] = {
     "upernet_vim_tiny": dict(backbone="vim_tiny_patch16_224", channels=192),
-    "upernet_vim_small": dict(backbone="vim_small_patch16_224", channels=384),
 }
 
 
@@ -180,5 +180,4 @@ def _create_segmenter(name: str, *, pretrained=None, seed: int = 0, **overrides)
             raise ValueError(f"{pretrained} does not fit {name}'s backbone:\n  " + "\n  ".join(problems))
         nnx.update(model.backbone, body)
     model.config = {"name": name, **{k: (v.name if k == "dtype" else v) for k, v in kwargs.items()}}
-    model.eval()  # running BatchNorm statistics, no dropout; model.train() for training
     return model

@@ -132,7 +132,8 @@ class VimUperNet(nnx.Module):
                  aux_channels: int = 256, drop_path_rate: float = 0.1, dtype=jnp.float32,
                  scan_backend: str = "auto", remat: str = "mixer", rngs: nnx.Rngs):
         # The last block of each quarter: 5, 11, 17, 23 of 24, as the official configs.
-        layers = tuple(layers) if layers is not None else tuple(depth * (k + 1) // 4 - 1 for k in range(4))
+        layers = (tuple(layers) if layers is not None
+                  else tuple(max(0, depth * (k + 1) // 4 - 1) for k in range(4)))
         if len(layers) != 4:
             raise ValueError(f"layers={layers}: the neck takes exactly 4 block indices")
         self.num_classes, self.layers = num_classes, tuple(layers)
@@ -143,6 +144,7 @@ class VimUperNet(nnx.Module):
         self.neck = MultiScaleNeck(embed_dim, self.backbone.stride, rngs=rngs)
         self.decode = UperNetHead(embed_dim, channels, num_classes, rngs=rngs)
         self.aux = FCNHead(embed_dim, aux_channels, num_classes, rngs=rngs)
+        self.eval()  # BatchNorm on running statistics, no dropout, like the backbone; .train()
 
     def _levels(self, images):
         s = self.backbone.stride
