@@ -31,10 +31,26 @@ def _train_args(workdir, data_dir, *extra) -> list:
             "--config.optim.base_lr=0.2", *extra]
 
 
-def _run(cmd, timeout=600, **kw):
+def _cpu_env() -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+    return env
+
+
+def _run(cmd, timeout=600, **kw):
+    return subprocess.run(cmd, cwd=ROOT, env=_cpu_env(), capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _start_launcher(args) -> subprocess.Popen:
+    """The launcher with ``args``, its output readable line by line."""
+    return subprocess.Popen(LAUNCH + args, cwd=ROOT, env=_cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _note_pid(line: str, pids: dict) -> None:
+    """Records I -> pid from the launcher's '[launch] process I/N: pid P, ...' lines."""
+    if line.startswith("[launch] process "):
+        pids[int(line.split()[2].split("/")[0])] = int(line.split("pid ")[1].split(",")[0])
 
 
 def _params(workdir):
@@ -91,15 +107,11 @@ def test_sigterm_to_one_process_saves_and_resumes_bit_identically(two_process_ru
     """SIGTERM to process 1 mid-run: both save the same step and exit 0; rerunning the
     launcher resumes and ends with the uninterrupted run's parameters, bit for bit."""
     workdir = tmp_path / "preempted"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    p = subprocess.Popen(LAUNCH + ["--processes", "2", "--"] + _train_args(workdir, data_dir), cwd=ROOT,
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = _start_launcher(["--processes", "2", "--"] + _train_args(workdir, data_dir))
     pids, lines = {}, []
     for line in p.stdout:
         lines.append(line)
-        if line.startswith("[launch] process "):
-            pids[int(line.split()[2].split("/")[0])] = int(line.split("pid ")[1].split(",")[0])
+        _note_pid(line, pids)
         if f"step 8/{STEPS} " in line:
             os.kill(pids[1], signal.SIGTERM)
     assert p.wait(timeout=60) == 0, "".join(lines[-40:])
@@ -143,13 +155,11 @@ def test_a_killed_process_stops_the_launcher_and_the_others():
     """SIGKILL to one of two processes: the launcher names it, stops the other (which
     ignores SIGTERM, as a process stuck in a collective would: SIGKILL after the grace
     period), and exits non-zero within that bounded time; no process is left."""
-    p = subprocess.Popen(LAUNCH + ["--processes", "2", "--grace", "2", "--", sys.executable, "-c", _STUBBORN],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = _start_launcher(["--processes", "2", "--grace", "2", "--", sys.executable, "-c", _STUBBORN])
     pids, lines = {}, []
     for line in p.stdout:
         lines.append(line)
-        if line.startswith("[launch] process "):
-            pids[int(line.split()[2].split("/")[0])] = int(line.split("pid ")[1].split(",")[0])
+        _note_pid(line, pids)
         if sum(l.endswith("up\n") for l in lines) == 2:
             break
     t = time.monotonic()
@@ -185,8 +195,7 @@ _POLITE = ("import signal, sys, time\n"
 def test_ctrl_c_to_the_launcher_reaches_every_process_as_sigterm():
     """Ctrl-C (SIGINT) to the launcher: every process gets SIGTERM (training's signal to save
     and stop), they exit 0, and so does the launcher."""
-    p = subprocess.Popen(LAUNCH + ["--processes", "2", "--", sys.executable, "-c", _POLITE],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = _start_launcher(["--processes", "2", "--", sys.executable, "-c", _POLITE])
     lines = []
     for line in p.stdout:
         lines.append(line)

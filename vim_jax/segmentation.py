@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -89,12 +88,3 @@ def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
     if bad.any():
         raise ValueError(f"{where}: label {int(labels[bad].flat[0])} is outside 0..{num_classes - 1} "
                          f"and is not the ignore label {IGNORE}")
-
-
-def logits_fn_of(model) -> Callable:
-    """``images -> logits`` of an NNX segmenter, jitted (one compile per window shape)."""
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-    f = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    return lambda x: f(state, x)

@@ -7,12 +7,11 @@ import math
 import os
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from vim_jax import pretrained as io
-from vim_jax.state_dict import infer_model_kwargs, mismatches
+from vim_jax.state_dict import infer_model_kwargs
 from vim_jax.models.vim import VisionMamba
 
 _WIDTHS = {"tiny": 192, "small": 384, "base": 768}
@@ -166,18 +165,11 @@ def _create_segmenter(name: str, *, pretrained=None, seed: int = 0, **overrides)
     kwargs["dtype"] = jnp.dtype(kwargs.get("dtype") or "float32")
     model = nnx.jit(lambda: VimUperNet(**kwargs, rngs=nnx.Rngs(seed)))()
     if source is not None:
-        body = nnx.state(source, nnx.Param)
+        body = nnx.to_pure_dict(nnx.state(source, nnx.Param))
         for key in ("head", "cls_token"):
-            if key in body:
-                body.pop(key)
+            body.pop(key, None)
         n = source.grid[0] * source.grid[1]
-        body["pos_embed"] = nnx.Param(split_pos_embed(body["pos_embed"][...], source.cls_position, n)[0])
-        target = nnx.state(model.backbone, nnx.Param)
-        want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(target)}
-        got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(body)}
-        problems = mismatches(want, got)
-        if problems:
-            raise ValueError(f"{pretrained} does not fit {name}'s backbone:\n  " + "\n  ".join(problems))
-        nnx.update(model.backbone, body)
+        body["pos_embed"] = split_pos_embed(body["pos_embed"], source.cls_position, n)[0]
+        io.load_params_into(model.backbone, body, source=str(pretrained))
     model.config = {"name": name, **{k: (v.name if k == "dtype" else v) for k, v in kwargs.items()}}
     return model
