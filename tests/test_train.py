@@ -274,6 +274,7 @@ _DP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # CI budget: about 30 s each on the 2-core CI machine
 def test_eight_device_step_equals_one_device_step():
     """Data parallel (and FSDP) over 8 simulated CPU devices == 1 device, same global batch."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
@@ -356,6 +357,7 @@ def test_a_training_workdir_loads_with_create_model(trained):
     assert step == steps[-1]
 
 
+@pytest.mark.slow  # CI budget: about 30 s each on the 2-core CI machine
 def test_finetune_folder_recipe(data, vim_weights_path, tmp_path):
     """configs/finetune_folder.py: an official-format checkpoint (the 10-class fixture)
     fine-tuned on a 3-class folder with a new head, through train.py's command line."""
