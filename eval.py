@@ -5,9 +5,10 @@
     python eval.py --pretrained vim_t_midclstok_76p1acc.pth --model vim_tiny_patch16_224 \
         --config configs/vim_tiny.py --config.data.data_dir=~/tensorflow_datasets
 
-Prints top-1, top-5, loss and img/s and writes them to a JSON file (eval_step<N>[_ema].json
-in the workdir, or --output). As several processes (see train.py), each evaluates its share
-and process 0 reports the totals.
+Prints top-1, top-5, loss and img/s (a segmentation run: mIoU, pixel accuracy, per-class
+IoU) and writes them to a JSON file (eval_step<N>[_ema].json in the workdir, or --output);
+for a segmentation run also a PNG of predictions beside it (eval_step<N>[_ema].png). As
+several processes (see train.py), each evaluates its share and process 0 reports the totals.
 """
 
 import json
@@ -42,16 +43,28 @@ def main(argv):
     import jax
     from vim_jax.checkpoints import CheckpointError
     from vim_jax.data.sources import DataError
-    from vim_jax.evaluation import evaluate_pretrained, evaluate_workdir
+    from vim_jax.evaluation import draw_predictions, evaluate_pretrained, evaluate_workdir, summary
+    from vim_jax.run_config import load_config
     from vim_jax.trainer import TrainingError
 
     if bool(FLAGS.workdir) == bool(FLAGS.pretrained):
         raise app.UsageError("give exactly one of --workdir or --pretrained")
     try:
         if FLAGS.workdir:
-            results = evaluate_workdir(FLAGS.workdir, step=FLAGS.step, ema=FLAGS.ema)
-            name = f"eval_step{results['step']}{'_ema' if FLAGS.ema else ''}.json"
-            output = FLAGS.output or os.path.join(FLAGS.workdir, name)
+            config, drawn = load_config(FLAGS.workdir), {}
+
+            def draw(model, source):  # the picture is named after the step evaluated
+                if jax.process_index() == 0:
+                    drawn["model"], drawn["source"] = model, source
+
+            segmentation = config.get("task", "classification") == "segmentation"
+            results = evaluate_workdir(FLAGS.workdir, step=FLAGS.step, ema=FLAGS.ema,
+                                       after=draw if segmentation else None)
+            name = f"eval_step{results['step']}{'_ema' if FLAGS.ema else ''}"
+            output = FLAGS.output or os.path.join(FLAGS.workdir, name + ".json")
+            if drawn:
+                picture = os.path.splitext(output)[0] + ".png"
+                results["picture"] = draw_predictions(drawn["model"], drawn["source"], config, picture)
         else:
             results = evaluate_pretrained(FLAGS.config, FLAGS.pretrained, model=FLAGS.model)
             output = FLAGS.output
@@ -59,8 +72,11 @@ def main(argv):
         sys.exit(f"error: {e}")
     if jax.process_index() != 0:  # every process computed the same numbers; one reports
         return
-    print(f"top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  loss {results['loss']:.4f}  "
-          f"({results['count']} images, {results['img_per_s']:.1f} img/s)")
+    print(summary(results))
+    if "iou" in results:
+        print("per-class IoU: " + "  ".join(f"{k}:{100 * v:.1f}" for k, v in enumerate(results["iou"])))
+    if "picture" in results:
+        print(f"wrote {results['picture']}")
     if output:
         with open(output, "w") as f:
             json.dump(results, f, indent=2)

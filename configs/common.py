@@ -8,6 +8,7 @@ def imagenet_recipe(model: str, *, batch_size: int, base_lr: float, weight_decay
     """Official Vim ImageNet-1k recipe (DeiT's): 300 epochs of AdamW, cosine, heavy augmentation."""
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.task = "classification"         # or "segmentation" (configs/seg_common.py)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = model
@@ -51,8 +52,12 @@ def imagenet_recipe(model: str, *, batch_size: int, base_lr: float, weight_decay
     c.optim.eps = 1e-8
     c.optim.epochs = 300
     c.optim.warmup_epochs = 5
+    c.optim.warmup_steps = -1         # >= 0 overrides warmup_epochs
     c.optim.warmup_lr = 1e-6
     c.optim.min_lr = 1e-5
+    c.optim.schedule = "cosine"       # cosine | poly (mmseg's, power 1)
+    c.optim.decay_rule = "vim"        # which params decay: vim (named) | mmseg (not 1-D, not bias)
+    c.optim.layer_decay = 0.0         # layer-wise lr decay rate over the blocks; 0 = off
     c.optim.grad_clip = 0.0           # global-norm clip; 0 = off
     c.optim.ema_decay = 0.99996       # per step; 0 = no EMA
 

@@ -1,6 +1,7 @@
 """Training checkpoints in a workdir: orbax CheckpointManager plus recovery from bad steps.
 
-Layout: ``WORKDIR/checkpoints/<step>/{params,opt_state,ema}``. orbax writes each step
+Layout: ``WORKDIR/checkpoints/<step>/{params,opt_state,ema[,batch_stats]}`` (batch_stats
+for models with BatchNorm, the segmenters). orbax writes each step
 to a temporary directory and renames it when complete, so an interrupted save leaves no
 step behind. A step that exists but cannot be read (truncated or deleted files) is moved
 aside to ``<step>.corrupt`` with an error in the log, and the previous step is used.
@@ -21,7 +22,12 @@ from vim_jax.state_dict import mismatches
 from vim_jax.train_step import TrainState
 
 log = logging.getLogger(__name__)
-_ITEMS = ("params", "opt_state", "ema")  # the step is the directory name
+_ITEMS = ("params", "opt_state", "ema", "batch_stats")  # the step is the directory name
+
+
+def _items(state: TrainState) -> tuple:
+    """The items ``state`` has (an empty tree, such as a classifier's batch_stats, has none)."""
+    return tuple(n for n in _ITEMS if jax.tree.leaves(getattr(state, n)))
 
 
 class CheckpointError(RuntimeError):
@@ -60,13 +66,17 @@ class Checkpoints:
         if not (force or self.manager.should_save(step)):
             return False
         args = ocp.args.Composite(**{name: ocp.args.StandardSave(getattr(state, name))
-                                     for name in _ITEMS})
+                                     for name in _items(state)})
         return self.manager.save(step, args=args, force=force)
 
-    def save_params(self, step: int, params) -> None:
-        """Saves ``params`` (as both params and ema) at ``step``: a model without optimiser
-        state, in the same layout (``python -m vim_jax.convert``). Asynchronous."""
-        args = ocp.args.Composite(params=ocp.args.StandardSave(params), ema=ocp.args.StandardSave(params))
+    def save_params(self, step: int, params, batch_stats=None) -> None:
+        """Saves ``params`` (as both params and ema, with ``batch_stats`` if any) at ``step``:
+        a model without optimiser state, in the same layout (``python -m vim_jax.convert``).
+        Asynchronous."""
+        items = dict(params=params, ema=params)
+        if jax.tree.leaves(batch_stats):
+            items["batch_stats"] = batch_stats
+        args = ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()})
         self.manager.save(step, args=args, force=True)
 
     def wait(self) -> None:
@@ -117,18 +127,25 @@ class Checkpoints:
     def restore(self, target: TrainState, step: Optional[int] = None) -> Optional[TrainState]:
         """The latest readable step (or ``step``) into ``target``'s structure and shardings;
         None when the workdir holds no checkpoint."""
-        targets = {name: getattr(target, name) for name in _ITEMS}
+        targets = {name: getattr(target, name) for name in _items(target)}
         s, items = self._first_readable(targets, step)
         if items is None:
             return None
         step_arr = jax.make_array_from_callback((), target.step.sharding,
                                                 lambda _: np.asarray(s, np.int32))
-        return TrainState(step_arr, *(items[name] for name in _ITEMS))
+        return TrainState(step_arr, *(items.get(name, getattr(target, name)) for name in _ITEMS[:-1]),
+                          items.get("batch_stats", target.batch_stats))
 
-    def restore_params(self, params, *, ema: bool, step: Optional[int] = None):
-        """(step, params) of the latest readable checkpoint (or ``step``); EMA ones if ``ema``."""
+    def restore_params(self, params, *, ema: bool, step: Optional[int] = None, batch_stats=None):
+        """(step, params) of the latest readable checkpoint (or ``step``); EMA ones if ``ema``.
+        Given a ``batch_stats`` target (a model with BatchNorm), (step, params, batch_stats)."""
         name = "ema" if ema else "params"
-        s, items = self._first_readable({name: params}, step)
+        targets = {name: params}
+        if batch_stats is not None and jax.tree.leaves(batch_stats):
+            targets["batch_stats"] = batch_stats
+        s, items = self._first_readable(targets, step)
         if items is None:
             raise CheckpointError(f"no checkpoint in {self.dir}")
-        return s, items[name]
+        if batch_stats is None:
+            return s, items[name]
+        return s, items[name], items.get("batch_stats", batch_stats)

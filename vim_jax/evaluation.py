@@ -1,4 +1,9 @@
-"""Evaluation: one pass over an eval split, of a training checkpoint or of given weights."""
+"""Evaluation: one pass over an eval split, of a training checkpoint or of given weights.
+
+Classification reports top-1/top-5 (%) and the mean loss; segmentation mIoU, per-class
+IoU and accuracy, pixel accuracy (fractions, from one confusion matrix summed over every
+device and process) and the mean per-pixel loss.
+"""
 
 from __future__ import annotations
 
@@ -15,51 +20,87 @@ from vim_jax import sharding as shd
 from vim_jax.run_config import build_model, load_config
 from vim_jax.train_step import eval_step_fn
 
+# The numbers logged, summarised and kept in metrics.json's history, per task.
+REPORTED = {"classification": ("top1", "top5", "loss"), "segmentation": ("miou", "pixel_acc", "loss")}
 
-def evaluate(eval_step, params, source, data_cfg, *, local_batch: int, sharding, corrupt=None) -> dict:
-    """Top-1/top-5 (%), mean loss, image count and img/s of ``params`` on ``source``."""
+
+def summary(r: dict) -> str:
+    """One line of results, for either task."""
+    if "miou" in r:
+        head = f"mIoU {100 * r['miou']:.2f}%  pixel accuracy {100 * r['pixel_acc']:.2f}%"
+    else:
+        head = f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%"
+    return f"{head}  loss {r['loss']:.4f}  ({r['count']} images, {r['img_per_s']:.1f} img/s)"
+
+
+def evaluate(eval_step, params, source, data_cfg, *, local_batch: int, sharding, corrupt=None,
+             batch_stats=None) -> dict:
+    """The metrics of ``params`` (and BatchNorm ``batch_stats``) on ``source``, with the
+    image count and img/s."""
     from vim_jax.data.pipeline import eval_batches
+    from vim_jax.segmentation import metrics_from_confusion
 
+    batch_stats = nnx.State({}) if batch_stats is None else batch_stats
     sums = None
     t = time.perf_counter()
     for batch in shd.prefetch(eval_batches(source, data_cfg, local_batch=local_batch, corrupt=corrupt), sharding):
-        out = eval_step(params, batch["image"], batch["label"], batch["mask"])
+        out = eval_step(params, batch_stats, batch["image"], batch["label"], batch["mask"])
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = {k: float(v) for k, v in jax.device_get(sums).items()}
-    n = max(sums["count"], 1.0)
-    return {"top1": 100 * sums["correct1"] / n, "top5": 100 * sums["correct5"] / n,
-            "loss": sums["loss"] / n, "count": int(sums["count"]),
-            "img_per_s": sums["count"] / (time.perf_counter() - t)}
+    sums = jax.device_get(sums)
+    count = int(sums["count"])
+    speed = {"count": count, "img_per_s": count / (time.perf_counter() - t)}
+    if "confusion" in sums:
+        return {**metrics_from_confusion(sums["confusion"]),
+                "loss": float(sums["loss"]) / max(float(sums["pixels"]), 1.0), **speed}
+    n = max(count, 1)
+    return {"top1": 100 * float(sums["correct1"]) / n, "top5": 100 * float(sums["correct5"]) / n,
+            "loss": float(sums["loss"]) / n, **speed}
 
 
-def _evaluate_config(config, num_classes: int, load=None) -> dict:
-    """Builds ``config``'s model, optionally replaces its params with ``load(params) ->
-    (info, params)``, and evaluates on ``config.data``'s eval split: (info, results)."""
+def _evaluate_config(config, num_classes: int, load=None, after=None) -> tuple:
+    """Builds ``config``'s model, optionally replaces its variables with ``load(params,
+    batch_stats) -> (info, params, batch_stats)``, and evaluates on ``config.data``'s eval
+    split: (info, results). ``after(model, source)`` runs on the loaded model last."""
     from vim_jax.data.sources import make_source
+    from vim_jax.train_setup import slide_of
 
     d = config.data
     source = make_source(d.name, d.data_dir, d.eval_split, process_index=jax.process_index(),
                          process_count=jax.process_count())
     mesh = shd.make_mesh()
     model = build_model(config, num_classes or source.num_classes)
-    param_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), nnx.state(model, nnx.Param))
+    replicated = lambda tree: jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
+    params, stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
+    param_sh, stats_sh = replicated(params), replicated(stats)
     bs = shd.batch_sharding(mesh)
-    eval_step = shd.jit_on_mesh(mesh, eval_step_fn(model), in_shardings=(param_sh, bs, bs, bs))
-    params = shd.put_global(nnx.state(model, nnx.Param), param_sh)
-    info, params = load(params) if load else (None, params)
+    step = eval_step_fn(model, task=config.get("task", "classification"), slide=slide_of(config))
+    eval_step = shd.jit_on_mesh(mesh, step, in_shardings=(param_sh, stats_sh, bs, bs, bs))
+    params, stats = shd.put_global(params, param_sh), shd.put_global(stats, stats_sh)
+    info, params, stats = load(params, stats) if load else (None, params, stats)
     local_batch = (config.train.eval_batch_size or config.optim.batch_size) // jax.process_count()
-    return info, evaluate(eval_step, params, source, d, local_batch=local_batch, sharding=bs)
+    out = evaluate(eval_step, params, source, d, local_batch=local_batch, sharding=bs, batch_stats=stats)
+    if after is not None:
+        nnx.update(model, jax.device_get(params), jax.device_get(stats))
+        after(model, source)
+    return info, out
 
 
-def evaluate_workdir(workdir: str, *, step: Optional[int] = None, ema: bool = False) -> dict:
-    """Evaluates checkpoint ``step`` (default latest) of a training workdir with its config."""
+def evaluate_workdir(workdir: str, *, step: Optional[int] = None, ema: bool = False,
+                     after=None) -> dict:
+    """Evaluates checkpoint ``step`` (default latest) of a training workdir with its config;
+    ``after(model, source)`` gets the evaluated model (e.g. to draw predictions)."""
     from vim_jax.checkpoints import Checkpoints
 
     config = load_config(workdir)
     config.model.pretrained = ""  # the weights come from the checkpoint
-    s, out = _evaluate_config(config, config.model.num_classes, lambda params: Checkpoints(
-        workdir).restore_params(params, ema=ema, step=step))
-    return {"step": s, "ema": ema, **out}
+
+    def load(params, stats):
+        s, params, stats = Checkpoints(workdir).restore_params(params, ema=ema, step=step,
+                                                               batch_stats=stats)
+        return s, params, stats
+
+    s, out = _evaluate_config(config, config.model.num_classes, load, after)
+    return {"step": s, "ema": ema, "task": config.get("task", "classification"), **out}
 
 
 def evaluate_pretrained(config, pretrained: str, *, model: Optional[str] = None) -> dict:
@@ -70,3 +111,33 @@ def evaluate_pretrained(config, pretrained: str, *, model: Optional[str] = None)
         config.model.name = model
     _, out = _evaluate_config(config, config.model.num_classes)
     return {"pretrained": pretrained, "model": config.model.name, **out}
+
+
+def draw_predictions(model, source, config, path: str) -> str:
+    """Writes a PNG of the first ``config.seg.plot_images`` eval images of ``source`` with
+    their ground truth and ``model``'s predictions (segmentation); returns ``path``."""
+    from vim_jax.data.pipeline import eval_batches
+    from vim_jax.seg_figure import save_predictions
+    from vim_jax.segmentation import sliding_window_logits
+    from vim_jax.train_setup import slide_of
+
+    n = config.seg.plot_images
+    batch = next(eval_batches(source, config.data, local_batch=n))
+    slide = slide_of(config)
+
+    @nnx.jit
+    def predict(m, images):
+        logits = (sliding_window_logits(m, images, crop=slide[0], stride=slide[1],
+                                        num_classes=m.num_classes) if slide else m(images))
+        return jnp.argmax(logits, -1)
+
+    model.eval()
+    keep = batch["mask"] > 0
+    preds = jax.device_get(predict(model, batch["image"]))
+    names = CLASS_NAMES.get(config.data.name, ())
+    save_predictions(path, batch["image"][keep], batch["label"][keep], preds[keep],
+                     mean=config.data.mean, std=config.data.std, class_names=names)
+    return path
+
+
+CLASS_NAMES = {"digits_seg": ("background",) + tuple(str(d) for d in range(10))}

@@ -1,8 +1,10 @@
-"""The optimiser of the recipe: AdamW with a decay mask, warm-up + cosine, clipping."""
+"""The optimisers of the recipes: AdamW with a decay mask, warm-up + cosine (DeiT) or
+poly (mmseg), optional layer-wise learning-rate decay (BEiT/mmseg), clipping."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from vim_jax.pytree import path_name
@@ -10,29 +12,89 @@ from vim_jax.pytree import path_name
 # Parameters without weight decay (official: biases, norms, pos_embed, cls_token, A_log, D).
 NO_DECAY = frozenset({"bias", "conv_bias", "conv_bias_b", "A_log", "A_log_b", "D", "D_b",
                       "pos_embed", "cls_token"})
+DECAY_RULES = ("vim", "mmseg")
+SCHEDULES = ("cosine", "poly")
+_EMBEDDING = ("patch_embed", "pos_embed", "cls_token")
 
 
-def decay_mask(params):
-    """Pytree of bools like ``params``: True where weight decay applies."""
-    def decays(path, _):
-        names = [n for n in path_name(path).split(".") if n != "value"]
+def _names(path) -> list[str]:
+    """A leaf's path without ``value`` and the segmenter's ``backbone.`` prefix."""
+    names = [n for n in path_name(path).split(".") if n != "value"]
+    return names[1:] if names[0] == "backbone" else names
+
+
+def decay_mask(params, rule: str = "vim"):
+    """Pytree of bools like ``params``: True where weight decay applies.
+
+    "vim": the official classification recipe (``NO_DECAY`` names and every norm).
+    "mmseg": the official segmentation recipe's LayerDecayOptimizerConstructor: every
+    parameter except biases and one-dimensional ones (per block: stacked blocks carry a
+    leading block axis).
+    """
+    if rule not in DECAY_RULES:
+        raise ValueError(f"optim.decay_rule={rule!r} is not one of {DECAY_RULES}")
+
+    def decays(path, x):
+        names = _names(path)
+        if rule == "mmseg":
+            per_block_ndim = x.ndim - (names[0] == "layers")
+            return not (per_block_ndim <= 1 or names[-1] == "bias")
         return not (names[-1] in NO_DECAY or any("norm" in n for n in names))
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def layer_lr_scales(params, depth: int, rate: float):
+    """Pytree like ``params`` of learning-rate multipliers (BEiT's layer-wise decay, as the
+    official segmentation recipe): ``rate ** (depth + 1 - layer)`` with layer 0 for the
+    patch and position embeddings, i + 1 for block i (an array along the stacked block
+    axis) and depth + 1 (scale 1) for everything after the blocks."""
+    def scale(path, x):
+        names = _names(path)
+        if names[0] in _EMBEDDING:
+            return jnp.float32(rate ** (depth + 1))
+        if names[0] == "layers":
+            layer = jnp.arange(1, depth + 1, dtype=jnp.float32)
+            return (rate ** (depth + 1 - layer)).reshape((depth,) + (1,) * (x.ndim - 1))
+        return jnp.float32(1.0)
+    return jax.tree_util.tree_map_with_path(scale, params)
+
+
 def lr_schedule(*, peak_lr: float, warmup_lr: float, min_lr: float, warmup_steps: int,
-                total_steps: int) -> optax.Schedule:
-    """Linear warm-up from warmup_lr to peak_lr, then cosine down to min_lr at total_steps."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=warmup_lr, peak_value=peak_lr, end_value=min_lr,
-        warmup_steps=min(warmup_steps, max(total_steps - 1, 0)), decay_steps=max(total_steps, 1))
+                total_steps: int, kind: str = "cosine", power: float = 1.0) -> optax.Schedule:
+    """"cosine": linear warm-up from warmup_lr to peak_lr, then cosine down to min_lr at
+    total_steps (timm). "poly": mmcv's poly, ``(peak - min) (1 - t/T)^power + min``, its
+    first warmup_steps multiplied by a linear ramp from warmup_lr / peak_lr to 1."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=warmup_lr, peak_value=peak_lr, end_value=min_lr,
+            warmup_steps=warmup_steps, decay_steps=max(total_steps, 1))
+    if kind != "poly":
+        raise ValueError(f"optim.schedule={kind!r} is not one of {SCHEDULES}")
+    ratio = warmup_lr / peak_lr if peak_lr else 1.0
+
+    def poly(count):
+        t = jnp.minimum(count, total_steps) / max(total_steps, 1)
+        lr = (peak_lr - min_lr) * (1 - t) ** power + min_lr
+        ramp = 1 - (1 - count / max(warmup_steps, 1)) * (1 - ratio)
+        return jnp.where(count < warmup_steps, lr * ramp, lr)
+    return poly
 
 
-def make_optimizer(cfg, params, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """AdamW per ``cfg`` (the config's ``optim`` section). Non-finite steps are skipped by
-    the train step itself, which leaves params and this optimiser's state untouched."""
+def make_optimizer(cfg, params, schedule: optax.Schedule, *, depth: int = 0) -> optax.GradientTransformation:
+    """AdamW per ``cfg`` (the config's ``optim`` section); with ``cfg.layer_decay`` > 0 the
+    update of each block of a ``depth``-block backbone is scaled as ``layer_lr_scales``.
+    Non-finite steps are skipped by the train step itself, which leaves params and this
+    optimiser's state untouched."""
     tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                     mask=decay_mask(params))
+                     mask=decay_mask(params, cfg.get("decay_rule", "vim")))
+    rate = cfg.get("layer_decay", 0.0)
+    if rate:
+        if depth <= 0:
+            raise ValueError(f"optim.layer_decay={rate} needs the backbone depth, got {depth}")
+        scales = layer_lr_scales(params, depth, rate)
+        tx = optax.chain(tx, optax.stateless(
+            lambda updates, _: jax.tree.map(lambda u, s: u * s.astype(u.dtype), updates, scales)))
     if cfg.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
     return tx

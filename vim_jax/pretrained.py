@@ -88,10 +88,27 @@ def save_pretrained(model, out_dir) -> pathlib.Path:
     out = pathlib.Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoints(str(out))
-    ckpt.save_params(0, nnx.state(model, nnx.Param))
+    ckpt.save_params(0, nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat))
     ckpt.wait()
     write_model_config(out, model)  # last: its presence marks a complete directory
     return out
+
+
+def saved_name(path) -> str | None:
+    """The model name a checkpoint directory's model.json records (None if it has none)."""
+    cfg_file = pathlib.Path(path) / MODEL_FILE
+    return json.loads(cfg_file.read_text()).get("name") if cfg_file.exists() else None
+
+
+def restore_into(model, path, *, step=None, ema: bool = False) -> int:
+    """Loads a checkpoint directory's parameters (and BatchNorm statistics) into ``model``,
+    built with the directory's model.json; returns the step."""
+    from vim_jax.checkpoints import Checkpoints
+
+    s, params, stats = Checkpoints(str(path)).restore_params(
+        nnx.state(model, nnx.Param), ema=ema, step=step, batch_stats=nnx.state(model, nnx.BatchStat))
+    nnx.update(model, params, stats)
+    return s
 
 
 def load_dir(path, *, step=None, ema: bool = False) -> tuple[dict, dict, int]:

@@ -17,13 +17,17 @@ import optax
 IGNORE = 255
 
 
-def pixel_cross_entropy(logits, labels, ignore: int = IGNORE, *, avg_non_ignore: bool = False):
+def pixel_cross_entropy(logits, labels, ignore: int = IGNORE, *, avg_non_ignore: bool = False,
+                        class_weight=None):
     """Cross-entropy summed over the pixels whose label is not ``ignore``, divided by all
     pixels (mmseg 0.29's default, which the official recipe uses: padding and ignored pixels
-    dilute the loss) or, with ``avg_non_ignore``, by the non-ignored ones."""
+    dilute the loss) or, with ``avg_non_ignore``, by the non-ignored ones. ``class_weight``
+    (num_classes,) scales each pixel's term by its label's weight, as mmseg's."""
     valid = labels != ignore
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                         jnp.where(valid, labels, 0))
+    safe = jnp.where(valid, labels, 0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+    if class_weight is not None:
+        ce = ce * jnp.asarray(class_weight, jnp.float32)[safe]
     total = jnp.sum(jnp.where(valid, ce, 0.0))
     return total / (jnp.maximum(jnp.sum(valid), 1) if avg_non_ignore else labels.size)
 

@@ -24,7 +24,7 @@ from vim_jax.checkpoints import Checkpoints
 from vim_jax.optim import lr_schedule, make_optimizer
 from vim_jax.pretrained import write_model_config
 from vim_jax.run_config import CONFIG_FILE, TrainingError, build_model, load_config
-from vim_jax.train_step import StepOptions, TrainState, eval_step_fn, train_step_fn
+from vim_jax.train_step import TASKS, StepOptions, TrainState, eval_step_fn, train_step_fn
 
 log = logging.getLogger(__name__)
 # Config keys that change parameter shapes: a workdir's checkpoints only fit the same values.
@@ -33,6 +33,15 @@ _SHAPE_KEYS = ("model.name", "model.num_classes", "model.overrides", "data.image
 
 def validate_config(config, num_devices: int) -> None:
     """Checks values that would otherwise fail deep inside JAX or silently misbehave."""
+    task = config.get("task", "classification")
+    if task not in TASKS:
+        raise TrainingError(f"task={task!r} is not one of {TASKS}")
+    if task == "segmentation":
+        mixing = {k: config.data.get(k) for k in ("mixup", "cutmix", "label_smoothing")}
+        if any(mixing.values()):
+            raise TrainingError(f"segmentation takes no {mixing}: set them to 0")
+        if not config.get("seg"):
+            raise TrainingError("a segmentation config needs a seg section (configs/seg_common.py)")
     b = config.optim.batch_size
     if b <= 0 or b % num_devices or b % jax.process_count():
         raise TrainingError(f"optim.batch_size={b} must be a positive multiple of the device "
@@ -49,6 +58,16 @@ def validate_config(config, num_devices: int) -> None:
             raise TrainingError(f"optim.{key}={config.optim[key]} must be >= 0")
     if config.train.log_every_steps <= 0:
         raise TrainingError(f"train.log_every_steps={config.train.log_every_steps} must be >= 1")
+
+
+def slide_of(config):
+    """(crop, stride) when a segmentation config evaluates by sliding windows, else None."""
+    seg = config.get("seg") or {}
+    if seg.get("eval_mode", "whole") == "slide":
+        return (seg["crop"], seg["stride"])
+    if seg.get("eval_mode", "whole") != "whole":
+        raise TrainingError(f"seg.eval_mode={seg['eval_mode']!r} is not one of ('whole', 'slide')")
+    return None
 
 
 def _flat(d: dict, prefix="") -> dict:
@@ -106,8 +125,12 @@ class Run:
     state: TrainState             # restored from the latest checkpoint, or fresh
     start_step: int               # == state.step, read once here
     train_step: Callable          # (state, images, labels) -> (state, metrics), jitted
-    eval_step: Callable           # (params, images, labels, mask) -> sums, jitted
+    eval_step: Callable           # (params, batch_stats, images, labels, mask) -> sums, jitted
     batch_sharding: NamedSharding
+
+    @property
+    def task(self) -> str:
+        return self.config.get("task", "classification")
 
     @property
     def peak_lr(self) -> float:
@@ -142,6 +165,10 @@ def setup_run(config, workdir: str, devices=None) -> Run:
     d, pi, pc = config.data, jax.process_index(), jax.process_count()
     train_src = make_source(d.name, d.data_dir, d.train_split, process_index=pi, process_count=pc)
     eval_src = make_source(d.name, d.data_dir, d.eval_split, process_index=pi, process_count=pc)
+    task = config.get("task", "classification")
+    if train_src.task != task:
+        raise TrainingError(f"data.name={d.name!r} is a {train_src.task} dataset but task={task!r}: "
+                            f"use a {train_src.task} config (configs/) or another data.name")
     # The class count is resolved once and saved with the config: eval.py builds the same head.
     config = copy.deepcopy(config)
     config.model.num_classes = _num_classes(config, train_src)
@@ -153,8 +180,9 @@ def setup_run(config, workdir: str, devices=None) -> Run:
     spe = steps_per_epoch(train_src, batch // pc)
     total = config.train.num_steps if config.train.num_steps > 0 else config.optim.epochs * spe
     o = config.optim
+    warmup = o.warmup_steps if o.get("warmup_steps", -1) >= 0 else o.warmup_epochs * spe
     schedule = lr_schedule(peak_lr=peak_lr(o), warmup_lr=o.warmup_lr, min_lr=o.min_lr,
-                           warmup_steps=o.warmup_epochs * spe, total_steps=total)
+                           warmup_steps=warmup, total_steps=total, kind=o.get("schedule", "cosine"))
 
     model = build_model(config, config.model.num_classes)
     if pc > 1:  # every process has read the old config.json before process 0 replaces it
@@ -165,21 +193,24 @@ def setup_run(config, workdir: str, devices=None) -> Run:
             f.write(config.to_json(indent=2))
         write_model_config(workdir, model)
     model.train()
-    tx = make_optimizer(o, nnx.state(model, nnx.Param), schedule)
+    backbone = getattr(model, "backbone", model)
+    tx = make_optimizer(o, nnx.state(model, nnx.Param), schedule, depth=backbone.depth)
+    seg = config.get("seg") or {}
     opts = StepOptions(mixup=d.mixup, cutmix=d.cutmix, mix_switch_prob=d.mix_switch_prob,
-                       label_smoothing=d.label_smoothing, ema_decay=o.ema_decay, seed=config.seed)
+                       label_smoothing=d.label_smoothing, ema_decay=o.ema_decay, seed=config.seed,
+                       task=task, aux_weight=seg.get("aux_weight", 0.4),
+                       class_weight=tuple(seg.get("class_weight", ())))
     step_fn, state = train_step_fn(model, tx, opts)
     model.eval()
 
-    fsdp = config.train.fsdp
-    shardings = TrainState(NamedSharding(mesh, P()), shd.state_shardings(state.params, mesh, fsdp),
-                           shd.state_shardings(state.opt_state, mesh, fsdp),
-                           shd.state_shardings(state.ema, mesh, fsdp))
+    shardings = TrainState(NamedSharding(mesh, P()), *(shd.state_shardings(t, mesh, config.train.fsdp)
+                                                       for t in state[1:]))
     state = shd.put_global(state, shardings)
     state = ckpt.restore(state) or state
     bs = shd.batch_sharding(mesh)
     train_step = shd.jit_on_mesh(mesh, step_fn, in_shardings=(shardings, bs, bs),
                                  out_shardings=(shardings, None), donate_argnums=0)
-    eval_step = shd.jit_on_mesh(mesh, eval_step_fn(model), in_shardings=(shardings.params, bs, bs, bs))
+    eval_step = shd.jit_on_mesh(mesh, eval_step_fn(model, task=task, slide=slide_of(config)),
+                                in_shardings=(shardings.params, shardings.batch_stats, bs, bs, bs))
     return Run(config, workdir, mesh, train_src, eval_src, spe, total, schedule, ckpt, state,
                int(jax.device_get(state.step)), train_step, eval_step, bs)

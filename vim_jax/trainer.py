@@ -18,7 +18,7 @@ from typing import Optional
 import jax
 import ml_collections
 
-from vim_jax.evaluation import evaluate
+from vim_jax.evaluation import REPORTED, evaluate, summary
 from vim_jax.run_config import TrainingError
 from vim_jax.train_log import Preemption, Progress, Summaries
 from vim_jax.train_setup import Run, setup_run, validate_config
@@ -26,19 +26,18 @@ from vim_jax.train_setup import Run, setup_run, validate_config
 __all__ = ["TrainingError", "train_and_evaluate", "validate_config"]
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
-_REPORTED = ("top1", "top5", "loss")
 
 
 def _evaluate(run: Run, state, step: int, summaries: Summaries, corrupt) -> dict:
     """Evaluates the params (and the EMA, when kept) of ``state``; logs and summarises."""
     out = {"eval": state.params, "eval_ema": state.ema if run.config.optim.ema_decay > 0 else None}
     out = {name: evaluate(run.eval_step, params, run.eval_source, run.config.data, corrupt=corrupt,
-                          local_batch=run.eval_local_batch, sharding=run.batch_sharding)
+                          local_batch=run.eval_local_batch, sharding=run.batch_sharding,
+                          batch_stats=state.batch_stats)
            for name, params in out.items() if params is not None}
     for name, r in out.items():
-        log.info("step %d %s: top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d images, %.0f img/s)",
-                 step, name, r["top1"], r["top5"], r["loss"], r["count"], r["img_per_s"])
-        summaries.scalars(step, {f"{name}/{k}": r[k] for k in _REPORTED})
+        log.info("step %d %s: %s", step, name, summary(r))
+        summaries.scalars(step, {f"{name}/{k}": r[k] for k in REPORTED[run.task]})
     return out
 
 
@@ -50,8 +49,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     run = setup_run(config, workdir, devices)
     c, ckpt, total = run.config, run.checkpoints, run.total_steps
-    log.info("%s on %d device(s) x %d process(es), %s, compute %s: %d train / %d eval images per "
-             "process, batch %d, %d steps/epoch, %d steps, peak lr %.3g%s", c.model.name,
+    log.info("%s (%s) on %d device(s) x %d process(es), %s, compute %s: %d train / %d eval images per "
+             "process, batch %d, %d steps/epoch, %d steps, peak lr %.3g%s", c.model.name, run.task,
              run.mesh.size, jax.process_count(), "FSDP" if c.train.fsdp else "data parallel",
              c.model.dtype, run.train_source.num_examples, run.eval_source.num_examples,
              c.optim.batch_size, run.steps_per_epoch, total, run.peak_lr,
@@ -65,7 +64,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     def evaluate_now(step: int) -> dict:
         out = _evaluate(run, state, step, summaries, corrupt)
-        eval_history.append({"step": step, **{f"{n}_{k}": r[k] for n, r in out.items() for k in _REPORTED}})
+        eval_history.append({"step": step, **{f"{n}_{k}": r[k] for n, r in out.items()
+                                              for k in REPORTED[run.task]}})
         return out
 
     with Preemption() as preempt:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
+import pathlib
 from typing import Optional
 
 import jax.numpy as jnp
@@ -79,7 +81,8 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
         Face Hub (``list_models(pretrained=True)``); or a path: an official ``.pth``
         (``{"model": state_dict}``), an ``.npz`` state dict with the official keys, or a
         checkpoint directory of this project: a training workdir or the output of
-        ``python -m vim_jax.convert``.
+        ``python -m vim_jax.convert``; or a trained segmenter's workdir (its parameters
+        and BatchNorm statistics).
       seed: PRNG seed for the parameters that are not loaded (and drop path).
       step, ema: with a checkpoint directory, which step (default: the latest) and whether
         to take its EMA weights.
@@ -87,6 +90,12 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
         dtype, scan_backend, ...); they win over the variant and the checkpoint. depth,
         num_classes and the patch grid are read off a checkpoint when not given.
     """
+    if isinstance(pretrained, (str, os.PathLike)) and os.path.isdir(pretrained) \
+            and io.saved_name(pretrained) in SEG_VARIANTS:  # a trained segmenter
+        saved = json.loads((pathlib.Path(pretrained) / io.MODEL_FILE).read_text())
+        model = _create_segmenter(saved.pop("name"), seed=seed, **{**saved, **overrides})
+        io.restore_into(model, pretrained, step=step, ema=ema)
+        return model
     if name in SEG_VARIANTS:
         return _create_segmenter(name, pretrained=pretrained, seed=seed, **overrides)
     bad = sorted(set(overrides) - set(_MODEL_ARGS))
