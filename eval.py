@@ -45,6 +45,7 @@ def main(argv):
     from vim_jax.data.sources import DataError
     from vim_jax.evaluation import draw_predictions, evaluate_pretrained, evaluate_workdir, summary
     from vim_jax.run_config import load_config
+    from vim_jax.train_setup import task_of
     from vim_jax.trainer import TrainingError
 
     if bool(FLAGS.workdir) == bool(FLAGS.pretrained):
@@ -57,7 +58,7 @@ def main(argv):
                 if jax.process_index() == 0:
                     drawn["model"], drawn["source"] = model, source
 
-            segmentation = config.get("task", "classification") == "segmentation"
+            segmentation = task_of(config) == "segmentation"
             results = evaluate_workdir(FLAGS.workdir, step=FLAGS.step, ema=FLAGS.ema,
                                        after=draw if segmentation else None)
             name = f"eval_step{results['step']}{'_ema' if FLAGS.ema else ''}"
@@ -74,7 +75,8 @@ def main(argv):
         return
     print(summary(results))
     if "iou" in results:
-        print("per-class IoU: " + "  ".join(f"{k}:{100 * v:.1f}" for k, v in enumerate(results["iou"])))
+        print("per-class IoU: " + "  ".join(f"{k}:{'-' if v is None else f'{100 * v:.1f}'}"
+                                            for k, v in enumerate(results["iou"])))
     if "picture" in results:
         print(f"wrote {results['picture']}")
     if output:

@@ -57,7 +57,8 @@ def imagenet_recipe(model: str, *, batch_size: int, base_lr: float, weight_decay
     c.optim.min_lr = 1e-5
     c.optim.schedule = "cosine"       # cosine | poly (mmseg's, power 1)
     c.optim.decay_rule = "vim"        # which params decay: vim (named) | mmseg (not 1-D, not bias)
-    c.optim.layer_decay = 0.0         # layer-wise lr decay rate over the blocks; 0 = off
+    c.optim.layer_decay = 0.0         # layer-wise lr decay rate (vim_jax.optim.layer_lr_scales); 0 = off
+    c.optim.layer_decay_blocks = False  # decay per block too (the official runs do not: see there)
     c.optim.grad_clip = 0.0           # global-norm clip; 0 = off
     c.optim.ema_decay = 0.99996       # per step; 0 = no EMA
 

@@ -48,6 +48,7 @@ def get_config():
 
     o = c.optim
     o.base_lr = 0.032                # peak lr = 0.032 * 64 / 512 = 4e-3
+    o.weight_decay = 0.05
     o.schedule = "cosine"
     o.warmup_steps = -1
     o.warmup_epochs = 2

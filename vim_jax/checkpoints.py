@@ -83,7 +83,14 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def _check_shapes(self, step: int, name: str, target) -> None:
-        saved = self.manager.item_metadata(step)[name]
+        items = self.manager.item_metadata(step)
+        present = sorted(k for k, v in items.items() if v is not None)
+        if name not in present:  # readable, just not this kind of checkpoint: not corrupt
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.dir} has no {name!r} (it has {present}): it "
+                f"was written for another model (a segmenter's holds batch_stats, a "
+                f"classifier's does not)")
+        saved = items[name]
         want, have = _shapes(target), _shapes(saved)
         # The arrays the model needs (a checkpoint may hold more items than one restore reads).
         problems = mismatches(want, {k: v for k, v in have.items() if k in want})
@@ -133,8 +140,7 @@ class Checkpoints:
             return None
         step_arr = jax.make_array_from_callback((), target.step.sharding,
                                                 lambda _: np.asarray(s, np.int32))
-        return TrainState(step_arr, *(items.get(name, getattr(target, name)) for name in _ITEMS[:-1]),
-                          items.get("batch_stats", target.batch_stats))
+        return TrainState(step_arr, *(items.get(name, getattr(target, name)) for name in _ITEMS))
 
     def restore_params(self, params, *, ema: bool, step: Optional[int] = None, batch_stats=None):
         """(step, params) of the latest readable checkpoint (or ``step``); EMA ones if ``ema``.

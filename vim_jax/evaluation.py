@@ -13,6 +13,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -27,10 +28,17 @@ REPORTED = {"classification": ("top1", "top5", "loss"), "segmentation": ("miou",
 def summary(r: dict) -> str:
     """One line of results, for either task."""
     if "miou" in r:
-        head = f"mIoU {100 * r['miou']:.2f}%  pixel accuracy {100 * r['pixel_acc']:.2f}%"
+        miou = "-" if r["miou"] is None else f"{100 * r['miou']:.2f}%"  # no labelled pixel
+        head = f"mIoU {miou}  pixel accuracy {100 * r['pixel_acc']:.2f}%"
     else:
         head = f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%"
     return f"{head}  loss {r['loss']:.4f}  ({r['count']} images, {r['img_per_s']:.1f} img/s)"
+
+
+def _add(sums, out):
+    out = {k: np.asarray(v).astype(np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer) else np.float64)
+           for k, v in jax.device_get(out).items()}
+    return out if sums is None else {k: sums[k] + out[k] for k in sums}
 
 
 def evaluate(eval_step, params, source, data_cfg, *, local_batch: int, sharding, corrupt=None,
@@ -41,12 +49,16 @@ def evaluate(eval_step, params, source, data_cfg, *, local_batch: int, sharding,
     from vim_jax.segmentation import metrics_from_confusion
 
     batch_stats = nnx.State({}) if batch_stats is None else batch_stats
-    sums = None
+    sums, pending = None, None
     t = time.perf_counter()
+    # Summed on the host in float64 / int64 (a confusion matrix of a large set passes
+    # 2**31 pixels), one batch behind so the device never waits for the host.
     for batch in shd.prefetch(eval_batches(source, data_cfg, local_batch=local_batch, corrupt=corrupt), sharding):
         out = eval_step(params, batch_stats, batch["image"], batch["label"], batch["mask"])
-        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
+        if pending is not None:
+            sums = _add(sums, pending)
+        pending = out
+    sums = _add(sums, pending)
     count = int(sums["count"])
     speed = {"count": count, "img_per_s": count / (time.perf_counter() - t)}
     if "confusion" in sums:
@@ -62,7 +74,7 @@ def _evaluate_config(config, num_classes: int, load=None, after=None) -> tuple:
     batch_stats) -> (info, params, batch_stats)``, and evaluates on ``config.data``'s eval
     split: (info, results). ``after(model, source)`` runs on the loaded model last."""
     from vim_jax.data.sources import make_source
-    from vim_jax.train_setup import slide_of
+    from vim_jax.train_setup import slide_of, task_of
 
     d = config.data
     source = make_source(d.name, d.data_dir, d.eval_split, process_index=jax.process_index(),
@@ -73,8 +85,9 @@ def _evaluate_config(config, num_classes: int, load=None, after=None) -> tuple:
     params, stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
     param_sh, stats_sh = replicated(params), replicated(stats)
     bs = shd.batch_sharding(mesh)
-    step = eval_step_fn(model, task=config.get("task", "classification"), slide=slide_of(config))
-    eval_step = shd.jit_on_mesh(mesh, step, in_shardings=(param_sh, stats_sh, bs, bs, bs))
+    step = eval_step_fn(model, task=task_of(config), slide=slide_of(config))
+    eval_step = shd.jit_on_mesh(mesh, step, in_shardings=(param_sh, stats_sh, bs, bs, bs),
+                                out_shardings=NamedSharding(mesh, P()))
     params, stats = shd.put_global(params, param_sh), shd.put_global(stats, stats_sh)
     info, params, stats = load(params, stats) if load else (None, params, stats)
     local_batch = (config.train.eval_batch_size or config.optim.batch_size) // jax.process_count()
@@ -91,6 +104,8 @@ def evaluate_workdir(workdir: str, *, step: Optional[int] = None, ema: bool = Fa
     ``after(model, source)`` gets the evaluated model (e.g. to draw predictions)."""
     from vim_jax.checkpoints import Checkpoints
 
+    from vim_jax.train_setup import task_of
+
     config = load_config(workdir)
     config.model.pretrained = ""  # the weights come from the checkpoint
 
@@ -100,7 +115,7 @@ def evaluate_workdir(workdir: str, *, step: Optional[int] = None, ema: bool = Fa
         return s, params, stats
 
     s, out = _evaluate_config(config, config.model.num_classes, load, after)
-    return {"step": s, "ema": ema, "task": config.get("task", "classification"), **out}
+    return {"step": s, "ema": ema, "task": task_of(config), **out}
 
 
 def evaluate_pretrained(config, pretrained: str, *, model: Optional[str] = None) -> dict:
@@ -119,7 +134,7 @@ def draw_predictions(model, source, config, path: str) -> str:
     from vim_jax.data.pipeline import eval_batches
     from vim_jax.seg_figure import save_predictions
     from vim_jax.segmentation import sliding_window_logits
-    from vim_jax.train_setup import slide_of
+    from vim_jax.train_setup import slide_of, task_of
 
     n = config.seg.plot_images
     batch = next(eval_batches(source, config.data, local_batch=n))

@@ -43,16 +43,19 @@ def decay_mask(params, rule: str = "vim"):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def layer_lr_scales(params, depth: int, rate: float):
-    """Pytree like ``params`` of learning-rate multipliers (BEiT's layer-wise decay, as the
-    official segmentation recipe): ``rate ** (depth + 1 - layer)`` with layer 0 for the
-    patch and position embeddings, i + 1 for block i (an array along the stacked block
-    axis) and depth + 1 (scale 1) for everything after the blocks."""
+def layer_lr_scales(params, depth: int, rate: float, *, blocks: bool = False):
+    """Pytree like ``params`` of learning-rate multipliers after BEiT's layer-wise decay
+    (mmseg's LayerDecayOptimizerConstructor, as the official segmentation recipe): layer 0
+    (patch and position embeddings) gets ``rate ** (depth + 1)``, everything after the
+    blocks 1. The official constructor finds blocks by the name ``backbone.blocks.<i>``, but
+    Vim's are ``backbone.layers.<i>``: in the official runs the blocks fall into the last
+    group and train at the full rate. ``blocks=True`` gives block i the intended
+    ``rate ** (depth - i)`` instead (an array along the stacked block axis)."""
     def scale(path, x):
         names = _names(path)
         if names[0] in _EMBEDDING:
             return jnp.float32(rate ** (depth + 1))
-        if names[0] == "layers":
+        if names[0] == "layers" and blocks:
             layer = jnp.arange(1, depth + 1, dtype=jnp.float32)
             return (rate ** (depth + 1 - layer)).reshape((depth,) + (1,) * (x.ndim - 1))
         return jnp.float32(1.0)
@@ -83,7 +86,9 @@ def lr_schedule(*, peak_lr: float, warmup_lr: float, min_lr: float, warmup_steps
 
 def make_optimizer(cfg, params, schedule: optax.Schedule, *, depth: int = 0) -> optax.GradientTransformation:
     """AdamW per ``cfg`` (the config's ``optim`` section); with ``cfg.layer_decay`` > 0 the
-    update of each block of a ``depth``-block backbone is scaled as ``layer_lr_scales``.
+    updates are scaled by ``layer_lr_scales`` of a ``depth``-block backbone (per block too
+    with ``cfg.layer_decay_blocks``). ``min_lr`` is scaled with the rest (mmcv does not: the
+    same at the recipe's min_lr 0).
     Non-finite steps are skipped by the train step itself, which leaves params and this
     optimiser's state untouched."""
     tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
@@ -92,7 +97,7 @@ def make_optimizer(cfg, params, schedule: optax.Schedule, *, depth: int = 0) -> 
     if rate:
         if depth <= 0:
             raise ValueError(f"optim.layer_decay={rate} needs the backbone depth, got {depth}")
-        scales = layer_lr_scales(params, depth, rate)
+        scales = layer_lr_scales(params, depth, rate, blocks=cfg.get("layer_decay_blocks", False))
         tx = optax.chain(tx, optax.stateless(
             lambda updates, _: jax.tree.map(lambda u, s: u * s.astype(u.dtype), updates, scales)))
     if cfg.grad_clip > 0:

@@ -95,7 +95,7 @@ def save_pretrained(model, out_dir) -> pathlib.Path:
 
 
 def saved_name(path) -> str | None:
-    """The model name a checkpoint directory's model.json records (None if it has none)."""
+    """The model name a checkpoint directory's model.json records (None without one)."""
     cfg_file = pathlib.Path(path) / MODEL_FILE
     return json.loads(cfg_file.read_text()).get("name") if cfg_file.exists() else None
 

@@ -31,9 +31,14 @@ log = logging.getLogger(__name__)
 _SHAPE_KEYS = ("model.name", "model.num_classes", "model.overrides", "data.image_size")
 
 
+def task_of(config) -> str:
+    """The config's task (configs written before segmentation have none: classification)."""
+    return config.get("task", "classification")
+
+
 def validate_config(config, num_devices: int) -> None:
     """Checks values that would otherwise fail deep inside JAX or silently misbehave."""
-    task = config.get("task", "classification")
+    task = task_of(config)
     if task not in TASKS:
         raise TrainingError(f"task={task!r} is not one of {TASKS}")
     if task == "segmentation":
@@ -42,6 +47,9 @@ def validate_config(config, num_devices: int) -> None:
             raise TrainingError(f"segmentation takes no {mixing}: set them to 0")
         if not config.get("seg"):
             raise TrainingError("a segmentation config needs a seg section (configs/seg_common.py)")
+        if config.model.reset_head:
+            raise TrainingError("model.reset_head applies to classifiers; a segmenter's heads are "
+                                "always new when model.pretrained is a classification checkpoint")
     b = config.optim.batch_size
     if b <= 0 or b % num_devices or b % jax.process_count():
         raise TrainingError(f"optim.batch_size={b} must be a positive multiple of the device "
@@ -130,7 +138,7 @@ class Run:
 
     @property
     def task(self) -> str:
-        return self.config.get("task", "classification")
+        return task_of(self.config)
 
     @property
     def peak_lr(self) -> float:
@@ -165,13 +173,17 @@ def setup_run(config, workdir: str, devices=None) -> Run:
     d, pi, pc = config.data, jax.process_index(), jax.process_count()
     train_src = make_source(d.name, d.data_dir, d.train_split, process_index=pi, process_count=pc)
     eval_src = make_source(d.name, d.data_dir, d.eval_split, process_index=pi, process_count=pc)
-    task = config.get("task", "classification")
+    task = task_of(config)
     if train_src.task != task:
         raise TrainingError(f"data.name={d.name!r} is a {train_src.task} dataset but task={task!r}: "
                             f"use a {train_src.task} config (configs/) or another data.name")
     # The class count is resolved once and saved with the config: eval.py builds the same head.
     config = copy.deepcopy(config)
     config.model.num_classes = _num_classes(config, train_src)
+    weights = tuple((config.get("seg") or {}).get("class_weight", ()))
+    if weights and len(weights) != config.model.num_classes:
+        raise TrainingError(f"seg.class_weight has {len(weights)} weights but there are "
+                            f"{config.model.num_classes} classes: give one per class, or ()")
     ckpt = Checkpoints(workdir, keep=config.train.keep_checkpoints,
                        every_steps=config.train.checkpoint_every_steps)
     check_workdir_config(config, workdir, bool(ckpt.steps()))
@@ -210,7 +222,9 @@ def setup_run(config, workdir: str, devices=None) -> Run:
     bs = shd.batch_sharding(mesh)
     train_step = shd.jit_on_mesh(mesh, step_fn, in_shardings=(shardings, bs, bs),
                                  out_shardings=(shardings, None), donate_argnums=0)
+    # Replicated sums: every process can read them (the confusion matrix is not a scalar).
     eval_step = shd.jit_on_mesh(mesh, eval_step_fn(model, task=task, slide=slide_of(config)),
-                                in_shardings=(shardings.params, shardings.batch_stats, bs, bs, bs))
+                                in_shardings=(shardings.params, shardings.batch_stats, bs, bs, bs),
+                                out_shardings=NamedSharding(mesh, P()))
     return Run(config, workdir, mesh, train_src, eval_src, spe, total, schedule, ckpt, state,
                int(jax.device_get(state.step)), train_step, eval_step, bs)

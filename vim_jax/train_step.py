@@ -143,10 +143,9 @@ def eval_step_fn(model: nnx.Module, *, task: str = "classification", slide=None)
                 "loss": jnp.sum(loss * mask)}
 
     def segment(logits, labels, mask):
-        labels = jnp.where(mask[:, None, None] > 0, labels, seg.IGNORE)
-        valid = labels != seg.IGNORE
+        valid = (labels != seg.IGNORE) & (mask[:, None, None] > 0)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
-        return {"confusion": seg.confusion_matrix(jnp.argmax(logits, -1), labels, k_classes),
+        return {"confusion": seg.confusion_matrix(jnp.argmax(logits, -1), labels, k_classes, mask=mask),
                 "loss": jnp.sum(jnp.where(valid, ce, 0.0)), "pixels": jnp.sum(valid)}
 
     def eval_step(params, batch_stats, images, labels, mask):

@@ -29,7 +29,8 @@ METRICS_FILE = "metrics.json"
 
 
 def _evaluate(run: Run, state, step: int, summaries: Summaries, corrupt) -> dict:
-    """Evaluates the params (and the EMA, when kept) of ``state``; logs and summarises."""
+    """Evaluates the params (and the EMA, when kept) of ``state``; logs and summarises.
+    Both use the running BatchNorm statistics (no separate EMA of them)."""
     out = {"eval": state.params, "eval_ema": state.ema if run.config.optim.ema_decay > 0 else None}
     out = {name: evaluate(run.eval_step, params, run.eval_source, run.config.data, corrupt=corrupt,
                           local_batch=run.eval_local_batch, sharding=run.batch_sharding,

@@ -93,7 +93,11 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
     if isinstance(pretrained, (str, os.PathLike)) and os.path.isdir(pretrained) \
             and io.saved_name(pretrained) in SEG_VARIANTS:  # a trained segmenter
         saved = json.loads((pathlib.Path(pretrained) / io.MODEL_FILE).read_text())
-        model = _create_segmenter(saved.pop("name"), seed=seed, **{**saved, **overrides})
+        saved_as = saved.pop("name")
+        if name not in (None, saved_as):
+            raise ValueError(f"{pretrained} holds a {saved_as!r}, not a {name!r}: pass "
+                             f"name={saved_as!r} or None")
+        model = _create_segmenter(saved_as, seed=seed, **{**saved, **overrides})
         io.restore_into(model, pretrained, step=step, ema=ema)
         return model
     if name in SEG_VARIANTS:
