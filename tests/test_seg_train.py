@@ -237,6 +237,7 @@ def test_segmentation_run_trains_and_evaluates(seg_trained):
     assert all(not np.allclose(v, 1.0) for k, v in stats.items() if k.endswith("var.value"))
 
 
+@pytest.mark.slow  # CI budget: about 15 s (the training run test above stays in CI)
 def test_segmentation_eval_equals_numpy_confusion(seg_data, seg_trained):
     """The run's final mIoU, pixel accuracy and loss equal a NumPy evaluation of the trained
     segmenter, loaded with create_model(pretrained=workdir), called directly on each held-out
@@ -269,6 +270,7 @@ def test_segmentation_eval_equals_numpy_confusion(seg_data, seg_trained):
     np.testing.assert_allclose(ev["loss"], loss / pixels, rtol=1e-4)
 
 
+@pytest.mark.slow  # CI budget: about 40 s; classification's exact resume runs in CI (the same loop)
 def test_segmentation_resume_is_exact(seg_data, seg_trained, tmp_path):
     """A run resumed from step 3 of the uninterrupted run (its params, optimiser state and
     BatchNorm statistics, and the data stream rebuilt from the step) ends bit-identical to
@@ -289,6 +291,7 @@ def test_segmentation_resume_is_exact(seg_data, seg_trained, tmp_path):
     assert [h["loss"] for h in metrics["loss_history"]] == [h["loss"] for h in seg_trained[1]["loss_history"][3:]]
 
 
+@pytest.mark.slow  # CI budget: about 25 s (the training run test above stays in CI)
 def test_eval_cli_on_a_segmentation_run_writes_metrics_and_a_picture(seg_trained):
     workdir, metrics = seg_trained
     r = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}"], cwd=ROOT,
