@@ -179,7 +179,7 @@ def test_eight_device_segmentation_step_equals_one_device_step():
 
 # ----------------------------------------------------------------------------- the loop
 
-def _seg_config(data_dir, **over):
+def _seg_config(data_dir):
     from configs.digits_seg import get_config
 
     c = get_config()
@@ -197,9 +197,6 @@ def _seg_config(data_dir, **over):
     c.train.checkpoint_every_steps = 3
     c.train.eval_batch_size = 100
     c.seg.plot_images = 3
-    for key, value in over.items():
-        section, name = key.split("__")
-        c[section][name] = value
     return c
 
 
