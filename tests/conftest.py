@@ -117,3 +117,28 @@ def lower_for_cuda(traced, mesh=None):
 def triton_calls(lowered_text: str) -> list[str]:
     """The lines of a lowered program that call a Triton kernel."""
     return [line for line in lowered_text.splitlines() if "xla.gpu.triton" in line]
+
+
+def triton_kernels(lowered) -> dict[str, str]:
+    """The Triton IR (text) of every kernel in a program lowered for CUDA, by kernel name:
+    what the GPU's Triton compiles, read back from each call's serialized module."""
+    from jax._src.lib.mlir import ir
+    from jax._src.pallas.triton import lowering
+
+    kernels = {}
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    attrs = child.operation.attributes
+                    if child.operation.name == "stablehlo.custom_call" and \
+                            "xla.gpu.triton" in str(attrs["call_target_name"]):
+                        config = attrs["mhlo.backend_config"]
+                        with lowering._new_ir_context():
+                            module = ir.Module.parse(config["ir"].value_bytes)
+                        kernels[ir.StringAttr(config["name"]).value] = module.operation.get_asm()
+                    walk(child.operation)
+
+    walk(lowered.compiler_ir("stablehlo").operation)
+    return kernels

@@ -2,6 +2,7 @@
 official numbers; what a GPU would run, read from programs lowered for CUDA on this CPU
 host (no GPU needed): the kernel each platform gets, kernel counts, block shapes."""
 
+import functools
 import json
 import os
 import pathlib
@@ -351,3 +352,56 @@ def test_vmap_of_the_scan(backend):
     for i, a in enumerate(stack):
         assert rel_err(got[i], f(a)) < 1e-6
     assert triton_calls(lower_for_cuda(jax.jit(jax.vmap(f)).trace(args)).as_text())
+
+
+class _KernelPrimitiveOnThisHost:
+    """A backend whose stages go through the kernel primitive for this host's platform, as
+    the Triton kernels do on a GPU: an eager call here takes the GPU's eager path."""
+
+    def __getattr__(self, stage):
+        platform = jax.default_backend()
+        impl = getattr(ss._REFERENCE, stage)
+        return lambda spec, *args: ss._lowered_only_for(platform, functools.partial(impl, spec), *args)
+
+
+def test_eager_call_binds_the_kernel_primitive(monkeypatch):
+    """Un-jitted, platform_dependent runs the chosen branch eagerly and binds the kernel
+    primitive: it has an evaluation rule, for the scan and for its gradient."""
+    monkeypatch.setitem(ss._BACKENDS, "auto", {jax.default_backend(): _KernelPrimitiveOnThisHost(),
+                                               "default": ss._REFERENCE})
+    args = random_inputs(3, 2, 21, 8, 4)
+    out, g = jax.value_and_grad(lambda u: ss.selective_scan(**{**args, "u": u}, delta_softplus=True)
+                                .sum())(args["u"])
+    with jax.disable_jit():
+        out_nojit = ss.selective_scan(**args, delta_softplus=True)
+    ref, g_ref = jax.value_and_grad(lambda u: ss.selective_scan(
+        **{**args, "u": u}, delta_softplus=True, backend="reference").sum())(args["u"])
+    assert rel_err(out, ref) < 1e-5 and rel_err(g, g_ref) < 1e-5
+    assert rel_err(out_nojit.sum(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas"])
+@pytest.mark.parametrize("name", ["delta", "u", "B", "delta_bias"])
+def test_nan_in_gives_nan_out(backend, name):
+    """A NaN in any input reaches the output and the gradients (no NaN-dropping clamp)."""
+    args = random_inputs(4, 1, 20, 8, 4)
+    bad = np.array(args[name])
+    bad[(0, 5, 3)[-bad.ndim:]] = np.nan
+    args[name] = jnp.asarray(bad)
+    out, _, g = grads(args, backend, reverse=False)
+    assert np.isnan(np.asarray(out)).any(), name
+    assert np.isnan(np.asarray(g["A"])).any(), name  # the states the NaN reaches
+
+
+def test_lowered_kernels_use_no_nan_dropping_min_or_max():
+    """Triton's minnumf/maxnumf return the other operand for a NaN; the kernels must use none."""
+    from conftest import triton_kernels
+
+    args = random_inputs(5, 2, 40, 32, 16)
+    loss = lambda u, delta: ss.selective_scan(**{**args, "u": u, "delta": delta},
+                                              delta_softplus=True).sum()
+    kernels = triton_kernels(lower_for_cuda(jax.jit(jax.grad(loss, (0, 1))).trace(args["u"], args["delta"])))
+    assert set(kernels) == {"selective_scan_fwd", "selective_scan_bwd"}, set(kernels)
+    for name, ir_text in kernels.items():
+        for op in ("minnumf", "maxnumf"):
+            assert op not in ir_text, (name, op)

@@ -37,10 +37,11 @@ def softplus_formula(x, exp=jnp.exp):
 
     log1p keeps small values (very negative x, small dt) accurate, where log(1 + exp)
     rounds 1 + exp(x) first. ``exp`` is the exponential to use; the Pallas kernels call
-    this with ``jnp.exp``.
+    this with ``jnp.exp``. The clamp is a select, not ``jnp.minimum``: Triton lowers a
+    float minimum to the NaN-dropping ``minnumf``, which would turn a NaN into 20 on a GPU.
     """
-    return jnp.where(x > SOFTPLUS_THRESHOLD, x,
-                     jnp.log1p(exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
+    big = x > SOFTPLUS_THRESHOLD
+    return jnp.where(big, x, jnp.log1p(exp(jnp.where(big, SOFTPLUS_THRESHOLD, x))))
 
 
 # ----------------------------------------------------------------------------

@@ -496,23 +496,39 @@ _platform_kernel_p.multiple_results = True
 _platform_kernel_p.def_abstract_eval(lambda *args, fn, platform, avals: avals)
 
 
-def _kernel_lowering(ctx, *args, fn, platform, avals):
-    return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+def _lowering_for(target: str):
+    """The primitive's lowering rule on ``target``: ``fn`` where it is the kernel's platform;
+    elsewhere zeros (never selected by the platform_dependent around it) or, for a call
+    made for no platform, an error naming the platform."""
+
+    def rule(ctx, *args, fn, platform, avals):
+        if platform == target:
+            return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+        if platform is None:
+            raise NotImplementedError(
+                f"selective_scan(backend='pallas') has no kernel for platform {target}: the Pallas "
+                "kernels are written for CUDA GPUs (Triton) and run on the CPU in interpret mode. "
+                "Use backend='auto' (the reference scan there) or backend='reference'.")
+        zeros = lambda *_: [jnp.zeros(a.shape, a.dtype) for a in avals]
+        return mlir.lower_fun(zeros, multiple_results=True)(ctx, *args)
+
+    return rule
 
 
-def _elsewhere_lowering(ctx, *args, fn, platform, avals):
-    if platform is None:
-        platforms = ", ".join(ctx.module_context.platforms)
-        raise NotImplementedError(
-            f"selective_scan(backend='pallas') has no kernel for platform {platforms}: the Pallas "
-            "kernels are written for CUDA GPUs (Triton) and run on the CPU in interpret mode. "
-            "Use backend='auto' (the reference scan there) or backend='reference'.")
-    zeros = lambda *_: [jnp.zeros(a.shape, a.dtype) for a in avals]
-    return mlir.lower_fun(zeros, multiple_results=True)(ctx, *args)
+for _target in ("cpu", "cuda", "rocm", "tpu"):
+    mlir.register_lowering(_platform_kernel_p, _lowering_for(_target), platform=_target)
 
 
-mlir.register_lowering(_platform_kernel_p, _kernel_lowering, platform="cuda")
-mlir.register_lowering(_platform_kernel_p, _elsewhere_lowering)
+def _eager(*args, fn, platform, avals):
+    # Outside jit, platform_dependent runs the chosen branch eagerly: compile the primitive
+    # for the devices the arguments are on, as any eager jax op is (under disable_jit,
+    # where that jit would bind this primitive again, run the kernel's function itself).
+    if jax.config.jax_disable_jit:
+        return fn(*args)
+    return jax.jit(lambda *a: _platform_kernel_p.bind(*a, fn=fn, platform=platform, avals=avals))(*args)
+
+
+_platform_kernel_p.def_impl(_eager)
 
 
 def _kernel_batching(args, dims, *, fn, platform, avals):
