@@ -162,11 +162,12 @@ def candidates(kind, b, l, d):
     if kind == "fwd" and b * d // 32 < 512:
         segs = tuple(s for s in (1, 2, 4, 8, 16, 32) if s * 4 * ss.STATE_CHUNK <= l)
     # num_stages stays 1: Triton pipelines only loads that feed a dot, which these lack.
-    default = k.default_config(b, l, d, ss.STATE_CHUNK)
-    yield default if kind == "fwd" else default._replace(segments=1)
-    for bd, warps, seg in itertools.product((16, 32, 64), (1, 2, 4, 8), segs):
+    default = k.default_config(b, l, d, ss.STATE_CHUNK, kind)
+    yield default
+    # Only configurations that benchmarks/gpu_compile.py found free of spills.
+    for bd, warps, seg in itertools.product((16, 32, 64), (4, 8, 2, 1), segs):
         cfg = Config(bd, warps, 1, seg)
-        if bd <= d and bd * D_STATE >= 32 * warps and cfg != default:  # >= 1 element a thread
+        if bd <= d and k.spill_free(kind, cfg, D_STATE) and cfg != default:
             yield cfg
 
 
@@ -205,7 +206,7 @@ def sweep(repeats, record, budget):
                     best = (cfg, t)
             if best:
                 print(f"winner {kind} {model} b={b} L={l}: {best[0]} {best[1] * 1e3:.3f} ms "
-                      f"(default {k.default_config(b, l, d, ss.STATE_CHUNK)})", flush=True)
+                      f"(default {k.default_config(b, l, d, ss.STATE_CHUNK, kind)})", flush=True)
                 winners[(kind, d, b, l)] = best[0]
     print("TUNED = {")
     for key, cfg in winners.items():

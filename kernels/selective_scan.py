@@ -5,23 +5,28 @@ for the platforms they are written for. Same layout and semantics as ``vim_jax.s
 (channels-last; ../shared/design/selective_scan.md).
 
 One program per (batch element, block of BD channels) keeps its (BD, d_state) state in
-registers and walks the sequence in chunks of T steps: u, delta, z, B, C are read once
-and the output written once; the (B, L, D, N) states never exist in HBM. A chunk's rows
-are all loaded before its recurrence starts, so their latency is paid once a chunk, not
-once a step (Triton software-pipelines only loads that feed a dot). When differentiated,
-the forward also writes the state entering every chunk; the backward walks the chunks
-from the end, recomputes a chunk's T states from its entry state into registers and
-walks them backwards. A chunk that runs past the sequence's end turns its extra steps
-into the identity (dt = 0) and stores nothing for them. dB and dC are reduced over
-d_inner outside the kernel from per-block partials, dA, dD and d(delta_bias) from
-per-batch partials: no atomics, deterministic results.
+registers and walks the sequence: u, delta, z, B, C are read once and the output written
+once; the (B, L, D, N) states never exist in HBM. Steps run in loop trips of SUB_BLOCK
+unrolled steps whose rows are loaded 1-D before the trip's recurrence (latency paid once
+a trip; a loop, so the compiler cannot hoist a whole chunk's rows into registers). When
+differentiated, the forward also writes the state entering every chunk of T positions;
+chunks are position-aligned in both directions, as the reference backend's are, so
+either backend's backward can read either's residual. The backward walks the chunks from
+the end of the scan and each chunk in trips from its end, recomputing a trip's entry state
+from the chunk's and its SUB_BLOCK states into registers. Full chunks run with no per-step
+condition; a partial chunk is a separate, static stretch of code. exp(dt A) is exp2(dt
+A log2 e) with A scaled once per program. dB and dC are reduced over d_inner outside the
+kernel from per-block partials, dA, dD and d(delta_bias) from per-batch partials: no
+atomics, deterministic results. Register use and spills of every configuration the
+defaults can choose are checked by ``benchmarks/gpu_compile.py`` (ptxas, sm_80/sm_90).
 
 ``reverse=True`` indexes position L-1-t at step t: no flipped copies. Triton does not
 mask loads and stores of a block that overhangs its array (interpret mode pads and
 hides it), so no block ever overhangs: every block spans its array's full length, and
 d_inner is padded to a multiple of BD in the wrapper when it is not one already
 (``test_no_block_overhangs_its_array`` checks every pallas_call). d_state must be a
-power of two (Triton tiles); all arithmetic is float32 whatever the input dtype.
+power of two (Triton tiles); all arithmetic is float32 whatever the input dtype. No
+float min/max: Triton lowers them to NaN-dropping instructions.
 """
 
 from __future__ import annotations
@@ -55,11 +60,27 @@ TUNED: dict[tuple[str, int, int, int], Config] = {}
 _PROGRAMS = 512
 
 
-def default_config(batch: int, length: int, d_inner: int, chunk: int) -> Config:
-    """A (BD, 16) float32 state of BD = 32 is 4 registers a thread at 4 warps; smaller
-    blocks, and for the forward sequence segments of at least 4 chunks, when the batch
-    alone cannot give the GPU a few hundred programs."""
+# State elements (of a (BD, d_state) tile) a thread may hold without the kernel passing
+# 128 registers (16 resident warps per SM) or spilling, as ptxas measured them.
+MAX_STATE_PER_THREAD = {"fwd": 4, "bwd": 2}
+
+
+def spill_free(kernel: str, cfg: Config, d_state: int = 16) -> bool:
+    """Whether ``cfg`` keeps ``kernel`` within the measured register budget."""
+    per_thread = cfg.block_d * d_state / (32 * cfg.num_warps)
+    return 1 <= per_thread <= MAX_STATE_PER_THREAD[kernel] and (kernel == "fwd" or cfg.segments == 1)
+
+
+def default_config(batch: int, length: int, d_inner: int, chunk: int, kernel: str = "fwd") -> Config:
+    """Channel blocks of BD = 32, or 16 when the batch alone cannot give the GPU a few
+    hundred programs; then, for the forward, sequence segments of at least 4 chunks.
+    Warps, from ``benchmarks/gpu_compile.py`` (ptxas, sm_80/sm_90): the forward fits a
+    (BD, 16) state at 4 warps in 96 registers; the backward, which holds SUB_BLOCK + 1
+    states, needs 2 state elements a thread (BD / 4 warps) to stay within 128 registers,
+    i.e. 16 resident warps per SM, without spilling."""
     bd = min(32 if batch * d_inner // 32 >= _PROGRAMS // 2 else 16, pl.next_power_of_2(d_inner))
+    if kernel == "bwd":
+        return Config(bd, max(1, bd * 16 // (32 * MAX_STATE_PER_THREAD["bwd"])), 1, 1)
     programs = batch * pl.cdiv(d_inner, bd)
     segments = max(1, min(pl.cdiv(_PROGRAMS, programs), pl.cdiv(length, chunk) // 4))
     return Config(bd, 4, 1, segments if programs < _PROGRAMS // 2 else 1)
@@ -67,89 +88,179 @@ def default_config(batch: int, length: int, d_inner: int, chunk: int) -> Config:
 
 def config_for(kernel: str, batch: int, length: int, d_inner: int, chunk: int) -> Config:
     """The launch parameters used for ``kernel`` ("fwd" or "bwd") at a shape."""
-    return TUNED.get((kernel, d_inner, batch, length)) or default_config(batch, length, d_inner, chunk)
+    return TUNED.get((kernel, d_inner, batch, length)) or default_config(batch, length, d_inner, chunk, kernel)
 
 
 def _params(cfg: Config):
     return plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _row(ref, t):
-    """Row t of a (L, k) block as a float32 (1, k) tile."""
-    return ref[pl.ds(t, 1), :].astype(jnp.float32)
+# Steps whose rows are loaded together: a chunk is walked in loop trips of this many
+# (unrolled) steps, so only that many steps' rows (and, backwards, states) are live at once.
+SUB_BLOCK = 4
+_LOG2E = 1.4426950408889634
 
 
-def _store_row(ref, t, value, valid):
-    """Writes row t of a (L, k) block unless this is a step past the sequence's end."""
-    @pl.when(valid)
-    def _():
-        ref[pl.ds(t, 1), :] = value.astype(ref.dtype)
+def _rows(refs, t):
+    """Row t of each (L, k) block as 1-D float32, (k,): broadcast later with [:, None] or
+    [None, :] into the (BD, N) state's layout, never reshaped."""
+    return tuple(r[t, :].astype(jnp.float32) for r in refs)
 
 
-def _chunk_rows(u_ref, delta_ref, others, start, chunk, length, reverse, bias, softplus):
-    """The inputs of steps start .. start+chunk-1, all loaded before any is used.
+class _Walk(NamedTuple):
+    """A program's view of the sequence: per-program constants and how steps map to
+    positions and chunks.
 
-    Per step: (valid, t, u, pre, dt, (a row of each of ``others``)). A step past the end of
-    the sequence (the last chunk's tail) reads the last row again and gets dt = 0, which
-    makes it the identity on the state; its outputs are never stored.
+    Steps run in scan order (position L-1-s at step s when reversed). Chunks are
+    position-aligned in both directions, as the reference backend's saved states are:
+    chunk c holds positions c*T .. c*T+T-1, the last one partial (``tail`` positions).
+    In step order they are "elements": element e is chunk e (chunk n_chunks-1-e when
+    reversed), so the partial chunk is the last element, or the first when reversed.
     """
-    rows = []
-    for k in range(chunk):
-        s = start + k
-        valid = s < length
-        t = jnp.minimum(s, length - 1)
-        t = length - 1 - t if reverse else t
-        pre = _row(delta_ref, t) + bias
-        dt = jnp.where(valid, softplus_formula(pre) if softplus else pre, 0.0)
-        rows.append((valid, t, _row(u_ref, t), pre, dt, tuple(_row(r, t) for r in others)))
-    return rows
+    a2: jax.Array      # (BD, N) A * log2(e): exp(dt A) = exp2(dt a2)
+    dskip: jax.Array   # (BD,)
+    bias: jax.Array    # (BD,)
+    softplus: bool
+    reverse: bool
+    length: int
+    chunk: int
+
+    @property
+    def n_full(self):
+        return self.length // self.chunk
+
+    @property
+    def tail(self):
+        return self.length % self.chunk
+
+    @property
+    def n_chunks(self):
+        return self.n_full + (self.tail > 0)
+
+    @property
+    def tail_element(self):
+        return 0 if self.reverse else self.n_full
+
+    def pos(self, step):
+        return self.length - 1 - step if self.reverse else step
+
+    def start(self, e, partial):
+        """The first step of element e (the partial one, or a full one)."""
+        if partial:
+            return 0 if self.reverse else self.n_full * self.chunk
+        shift = self.tail - self.chunk if (self.reverse and self.tail) else 0
+        return e * self.chunk + shift
+
+    def chunk_of(self, e):
+        return self.n_chunks - 1 - e if self.reverse else e
+
+    def dt(self, delta):
+        pre = delta + self.bias
+        return pre, (softplus_formula(pre) if self.softplus else pre)
+
+    def advance(self, h, dt, u, b):
+        return jnp.exp2(dt[:, None] * self.a2) * h + (dt * u)[:, None] * b[None, :]
+
+    def advance_at(self, h, step, u_ref, delta_ref, b_ref):
+        u, delta, b = _rows((u_ref, delta_ref, b_ref), self.pos(step))
+        return self.advance(h, self.dt(delta)[1], u, b)
+
+
+def _walk(a_ref, d_ref, bias_ref, softplus, reverse, length, chunk):
+    return _Walk(a_ref[...].astype(jnp.float32) * _LOG2E, d_ref[...].astype(jnp.float32),
+                 bias_ref[...].astype(jnp.float32), softplus, reverse, length, chunk)
+
+
+def _groups(first, size, carry, group):
+    """``group(step, count, carry)`` over steps first .. first+size-1 in trips of SUB_BLOCK
+    steps (a loop, so the compiler cannot hoist every row of a chunk at once) and a
+    static remainder."""
+    trips, rem = divmod(size, SUB_BLOCK)
+    carry = jax.lax.fori_loop(0, trips, lambda g, cr: group(first + g * SUB_BLOCK, SUB_BLOCK, cr), carry)
+    return group(first + trips * SUB_BLOCK, rem, carry) if rem else carry
 
 
 def _fwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, *refs, length, chunk,
-                seg_chunks, softplus, reverse, has_z, mode, save_states):
+                seg_chunks, n_segments, softplus, reverse, has_z, mode, save_states):
     """mode "full": the whole sequence from a zero state -> out, last[, states].
-    Segments side by side (program_id(2) is the segment, ``seg_chunks`` chunks long):
-    "summary" -> each segment's end state from a zero state and its sum of dt;
-    "emit" (given each segment's true entry state) -> out[, states]."""
+    Segments side by side (program_id(2) is the segment: ``seg_chunks`` elements, see
+    ``_Walk``): "summary" -> each segment's end state from a zero state and its sum of
+    dt; "emit" (given each segment's true entry state) -> out[, states]. Full chunks run
+    in a loop with no per-step condition; the partial one is run on its own, by the
+    segment that holds it."""
     refs = list(refs)
     entry_ref = refs.pop(0) if mode == "emit" else None
     if mode == "summary":
         end_ref, dtsum_ref = refs
-        others = (b_ref,)
     else:
         out_ref, *refs = refs
         last_ref = refs.pop(0) if mode == "full" else None
-        others = (b_ref, c_ref) + ((z_ref,) if has_z else ())
-    states_ref = refs[0] if save_states else None
-    a = a_ref[...].astype(jnp.float32)                      # (BD, N)
-    dskip = d_ref[...].astype(jnp.float32)[None, :]         # (1, BD)
-    bias = bias_ref[...].astype(jnp.float32)[None, :]
-    first = pl.program_id(2) * seg_chunks
-    stop = jnp.minimum(first + seg_chunks, pl.cdiv(length, chunk))
+    states_ref = refs[0] if save_states and mode != "summary" else None
+    w = _walk(a_ref, d_ref, bias_ref, softplus, reverse, length, chunk)
+    gate_refs = (u_ref, delta_ref, b_ref, c_ref) + ((z_ref,) if has_z else ())
 
-    def chunk_body(c, carry):
+    def group(first, count, carry):
         h, dt_sum = carry
-        if states_ref is not None:  # differentiated: the state entering every chunk
-            states_ref[pl.ds(c, 1), :, :] = h[None]
-        # A chunk's loads are all issued before its recurrence starts: their latency is
-        # paid once a chunk rather than once a step.
-        for valid, t, u, _, dt, (b, *cz) in _chunk_rows(u_ref, delta_ref, others, c * chunk, chunk,
-                                                        length, reverse, bias, softplus):
-            h = jnp.exp(dt.reshape(-1, 1) * a) * h + (dt * u).reshape(-1, 1) * b
-            if mode == "summary":
+        if mode == "summary":
+            # Steps outside the sequence (the partial chunk's padding) are identity steps.
+            steps = [first + k for k in range(count)]
+            inside = [jnp.minimum(jnp.maximum(t, 0), length - 1) for t in steps]  # integers
+            rows = [_rows((u_ref, delta_ref, b_ref), w.pos(t)) for t in inside]
+            for t, t_in, (u, delta, b) in zip(steps, inside, rows):
+                dt = w.dt(delta)[1] * (t == t_in).astype(jnp.float32)
+                h = w.advance(h, dt, u, b)
                 dt_sum = dt_sum + dt
-                continue
-            y = jnp.sum(h * cz[0], axis=1)[None, :] + dskip * u
+            return h, dt_sum
+        # A trip's loads are issued before its recurrence: latency paid once per trip.
+        rows = [(w.pos(first + k), _rows(gate_refs, w.pos(first + k))) for k in range(count)]
+        for t, (u, delta, b, cc, *z) in rows:
+            h = w.advance(h, w.dt(delta)[1], u, b)
+            y = jnp.sum(h * cc[None, :], axis=1) + w.dskip * u
             if has_z:
-                y = y * cz[1] * sigmoid(cz[1])
-            _store_row(out_ref, t, y, valid)
+                y = y * z[0] * sigmoid(z[0])
+            out_ref[t, :] = y.astype(out_ref.dtype)
         return h, dt_sum
 
-    h0 = entry_ref[...] if mode == "emit" else jnp.zeros(a.shape, jnp.float32)
-    h, dt_sum = jax.lax.fori_loop(first, stop, chunk_body, (h0, jnp.zeros((1, a.shape[0]), jnp.float32)))
+    def element(e, carry, partial):
+        if states_ref is not None:  # differentiated: the state entering every chunk
+            states_ref[w.chunk_of(e), :, :] = carry[0]
+        return _groups(w.start(e, partial), w.tail if partial else chunk, carry, group)
+
+    seg = pl.program_id(2)
+    lo = seg * seg_chunks
+    hi = jnp.minimum(lo + seg_chunks, w.n_chunks)
+    h0 = entry_ref[...] if mode == "emit" else jnp.zeros(w.a2.shape, jnp.float32)
+    carry = (h0, jnp.zeros(w.dskip.shape, jnp.float32))
+    if mode == "summary":
+        # No stores: the partial chunk runs as a whole one padded with identity steps, in
+        # the one loop (a separate stretch for it made ptxas spill here).
+        shift = w.tail - chunk if (reverse and w.tail) else 0
+        carry = jax.lax.fori_loop(lo, hi, lambda e, cr: _groups(e * chunk + shift, chunk, cr, group), carry)
+    else:
+        if w.tail and reverse:
+            lo = jnp.maximum(lo, 1)
+        elif w.tail:
+            hi = jnp.minimum(hi, w.n_full)
+
+        def tail(carry):
+            if not w.tail:
+                return carry
+            if n_segments == 1:
+                return element(w.tail_element, carry, True)
+            # A loop of one trip in the segment that holds it, none in the others (integer
+            # arithmetic: a select on a program id is no loop bound Triton accepts).
+            mine = jnp.maximum(1 - seg, 0) if reverse else jnp.maximum(seg - (n_segments - 2), 0)
+            return jax.lax.fori_loop(0, mine, lambda _, cr: element(w.tail_element, cr, True), carry)
+
+        if reverse:
+            carry = tail(carry)
+        carry = jax.lax.fori_loop(lo, hi, lambda e, cr: element(e, cr, False), carry)
+        if not reverse:
+            carry = tail(carry)
+    h, dt_sum = carry
     if mode == "summary":
         end_ref[...] = h
-        dtsum_ref[...] = dt_sum[0]
+        dtsum_ref[...] = dt_sum
     elif mode == "full":
         last_ref[...] = h
 
@@ -158,54 +269,80 @@ def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g
                 glast_ref, states_ref,
                 du_ref, ddelta_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref,
                 *, length, chunk, softplus, reverse, has_z):
-    a = a_ref[...].astype(jnp.float32)
-    dskip = d_ref[...].astype(jnp.float32)[None, :]
-    bias = bias_ref[...].astype(jnp.float32)[None, :]
-    n_chunks = pl.cdiv(length, chunk)
-    others = (b_ref, c_ref, g_ref) + ((z_ref,) if has_z else ())
+    """Walks the elements (``_Walk``) from the last to the first, and each element's steps
+    in trips of SUB_BLOCK from its end: a trip's entry state is recomputed from the
+    element's saved entry state, its SUB_BLOCK states into registers, then walked
+    backwards. A few state tiles are live, never a chunk's."""
+    w = _walk(a_ref, d_ref, bias_ref, softplus, reverse, length, chunk)
+    grad_refs = (u_ref, delta_ref, b_ref, c_ref, g_ref) + ((z_ref,) if has_z else ())
 
-    def chunk_body(i, carry):
-        c = n_chunks - 1 - i
-        rows = _chunk_rows(u_ref, delta_ref, others, c * chunk, chunk, length, reverse, bias, softplus)
-        # The chunk's states, recomputed from its entry state, stay in registers.
-        hs = [states_ref[pl.ds(c, 1), :, :][0]]
-        for _, _, u, _, dt, (b, *_) in rows:
-            hs.append(jnp.exp(dt.reshape(-1, 1) * a) * hs[-1] + (dt * u).reshape(-1, 1) * b)
-
+    def trip(h_first, first, count, carry):
+        """The adjoint through steps first .. first+count-1, entered with state h_first."""
+        rows = [(w.pos(first + k), _rows(grad_refs, w.pos(first + k))) for k in range(count)]
+        hs, steps = [h_first], []
+        for t, (u, delta, b, cc, g, *z) in rows:
+            pre, dt = w.dt(delta)
+            steps.append((t, u, pre, dt, b, cc, g, z))
+            hs.append(w.advance(hs[-1], dt, u, b))
         lam_next, da_acc, dd_acc, dbias_acc = carry
-        for k in reversed(range(chunk)):
-            valid, t, u, pre, dt, (b, cc, g, *z) = rows[k]
-            h_prev, h = hs[k], hs[k + 1]
-            g = jnp.where(valid, g, 0.0)  # a step past the end: no gradient, lam passes on
-            y = jnp.sum(h * cc, axis=1)[None, :] + dskip * u
+        for i in reversed(range(count)):
+            t, u, pre, dt, b, cc, g, z = steps[i]
+            h_prev, h = hs[i], hs[i + 1]
+            y = jnp.sum(h * cc[None, :], axis=1) + w.dskip * u
             if has_z:
                 sig = sigmoid(z[0])
                 gy = g * z[0] * sig
-                _store_row(dz_ref, t, g * y * sig * (1.0 + z[0] * (1.0 - sig)), valid)
+                dz_ref[t, :] = (g * y * sig * (1.0 + z[0] * (1.0 - sig))).astype(dz_ref.dtype)
             else:
                 gy = g
-            da = jnp.exp(dt.reshape(-1, 1) * a)
-            lam = gy.reshape(-1, 1) * cc + lam_next                          # (BD, N)
+            da = jnp.exp2(dt[:, None] * w.a2)
+            lam = gy[:, None] * cc[None, :] + lam_next                      # (BD, N)
             lam_ah = lam * da * h_prev
-            lam_b = jnp.sum(lam * b, axis=1)[None, :]                        # (1, BD)
-            _store_row(dc_ref, t, jnp.sum(gy.reshape(-1, 1) * h, axis=0)[None, :], valid)
-            _store_row(db_ref, t, jnp.sum(lam * (dt * u).reshape(-1, 1), axis=0)[None, :], valid)
-            _store_row(du_ref, t, gy * dskip + dt * lam_b, valid)
-            ddt = u * lam_b + jnp.sum(lam_ah * a, axis=1)[None, :]
-            ddelta = jnp.where(valid, ddt * sigmoid(pre) if softplus else ddt, 0.0)
-            _store_row(ddelta_ref, t, ddelta, valid)
-            da_acc = da_acc + lam_ah * dt.reshape(-1, 1)
+            lam_b = jnp.sum(lam * b[None, :], axis=1)                        # (BD,)
+            dc_ref[t, :] = jnp.sum(gy[:, None] * h, axis=0)
+            db_ref[t, :] = jnp.sum(lam * (dt * u)[:, None], axis=0)
+            du_ref[t, :] = (gy * w.dskip + dt * lam_b).astype(du_ref.dtype)
+            ddt = u * lam_b + jnp.sum(lam_ah * w.a2, axis=1) * (1.0 / _LOG2E)
+            ddelta = ddt * sigmoid(pre) if softplus else ddt
+            ddelta_ref[t, :] = ddelta.astype(ddelta_ref.dtype)
+            da_acc = da_acc + lam_ah * dt[:, None]
             dd_acc = dd_acc + gy * u
             dbias_acc = dbias_acc + ddelta
             lam_next = da * lam
         return lam_next, da_acc, dd_acc, dbias_acc
 
-    zeros_row = jnp.zeros((1, a.shape[0]), jnp.float32)
-    carry = (glast_ref[...].astype(jnp.float32), jnp.zeros(a.shape, jnp.float32), zeros_row, zeros_row)
-    _, da_acc, dd_acc, dbias_acc = jax.lax.fori_loop(0, n_chunks, chunk_body, carry)
+    def element(e, carry, partial):
+        first = w.start(e, partial)
+        h_entry = states_ref[w.chunk_of(e), :, :]
+        size = w.tail if partial else chunk
+        trips, rem = divmod(size, SUB_BLOCK)
+
+        def at(offset):  # the state entering step first + offset, recomputed
+            return jax.lax.fori_loop(0, offset, lambda i, h: w.advance_at(h, first + i, u_ref, delta_ref, b_ref),
+                                     h_entry)
+
+        if rem:
+            carry = trip(at(trips * SUB_BLOCK), first + trips * SUB_BLOCK, rem, carry)
+
+        def back(i, cr):
+            offset = (trips - 1 - i) * SUB_BLOCK
+            return trip(at(offset), first + offset, SUB_BLOCK, cr)
+
+        return jax.lax.fori_loop(0, trips, back, carry)
+
+    zeros = jnp.zeros(w.dskip.shape, jnp.float32)
+    carry = (glast_ref[...].astype(jnp.float32), jnp.zeros(w.a2.shape, jnp.float32), zeros, zeros)
+    if w.tail and not reverse:
+        carry = element(w.tail_element, carry, True)
+    first_full = 1 if (w.tail and reverse) else 0
+    carry = jax.lax.fori_loop(0, w.n_full, lambda i, cr: element(first_full + w.n_full - 1 - i, cr, False),
+                              carry)
+    if w.tail and reverse:
+        carry = element(w.tail_element, carry, True)
+    _, da_acc, dd_acc, dbias_acc = carry
     da_ref[...] = da_acc
-    dd_ref[...] = dd_acc[0]
-    dbias_ref[...] = dbias_acc[0]
+    dd_ref[...] = dd_acc
+    dbias_ref[...] = dbias_acc
 
 
 def _specs(length, n, bd, n_chunks):
@@ -255,13 +392,14 @@ def forward(u, delta, z, B, C, A, D, bias, *, softplus, reverse, has_z, chunk, s
 
     def call(mode, out_specs, out_shape, *extra):
         kernel = functools.partial(_fwd_kernel, length=length, chunk=chunk, seg_chunks=seg_chunks,
-                                   softplus=softplus, reverse=reverse, has_z=has_z, mode=mode,
+                                   n_segments=segments, softplus=softplus, reverse=reverse, has_z=has_z, mode=mode,
                                    save_states=save_states and mode != "summary")
         return pl.pallas_call(
             kernel, grid=(bsz, dp // bd, segments if mode != "full" else 1),
             in_specs=[seq, seq, seq, bc, bc, a, vec, vec] + [seg_state] * len(extra),
             out_specs=out_specs, out_shape=out_shape, interpret=interpret,
-            compiler_params=_params(cfg), name="selective_scan_fwd",
+            compiler_params=_params(cfg),
+            name="selective_scan_fwd" + ("" if mode == "full" else "_" + mode),
         )(u, delta, z, B, C, A, D, bias, *extra)
 
     out_shape = jax.ShapeDtypeStruct(u.shape, u.dtype)

@@ -1,0 +1,273 @@
+"""Compile the Pallas kernels for GPUs on a machine without one, and report what ptxas sees.
+
+    python benchmarks/gpu_compile.py [--archs sm_80,sm_90] [--json F] [--quick]
+
+Needs a venv of its own with XLA's CUDA compiler (the CUDA plugin changes how jax starts,
+so it stays out of the test venv; .ci/run builds it):
+
+    pip install jax==0.10.2 jaxlib==0.10.2 jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2 \\
+        nvidia-cuda-nvcc-cu12 && pip install --no-deps -e .
+
+Every kernel the programs users run would launch (the selective scan's inference forward,
+and its training forward and backward, both directions, at Vim-Ti/S widths for 224 and
+1248 px, batch 8 to 128, float32 and bfloat16, with the launch configuration
+``config_for`` picks) is compiled by XLA's own Triton for a compile-only sm_80 (A100) and
+sm_90 (H100) device, as on a GPU; ``ptxas -v`` then reads the PTX. One row per kernel:
+launch configuration, registers per thread, spill bytes, shared memory, and the warps an
+SM keeps resident. Exits non-zero on a compile failure, a spill, or fewer resident warps
+per SM than ``--min-warps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import dataclasses
+import itertools
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+# Before jax starts: the plugin's start-up check needs a CUDA runtime unless CUDA is not a
+# platform to run on; compile-only devices need none.
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+# (name, d_inner) of the models, image sizes -> sequence lengths (patch 16, class token).
+MODELS = (("Vim-Ti", 384), ("Vim-S", 768))
+LENGTHS = {224: 197, 1248: 6085}
+BATCHES = (8, 32, 128)
+DTYPES = ("float32", "bfloat16")
+D_STATE = 16
+
+# Compile-only targets: XLA's GpuTargetConfig for an A100-SXM4 and an H100-SXM5.
+ARCHS = {
+    "sm_80": dict(major=8, minor=0, cores=108, smem_per_core=167936, smem_optin=166912,
+                  name="A100-SXM4-80GB", ptxas="sm_80"),
+    "sm_90": dict(major=9, minor=0, cores=132, smem_per_core=233472, smem_optin=232448,
+                  name="H100-SXM5-80GB", ptxas="sm_90a"),
+}
+REGISTERS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+
+
+def target_config(arch: str) -> str:
+    a = ARCHS[arch]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024  threads_per_warp: 32
+  shared_memory_per_block: 49152  shared_memory_per_core: {a['smem_per_core']}
+  shared_memory_per_block_optin: {a['smem_optin']}
+  threads_per_core_limit: 2048  core_count: {a['cores']}  fpus_per_core: 64
+  block_dim_limit_x: 2147483647  block_dim_limit_y: 65535  block_dim_limit_z: 65535
+  memory_bandwidth: 2039000000000  l2_cache_size: 41943040  clock_rate_ghz: 1.41
+  device_memory_size: 85899345920
+  cuda_compute_capability {{ major: {a['major']} minor: {a['minor']} }}
+  registers_per_core_limit: {REGISTERS_PER_SM}  registers_per_block_limit: {REGISTERS_PER_SM}
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 1 }}
+device_description_str: "{a['name']} (compile-only)"
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One kernel compilation: what it is for and everything its code depends on."""
+    arch: str
+    stage: str          # "inference" (forward, no saved states) or "training" (forward + backward)
+    dtype: str
+    length: int
+    d_inner: int
+    batch: int
+    reverse: bool
+
+
+def cases(quick: bool):
+    """Every (model, size, batch, dtype, stage, direction) a user runs, per arch."""
+    models = MODELS[:1] if quick else MODELS
+    sizes = (224,) if quick else tuple(LENGTHS)
+    batches = (8, 128) if quick else BATCHES
+    for (model, d), size, batch, dtype, stage, reverse in itertools.product(
+            models, sizes, batches, DTYPES, ("inference", "training"), (False, True)):
+        yield model, size, Kernel("", stage, dtype, LENGTHS[size], d, batch, reverse)
+
+
+def compile_kernels(arch: str, k: Kernel, dump: str):
+    """Compiles the kernels of one (stage, shape) for ``arch``; returns the dump folder."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from vim_jax import scan
+    from vim_jax.kernels import selective_scan as kernels
+
+    topo = topologies.get_topology_desc(platform="cuda", target_config=target_config(arch),
+                                        topology="1x1x1")
+    rep = NamedSharding(jax.sharding.Mesh(np.array(topo.devices), ("x",)), P())
+    dt = jnp.dtype(k.dtype)
+    b, l, d, n, chunk = k.batch, k.length, k.d_inner, D_STATE, scan.STATE_CHUNK
+    spec = lambda *shape, dtype=dt: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+    f32 = jnp.float32
+    ins = (spec(b, l, d), spec(b, l, d), spec(b, l, d), spec(b, l, n), spec(b, l, n),
+           spec(d, n, dtype=f32), spec(d, dtype=f32), spec(d, dtype=f32))
+    flags = dict(softplus=True, reverse=k.reverse, has_z=True, chunk=chunk, interpret=False)
+    if k.stage == "inference":
+        fn = lambda *a: kernels.forward(*a, save_states=False, **flags)[:2]
+        args = ins
+    else:
+        def fn(*a):
+            out, last, states = kernels.forward(*a[:8], save_states=True, **flags)
+            return out, last, kernels.backward(*a[:8], states, a[8], a[9], **flags)
+        args = ins + (spec(b, l, d), spec(b, d, n, dtype=f32))
+    jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump})
+
+
+def ptxas_report(ptxas: str, arch: str, dump: pathlib.Path):
+    """{kernel name: (registers, spill stores + loads in bytes)} for the scan kernels' PTX."""
+    report = {}
+    for ptx in dump.glob("*.ptx"):
+        text = ptx.read_text()
+        m = re.search(r"\.entry\s+(\w+)", text)
+        if not m or not m.group(1).startswith("selective_scan"):
+            continue
+        res = subprocess.run([ptxas, "-v", f"-arch={ARCHS[arch]['ptxas']}", str(ptx), "-o", os.devnull],
+                             capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f"ptxas failed on {m.group(1)}: {res.stderr[-2000:]}")
+        regs = int(re.search(r"Used (\d+) registers", res.stderr).group(1))
+        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
+        report[m.group(1)] = (regs, int(spill.group(1)) + int(spill.group(2)))
+    return report
+
+
+def launches(dump: pathlib.Path):
+    """{kernel name: (grid, threads per block, shared memory bytes)} from XLA's thunks."""
+    out = {}
+    for f in dump.glob("*thunk_sequence.txt"):
+        for m in re.finditer(r"kCustomKernel .*? (selective_scan\w*) grid: \[([\d, ]+)\] "
+                             r"threads: \[(\d+), 1, 1\]\s+shared_memory: (\d+) bytes", f.read_text()):
+            out[m.group(1)] = (tuple(int(x) for x in m.group(2).split(",")), int(m.group(3)), int(m.group(4)))
+    return out
+
+
+def resident_warps(arch: str, regs: int, threads: int, smem: int) -> int:
+    """Warps an SM keeps resident (CUDA's occupancy rules: registers allocated per warp in
+    units of 256, 1 KiB of shared memory reserved per block)."""
+    warps = threads // 32
+    per_warp = -(-regs * 32 // 256) * 256
+    blocks = min(MAX_BLOCKS_PER_SM, MAX_WARPS_PER_SM // warps,
+                 (REGISTERS_PER_SM // per_warp) // warps,
+                 ARCHS[arch]["smem_per_core"] // (smem + 1024))
+    return blocks * warps
+
+
+def run_one(job):
+    arch, k, ptxas = job
+    dump = pathlib.Path(tempfile.mkdtemp(prefix="gpu_compile_"))
+    try:
+        t0 = time.time()
+        compile_kernels(arch, k, str(dump))
+        regs, sizes = ptxas_report(ptxas, arch, dump), launches(dump)
+        rows = []
+        for name, (r, spill) in sorted(regs.items()):
+            grid, threads, smem = sizes[name]
+            rows.append(dict(kernel=name, regs=r, spill_bytes=spill, threads=threads, grid=list(grid),
+                             smem=smem, warps_per_sm=resident_warps(arch, r, threads, smem)))
+        return dict(ok=True, seconds=round(time.time() - t0, 1), rows=rows)
+    except Exception as e:  # reported in the table; the exit code says it failed
+        return dict(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400]}")
+    finally:
+        shutil.rmtree(dump, ignore_errors=True)
+
+
+def find_ptxas() -> str:
+    try:
+        import nvidia.cuda_nvcc
+        candidate = pathlib.Path(list(nvidia.cuda_nvcc.__path__)[0]) / "bin" / "ptxas"
+        if candidate.exists():
+            return str(candidate)
+    except ImportError:
+        pass
+    found = shutil.which("ptxas")
+    if not found:
+        sys.exit("ptxas not found: pip install nvidia-cuda-nvcc-cu12 (see this file's docstring)")
+    return found
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--archs", default="sm_80,sm_90", help=f"comma-separated, of {sorted(ARCHS)}")
+    p.add_argument("--quick", action="store_true", help="Vim-Ti at 224 px, batch 8 and 128 only")
+    p.add_argument("--min-warps", type=int, default=16, help="fail below this many resident warps per SM")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--json", help="write every row to this file")
+    args = p.parse_args()
+    archs = args.archs.split(",")
+    for a in archs:
+        if a not in ARCHS:
+            p.error(f"--archs: {a!r} is not one of {sorted(ARCHS)}")
+    try:
+        import jax_plugins.xla_cuda12  # noqa: F401
+    except ImportError:
+        sys.exit("XLA's CUDA compiler is not installed in this venv: see this file's docstring")
+    ptxas = find_ptxas()
+
+    from vim_jax import scan
+    from vim_jax.kernels import selective_scan as kernels
+
+    # A kernel's code depends on its launch configuration, not on the grid: one compilation
+    # per (arch, stage, dtype, length, direction, configuration) serves every batch.
+    users, jobs = {}, {}
+    for arch in archs:
+        for model, size, k in cases(args.quick):
+            cfgs = tuple(kernels.config_for(s, k.batch, k.length, k.d_inner, scan.STATE_CHUNK)
+                         for s in (("fwd",) if k.stage == "inference" else ("fwd", "bwd")))
+            key = (arch, k.stage, k.dtype, k.length, k.reverse, cfgs)
+            users.setdefault(key, []).append((model, size, k.batch))
+            jobs.setdefault(key, (arch, dataclasses.replace(k, arch=arch), ptxas))
+    print(f"{len(jobs)} distinct compilations for {sum(map(len, users.values()))} uses, "
+          f"{args.workers} at a time", flush=True)
+
+    header = (f"{'arch':6} {'stage':9} {'dtype':8} {'L':>5} {'dir':3} {'kernel':28} {'BD':>3} {'warps':>5} "
+              f"{'seg':>3} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8}  used by")
+    rows, failures = [], 0
+    with futures.ProcessPoolExecutor(args.workers) as pool:
+        results = pool.map(run_one, jobs.values())
+        print(header, flush=True)
+        for key, res in zip(jobs, results):
+            arch, stage, dtype, length, reverse, cfgs = key
+            used_by = ", ".join(f"{m} {s}px b{b}" for m, s, b in users[key])
+            if not res["ok"]:
+                failures += 1
+                print(f"{arch:6} {stage:9} {dtype:8} {length:5} {'rev' if reverse else 'fwd':3} "
+                      f"COMPILE FAILED: {res['error']}", flush=True)
+                continue
+            for r in res["rows"]:
+                cfg = cfgs[1] if "bwd" in r["kernel"] else cfgs[0]
+                bad = r["spill_bytes"] > 0 or r["warps_per_sm"] < args.min_warps
+                failures += bad
+                print(f"{arch:6} {stage:9} {dtype:8} {length:5} {'rev' if reverse else 'fwd':3} "
+                      f"{r['kernel']:28} {cfg.block_d:3} {cfg.num_warps:5} {cfg.segments:3} {r['regs']:4} "
+                      f"{r['spill_bytes']:5} {r['smem']:6} {r['warps_per_sm']:8}  {used_by}"
+                      + ("   <-- FAILS" if bad else ""), flush=True)
+                rows.append(dict(arch=arch, stage=stage, dtype=dtype, length=length, reverse=reverse,
+                                 config=cfg._asdict(), used_by=users[key], **r))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+    worst = max((r["regs"] for r in rows), default=0)
+    print(f"{len(rows)} kernels: {sum(r['spill_bytes'] > 0 for r in rows)} spill, most registers {worst}, "
+          f"fewest resident warps/SM {min((r['warps_per_sm'] for r in rows), default=0)} "
+          f"(target >= {args.min_warps}); {failures} failing")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
