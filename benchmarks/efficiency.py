@@ -34,14 +34,15 @@ MODELS = {"vim_tiny": "vim_tiny_patch16_224", "vim_small": "vim_small_patch16_22
 PAIRS = (("vim_tiny", "deit_tiny"), ("vim_small", "deit_small"))
 
 
-def build(model: str, size: int, dtype: str):
+def build(model: str, size: int, dtype: str, depth: int | None = None):
     from vim_jax import create_model
     from vim_jax.models.deit import create_deit
 
     name = MODELS[model]
+    extra = {} if depth is None else dict(depth=depth)
     if model.startswith("vim"):
-        return create_model(name, img_size=size, dtype=dtype)
-    return create_deit(name, img_size=size, dtype=dtype)
+        return create_model(name, img_size=size, dtype=dtype, **extra)
+    return create_deit(name, img_size=size, dtype=dtype, **extra)
 
 
 def _is_oom(e: Exception) -> bool:
@@ -49,11 +50,12 @@ def _is_oom(e: Exception) -> bool:
     return "resource_exhausted" in text or "out of memory" in text or "oom" in text
 
 
-def measure(model: str, size: int, mode: str, batch: int, repeats: int, dtype: str) -> dict:
+def measure(model: str, size: int, mode: str, batch: int, repeats: int, dtype: str,
+            depth: int | None = None) -> dict:
     """One configuration: {"img_s", "peak_mb", "compile_s"} or {"status": "OOM"/"error: ..."}."""
     row = dict(model=model, size=size, mode=mode, batch=batch, dtype=dtype, tokens=(size // 16) ** 2 + 1)
     try:
-        m = build(model, size, dtype)
+        m = build(model, size, dtype, depth)
         images = jax.random.normal(jax.random.key(0), (batch, size, size, 3), jnp.float32)
         if mode == "infer":
             graphdef, state = nnx.split(m)
@@ -91,17 +93,23 @@ def measure(model: str, size: int, mode: str, batch: int, repeats: int, dtype: s
     return row
 
 
-def run_isolated(*args) -> dict:
-    """measure() in a fresh process, so the device's peak memory belongs to one config."""
+def run_isolated(*args, timeout: float | None = None) -> dict:
+    """measure() in a fresh process, so the device's peak memory belongs to one config; a
+    configuration that runs past ``timeout`` seconds is recorded as such."""
     cmd = [sys.executable, __file__, "--one", json.dumps(args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    model, size, mode, batch, _, dtype = args[:6]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(model=model, size=size, mode=mode, batch=batch, dtype=dtype,
+                    tokens=(size // 16) ** 2 + 1, status=f"timeout ({timeout} s)")
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if lines:
         return json.loads(lines[-1])
-    model, size, mode, batch, _, dtype = args
     status = "OOM" if "out of memory" in proc.stderr.lower() or "resource_exhausted" in proc.stderr.lower() \
         else f"error: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"
-    return dict(model=model, size=size, mode=mode, batch=batch, dtype=dtype, status=status)
+    return dict(model=model, size=size, mode=mode, batch=batch, dtype=dtype, tokens=(size // 16) ** 2 + 1,
+                status=status)
 
 
 def ratios(rows, mode):
@@ -161,6 +169,8 @@ def main():
     p.add_argument("--repeats", type=int, default=None, help="default: 3 on a CPU, 10 on a GPU")
     p.add_argument("--dtype", default=None, help="default: float32 on a CPU, bfloat16 on a GPU")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--depth", type=int, default=None, help="fewer blocks (a rehearsal); default: the model's")
+    p.add_argument("--run-timeout", type=float, default=None, help="seconds per configuration (GPU)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -186,8 +196,8 @@ def main():
                 train_batch=train_batch, dtype=dtype, repeats=repeats, cpu_count=os.cpu_count())
     rows = []
     for model, size, mode, b in jobs:
-        job = (model, size, mode, b, repeats, dtype)
-        row = run_isolated(*job) if gpu else measure(*job)
+        job = (model, size, mode, b, repeats, dtype, args.depth)
+        row = run_isolated(*job, timeout=args.run_timeout) if gpu else measure(*job)
         rows.append(row)
         shown = (f"{row['img_s']:9.2f} img/s {row['peak_mb']:10.1f} MiB  (compile {row['compile_s']} s)"
                  if row.get("status") == "ok" else row.get("status"))

@@ -34,10 +34,6 @@ import sys
 import tempfile
 import time
 
-# Before jax starts: the plugin's start-up check needs a CUDA runtime unless CUDA is not a
-# platform to run on; compile-only devices need none.
-os.environ["JAX_PLATFORMS"] = "cpu"
-
 # (name, d_inner) of the models, image sizes -> sequence lengths (patch 16, class token).
 MODELS = (("Vim-Ti", 384), ("Vim-S", 768))
 LENGTHS = {224: 197, 1248: 6085}
@@ -210,6 +206,9 @@ def main():
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--json", help="write every row to this file")
     args = p.parse_args()
+    # Before jax starts (workers inherit it): the CUDA plugin's start-up check needs a CUDA
+    # runtime unless CUDA is not a platform to run on; compile-only devices need none.
+    os.environ["JAX_PLATFORMS"] = "cpu"
     archs = args.archs.split(",")
     for a in archs:
         if a not in ARCHS:

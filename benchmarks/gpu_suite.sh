@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite in one device call (stages capped at 400 s in all, compiles included):
-#   bash benchmarks/gpu_suite.sh        results in ${OUT:-benchmarks/results}/gpu_suite/
+#   bash benchmarks/gpu_suite.sh              results in ${OUT:-benchmarks/results}/gpu_suite/
+#   bash benchmarks/gpu_suite.sh --rehearsal  the same stages on the CPU at tiny shapes in interpret
+#                                             mode (CI runs it in a venv like the GPU machine's)
 # Stages, each under its own time cap, the suite going on past a failed or timed-out one:
-#   1 smoke       both kernels compiled; output and all eight gradients against the reference
-#                 backend at Vim-Ti's width and an odd one, float32 and bfloat16
-#   2 sweep       kernel launch candidates at Vim-Ti/S/B shapes (batch 64 L 197, batch 8 L 6085)
-#   3 model       Vim-Ti / Vim-S forward and train-step img/s and peak memory, Pallas vs reference
-#   4 efficiency  Vim-Ti vs DeiT-Ti at 512, 738, 1024 and 1248 px (img/s, peak memory, OOM)
+#   1 smoke       output and all eight gradients against the reference backend (segmented
+#                 float32 at (2, 197, 384) reversed, bfloat16 at an odd size), an eager call, a NaN
+#                 check, and ptxas -v of the kernels this GPU's XLA compiled
+#   2 sweep       spill-free launch candidates at the shapes stages 3 and 4 run, winners written to
+#                 tuned.json as found, which stages 3 and 4 then use ($VIM_JAX_SCAN_TUNED)
+#   3 model       Vim-Ti batch 128 forward and train-step img/s and peak memory: Pallas bfloat16,
+#                 Pallas float32, then the reference backend (each run under its own timeout)
+#   4 efficiency  Vim-Ti vs DeiT-Ti at 1248 and 512 px (img/s, peak memory, OOM)
+#   5 ncu         if time is left: one forward and one backward kernel under Nsight Compute
 # Writes suite.log (everything printed), suite.json (each stage's status and seconds, rewritten
 # as each stage ends, so a cut-off run still returns what finished) and the stages' own JSON
 # files. Needs jax with CUDA, flax, optax, orbax; no TensorFlow and no network: the project is
@@ -14,6 +20,8 @@
 # that, run from the tree; the suite stops at once if vim_jax.kernels does not import.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+rehearsal=0
+[ "${1:-}" = "--rehearsal" ] && rehearsal=1
 out="${OUT:-benchmarks/results}/gpu_suite"
 mkdir -p "$out"
 log="$out/suite.log"
@@ -62,17 +70,38 @@ stage() {  # stage NAME SECONDS COMMAND...
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 } 2>&1 | tee -a "$log"
 
-stage smoke 60 python3 benchmarks/scan_bench.py --check
-stage sweep 100 python3 benchmarks/scan_bench.py --sweep --budget 90 --repeats 5 --json "$out/sweep.jsonl"
-stage model 140 bash -c "
-  for cfg in 'vim_tiny_patch16_224 pallas float32 128' 'vim_tiny_patch16_224 reference float32 128' \
-             'vim_tiny_patch16_224 pallas bfloat16 128' 'vim_small_patch16_224 pallas bfloat16 64'; do
-    set -- \$cfg
-    timeout 60 python3 benchmarks/model_bench.py --model \$1 --backend \$2 --dtype \$3 --batch \$4 \
-      --repeats 5 --json '$out/model.jsonl' || true
-  done"
-stage efficiency 100 python3 benchmarks/efficiency.py --models vim_tiny,deit_tiny \
-  --sizes 1248,1024,738,512 --train-sizes "" --out "$out"
+if [ "$rehearsal" = 1 ]; then
+  tiny=(--tiny); model_args=(--img-size 32 --depth 1 --batch 2 --repeats 1); eff_sizes=64,32
+  eff_args=(--depth 1 --batch 1 --repeats 1); models=("vim_tiny_patch16_224 pallas bfloat16")
+else
+  tiny=(); model_args=(--batch 128 --repeats 5); eff_sizes=1248,512; eff_args=(--run-timeout 45)
+  models=("vim_tiny_patch16_224 pallas bfloat16" "vim_tiny_patch16_224 pallas float32"
+          "vim_tiny_patch16_224 reference float32")
+fi
+export VIM_JAX_SCAN_TUNED="$PWD/$out/tuned.json"
+echo '{}' > "$VIM_JAX_SCAN_TUNED"
+suite_t0=$SECONDS
+
+stage smoke 70 python3 benchmarks/scan_bench.py --check --ptxas "${tiny[@]}" --json "$out/smoke.jsonl"
+stage sweep 90 python3 benchmarks/scan_bench.py --sweep --budget 75 --repeats 5 "${tiny[@]}" \
+  --tuned-out "$VIM_JAX_SCAN_TUNED" --json "$out/sweep.jsonl"
+# Each model run under its own timeout, inside the stage's (stage runs a command, not a function).
+export SUITE_MODELS="$(printf '%s\n' "${models[@]}")" SUITE_MODEL_ARGS="${model_args[*]}" SUITE_OUT="$out"
+stage model 130 bash -c '
+  while read -r name backend dtype; do
+    [ -n "$name" ] || continue
+    timeout --kill-after=5 55 python3 benchmarks/model_bench.py --model "$name" --backend "$backend" \
+      --dtype "$dtype" $SUITE_MODEL_ARGS --json "$SUITE_OUT/model.jsonl" \
+      || echo "model run $name $backend $dtype failed or timed out (exit $?)"
+  done <<< "$SUITE_MODELS"'
+stage efficiency 100 python3 benchmarks/efficiency.py --models vim_tiny,deit_tiny --sizes "$eff_sizes" \
+  --train-sizes "" "${eff_args[@]}" --out "$out"
+# Nsight Compute over one forward and one backward kernel, if the 400 s have room for it.
+if [ "$rehearsal" = 0 ] && command -v ncu > /dev/null && [ $((SECONDS - suite_t0)) -lt 340 ]; then
+  stage ncu $((390 - (SECONDS - suite_t0))) ncu --kernel-name 'regex:selective_scan_(fwd|bwd)$' \
+    --launch-count 2 --section SpeedOfLight --section Occupancy --section SchedulerStats \
+    python3 benchmarks/scan_bench.py --check
+fi
 
 write_json
 cat "$out/suite.json" | tee -a "$log"

@@ -42,6 +42,7 @@ def main():
     p.add_argument("--model", default="vim_tiny_patch16_224")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--depth", type=int, default=None, help="fewer blocks (a rehearsal); default: the model's")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile-only", action="store_true", help="report compile times only")
     p.add_argument("--skip-train", action="store_true")
@@ -76,7 +77,8 @@ def main():
     print(f"device: {n_dev} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}")
     model = create_model(args.model, img_size=args.img_size, remat=args.remat,
-                         scan_backend=args.backend, dtype=args.dtype)
+                         scan_backend=args.backend, dtype=args.dtype,
+                         **({} if args.depth is None else dict(depth=args.depth)))
     row = dict(model=args.model, batch=args.batch, img_size=args.img_size, backend=args.backend,
                dtype=args.dtype, remat=args.remat, devices=n_dev, device=jax.devices()[0].device_kind,
                jax=jax.__version__)

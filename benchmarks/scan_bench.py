@@ -1,22 +1,25 @@
 """Selective-scan benchmark: correctness of the kernels, their speed against the memory
 roofline, and a sweep that retunes their launch parameters.
 
-    python benchmarks/scan_bench.py --check          # anywhere (interpret mode off a GPU)
-    python benchmarks/scan_bench.py [--json F]       # a GPU: timings, GB/s, % of HBM peak
-    python benchmarks/scan_bench.py --sweep [--json F]  # a GPU: time every launch candidate
+    python benchmarks/scan_bench.py --check [--ptxas]   # anywhere (interpret mode off a GPU)
+    python benchmarks/scan_bench.py [--json F]          # a GPU: timings, GB/s, % of HBM peak
+    python benchmarks/scan_bench.py --sweep [--tuned-out F]  # a GPU: time the launch candidates
+    (--tiny: the same at tiny shapes, for a rehearsal on the CPU)
 
 --check compares the Pallas kernels with the reference backend on the current device: the
-output and all eight gradients, at Vim-Ti's width and an odd one, float32 (matmul precision
-"highest") and bfloat16.
+output and all eight gradients, segmented float32 at Vim-Ti's width reversed and bfloat16
+at an odd size (matmul precision "highest"); an eager (un-jitted) scan and gradient; a NaN
+in delta reaching the output. With --ptxas, on a GPU, ptxas -v of the kernels this GPU's
+own XLA compiled (compare with benchmarks/gpu_compile.py's table).
 
 The scan is memory-bound. Bytes moved per call (what must cross HBM at least once):
   forward (inference)  u, delta, z, B, C in and out    = 4*B*L*D + 2*B*L*N elements
   forward (training)   + the chunk states written      + 4 * B*(L/T)*D*N bytes
   backward             u, delta, z, g, B, C, states in; du, ddelta, dz out; dB/dC partials
 Achieved GB/s = those bytes / time, printed with the device's HBM peak.
---sweep times every (channel block, warps, stages) candidate for the forward and backward
-kernel at each shape and prints the winners as entries for ``TUNED`` in
-vim_jax/kernels/selective_scan.py.
+--sweep times the spill-free (channel block, warps, segments) candidates, most likely first,
+for the forward and backward kernels at the shapes the GPU suite's later stages run, prints
+each winner as found and rewrites --tuned-out (the file $VIM_JAX_SCAN_TUNED names for them).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 
 import model_bench  # benchmarks/, beside this script
 from vim_jax import scan as ss
+from vim_jax.kernels.selective_scan import config_for
 
 # Peak HBM bandwidth in GB/s by device kind (vendor data sheets).
 HBM_GBPS = {"NVIDIA H100 80GB HBM3": 3350, "H100 80GB HBM3": 3350, "NVIDIA H100 PCIe": 2000,
@@ -83,12 +87,14 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def check() -> bool:
-    """Kernels vs the reference: out and all eight gradients, two widths, two dtypes."""
+def check(tiny: bool = False, ptxas_dir: str | None = None) -> bool:
+    """Kernels vs the reference (out and all eight gradients), an eager call, NaN in -> NaN out."""
     ok = True
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-    for (b, l, d, reverse), dtype in itertools.product(
-            [(2, 197, 384, False), (2, 197, 384, True), (3, 70, 40, True)], ("float32", "bfloat16")):
+    cases = [((2, 197, 384, True), "float32"), ((3, 70, 40, False), "bfloat16")]
+    if tiny:
+        cases = [((2, 37, 16, True), "float32"), ((1, 21, 8, False), "bfloat16")]
+    for (b, l, d, reverse), dtype in cases:
         args = inputs(jax.random.key(b + l + d), b, l, d, dtype=jnp.dtype(dtype))
         cot = jax.random.normal(jax.random.key(1), (b, l, d))
         res = {}
@@ -97,7 +103,10 @@ def check() -> bool:
                 y = ss.selective_scan(**a, delta_softplus=True, reverse=reverse, backend=backend)
                 return jnp.sum(y.astype(jnp.float32) * cot), y
             with jax.default_matmul_precision("highest"):
-                res[backend] = jax.jit(jax.grad(loss, has_aux=True))(args)
+                grad = jax.jit(jax.grad(loss, has_aux=True))
+                if ptxas_dir and backend == "pallas":
+                    grad.lower(args).compile(compiler_options={"xla_dump_to": ptxas_dir})
+                res[backend] = grad(args)
         (g_p, y_p), (g_r, y_r) = res["pallas"], res["reference"]
         # float32: both compute in float32 (1e-4); bfloat16 inputs and outputs: 2^-7.
         tol = 1e-4 if dtype == "float32" else 2 ** -7
@@ -105,17 +114,45 @@ def check() -> bool:
         worst = max(errs, key=errs.get)
         good = errs[worst] < tol
         ok &= good
-        print(f"check b={b} L={l} d={d} reverse={reverse} {dtype}: worst {worst} rel. error "
-              f"{errs[worst]:.2e} (tolerance {tol:.1e}) {'ok' if good else 'FAILED'}", flush=True)
+        cfg = config_for("fwd", b, l, d, ss.STATE_CHUNK)
+        print(f"check b={b} L={l} d={d} reverse={reverse} {dtype} ({cfg.segments} segments): worst "
+              f"{worst} rel. error {errs[worst]:.2e} (tolerance {tol:.1e}) {'ok' if good else 'FAILED'}",
+              flush=True)
+
+    args = inputs(jax.random.key(3), 2, 37, 16, dtype=jnp.float32)
+    eager = ss.selective_scan(**args, delta_softplus=True, backend="pallas")  # no jit
+    g_eager = jax.grad(lambda u: ss.selective_scan(**{**args, "u": u}, delta_softplus=True,
+                                                   backend="pallas").sum())(args["u"])
+    ref = ss.selective_scan(**args, delta_softplus=True, backend="reference")
+    g_ref = jax.grad(lambda u: ss.selective_scan(**{**args, "u": u}, delta_softplus=True,
+                                                 backend="reference").sum())(args["u"])
+    good = max(rel_err(eager, ref), rel_err(g_eager, g_ref)) < 1e-4
+    ok &= good
+    print(f"eager call and gradient: {'ok' if good else 'FAILED'}", flush=True)
+
+    args["delta"] = args["delta"].at[1, 5, 3].set(jnp.nan)
+    out = jax.jit(lambda a: ss.selective_scan(**a, delta_softplus=True, backend="pallas"))(args)
+    good = bool(jnp.isnan(out[1, 5:, 3]).all()) and not bool(jnp.isnan(out[0]).any())
+    ok &= good
+    print(f"NaN in delta reaches the output: {'ok' if good else 'FAILED'}", flush=True)
+
+    if ptxas_dir:
+        import gpu_compile  # benchmarks/, beside this script
+
+        import pathlib
+        for name, (regs, spill) in sorted(gpu_compile.ptxas_report(
+                gpu_compile.find_ptxas(), "sm_90" if "H" in jax.devices()[0].device_kind else "sm_80",
+                pathlib.Path(ptxas_dir)).items()):
+            print(f"ptxas (this GPU's XLA): {name}: {regs} registers, {spill} spill bytes", flush=True)
     print("correctness:", "OK" if ok else "FAILED", f"(device {jax.devices()[0].device_kind})")
     return ok
 
 
-def _kernel_fns(shape_args, cfg_fwd=None, cfg_bwd=None):
+def _kernel_fns(shape_args, cfg_fwd=None, cfg_bwd=None, interpret=False):
     """Jitted forward (inference), forward (training) and backward kernel calls."""
     from vim_jax.kernels import selective_scan as k
 
-    static = dict(softplus=True, reverse=False, has_z=True, chunk=ss.STATE_CHUNK, interpret=False)
+    static = dict(softplus=True, reverse=False, has_z=True, chunk=ss.STATE_CHUNK, interpret=interpret)
     fwd = jax.jit(lambda *a: k.forward(*a, save_states=False, config=cfg_fwd, **static)[0])
     fwd_train = jax.jit(lambda *a: k.forward(*a, save_states=True, config=cfg_fwd, **static))
     out, last, states = fwd_train(*shape_args)
@@ -171,21 +208,32 @@ def candidates(kind, b, l, d):
             yield cfg
 
 
-def sweep(repeats, record, budget):
+# What the GPU suite's later stages run: (model, d_inner, batch, length, kernels). The model
+# stage (Vim-Ti, batch 128, forward and training step), the efficiency stage (Vim-Ti
+# inference at 512 and 1248 px, batch 32).
+SWEEP_SHAPES = [("Vim-Ti", 384, 128, 197, ("fwd", "bwd")), ("Vim-Ti", 384, 32, 6085, ("fwd",)),
+                ("Vim-Ti", 384, 32, 1025, ("fwd",))]
+TINY_SWEEP_SHAPES = [("tiny", 16, 2, 37, ("fwd", "bwd"))]
+
+
+def sweep(repeats, record, budget, tuned_out=None, tiny=False):
     """Times the candidates of each shape and kernel, the default first, for an equal share
-    of ``budget`` seconds; prints the winners found as ``TUNED`` entries."""
+    of ``budget`` seconds; prints each winner as found and rewrites ``tuned_out`` with all
+    winners so far ({"fwd,384,128,197": [block_d, num_warps, num_stages, segments]})."""
     from vim_jax.kernels import selective_scan as k
 
-    share = budget / (2 * len(SHAPES))
+    shapes = TINY_SWEEP_SHAPES if tiny else SWEEP_SHAPES
+    share = budget / sum(len(kinds) for *_, kinds in shapes)
     winners = {}
-    static = dict(softplus=True, reverse=False, has_z=True, chunk=ss.STATE_CHUNK, interpret=False)
-    for model, d, b, l in SHAPES:
+    static = dict(softplus=True, reverse=False, has_z=True, chunk=ss.STATE_CHUNK,
+                  interpret=jax.default_backend() != "gpu")
+    for model, d, b, l, kinds in shapes:
         a = kernel_args(inputs(jax.random.key(0), b, l, d))
-        _, _, _, bwd_args = _kernel_fns(a)
-        for kind in ("fwd", "bwd"):
+        _, _, _, bwd_args = _kernel_fns(a, interpret=static["interpret"])
+        for kind in kinds:
             best, deadline = None, time.perf_counter() + share
-            for cfg in candidates(kind, b, l, d):
-                if time.perf_counter() > deadline:
+            for i, cfg in enumerate(candidates(kind, b, l, d)):
+                if time.perf_counter() > deadline or (tiny and i == 2):
                     break
                 if kind == "fwd":
                     fn = jax.jit(lambda *x, cfg=cfg: k.forward(*x, save_states=False, config=cfg, **static)[0])
@@ -207,36 +255,52 @@ def sweep(repeats, record, budget):
             if best:
                 print(f"winner {kind} {model} b={b} L={l}: {best[0]} {best[1] * 1e3:.3f} ms "
                       f"(default {k.default_config(b, l, d, ss.STATE_CHUNK, kind)})", flush=True)
-                winners[(kind, d, b, l)] = best[0]
+                winners[f"{kind},{d},{b},{l}"] = list(best[0])
+                if tuned_out:
+                    with open(tuned_out, "w") as f:
+                        json.dump(winners, f, indent=1)
     print("TUNED = {")
     for key, cfg in winners.items():
-        print(f"    {key!r}: Config{tuple(cfg)!r},")
+        kind, *shape = key.split(",")
+        print(f"    {(kind, *map(int, shape))!r}: Config{tuple(cfg)!r},")
     print("}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="correctness only")
+    p.add_argument("--ptxas", action="store_true", help="--check on a GPU: ptxas -v of its kernels")
     p.add_argument("--sweep", action="store_true", help="time the launch candidates (GPU)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (a rehearsal on the CPU)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--budget", type=float, default=600, help="--sweep: stop after this many seconds")
     p.add_argument("--json", help="append one JSON object per measurement to this file")
+    p.add_argument("--tuned-out", help="--sweep: write the winners here (for $VIM_JAX_SCAN_TUNED)")
     args = p.parse_args()
+    for name in ("repeats", "budget"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
 
     def record(row):
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    if args.check or jax.default_backend() != "gpu":
-        ok = check()
+    gpu = jax.default_backend() == "gpu"
+    if args.sweep:
+        if not gpu and not args.tiny:
+            p.error("--sweep times kernels on a GPU; off one, only --sweep --tiny (a rehearsal)")
+        sweep(args.repeats, record, args.budget, args.tuned_out, args.tiny)
+        return
+    if args.check or not gpu:
+        import tempfile
+        ptxas_dir = tempfile.mkdtemp(prefix="scan_ptx_") if args.ptxas and gpu else None
+        ok = check(args.tiny, ptxas_dir)
+        record(dict(check="ok" if ok else "failed", device=jax.devices()[0].device_kind))
         if not args.check:
             print("no GPU: timings skipped (they would measure interpret mode)")
         raise SystemExit(0 if ok else 1)
-    if args.sweep:
-        sweep(args.repeats, record, args.budget)
-    else:
-        bench(args.repeats, record)
+    bench(args.repeats, record)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ float min/max: Triton lowers them to NaN-dropping instructions.
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -52,8 +53,24 @@ class Config(NamedTuple):
 
 
 # Measured winners of ``python benchmarks/scan_bench.py --sweep`` on a GPU, keyed by
-# (kernel, d_inner, batch, length); shapes not listed use ``default_config``.
+# (kernel, d_inner, batch, length); shapes not listed use ``default_config``. A sweep's
+# winners file (JSON, its path in $VIM_JAX_SCAN_TUNED) adds to them at import, so the GPU
+# suite's later stages run what its sweep found.
 TUNED: dict[tuple[str, int, int, int], Config] = {}
+
+
+def load_tuned(path: str) -> None:
+    """Adds the entries of a sweep's winners file, {"fwd,384,128,197": [32, 4, 1, 1], ...}."""
+    import json
+
+    with open(path) as f:
+        for key, cfg in json.load(f).items():
+            kernel, *shape = key.split(",")
+            TUNED[(kernel, *map(int, shape))] = Config(*cfg)
+
+
+if os.environ.get("VIM_JAX_SCAN_TUNED"):
+    load_tuned(os.environ["VIM_JAX_SCAN_TUNED"])
 
 
 # Programs a launch should have to fill a GPU (an H100 has 132 SMs, each holding several).
@@ -199,7 +216,9 @@ def _fwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, *
     w = _walk(a_ref, d_ref, bias_ref, softplus, reverse, length, chunk)
     gate_refs = (u_ref, delta_ref, b_ref, c_ref) + ((z_ref,) if has_z else ())
 
-    def group(first, count, carry):
+    def group(first, count, carry, mine=None):
+        """``count`` steps from ``first``; with ``mine`` (an integer, 0 or 1) they are identity
+        steps storing nothing unless it is 1."""
         h, dt_sum = carry
         if mode == "summary":
             # Steps outside the sequence (the partial chunk's padding) are identity steps.
@@ -214,17 +233,28 @@ def _fwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, *
         # A trip's loads are issued before its recurrence: latency paid once per trip.
         rows = [(w.pos(first + k), _rows(gate_refs, w.pos(first + k))) for k in range(count)]
         for t, (u, delta, b, cc, *z) in rows:
-            h = w.advance(h, w.dt(delta)[1], u, b)
-            y = jnp.sum(h * cc[None, :], axis=1) + w.dskip * u
+            dt = w.dt(delta)[1]
+            if mine is not None:
+                dt = dt * mine.astype(jnp.float32)
+            h = w.advance(h, dt, u, b)
+            y = (jnp.sum(h * cc[None, :], axis=1) + w.dskip * u)
             if has_z:
                 y = y * z[0] * sigmoid(z[0])
-            out_ref[t, :] = y.astype(out_ref.dtype)
+            if mine is None:
+                out_ref[t, :] = y.astype(out_ref.dtype)
+            else:
+                plt.store(out_ref.at[jnp.asarray(t, jnp.int32), :], y.astype(out_ref.dtype), mask=jnp.full(y.shape, mine > 0))
         return h, dt_sum
 
-    def element(e, carry, partial):
+    def element(e, carry, partial, mine=None):
         if states_ref is not None:  # differentiated: the state entering every chunk
-            states_ref[w.chunk_of(e), :, :] = carry[0]
-        return _groups(w.start(e, partial), w.tail if partial else chunk, carry, group)
+            if mine is None:
+                states_ref[w.chunk_of(e), :, :] = carry[0]
+            else:
+                plt.store(states_ref.at[jnp.asarray(w.chunk_of(e), jnp.int32), :, :], carry[0],
+                          mask=jnp.full(carry[0].shape, mine > 0))
+        return _groups(w.start(e, partial), w.tail if partial else chunk, carry,
+                       functools.partial(group, mine=mine))
 
     seg = pl.program_id(2)
     lo = seg * seg_chunks
@@ -247,10 +277,11 @@ def _fwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, *
                 return carry
             if n_segments == 1:
                 return element(w.tail_element, carry, True)
-            # A loop of one trip in the segment that holds it, none in the others (integer
-            # arithmetic: a select on a program id is no loop bound Triton accepts).
+            # Every segment runs it, as identity steps storing nothing but in the one that
+            # holds it: no branch (one here made ptxas spill). Integer arithmetic, not a
+            # select on the program id, which Triton does not broadcast.
             mine = jnp.maximum(1 - seg, 0) if reverse else jnp.maximum(seg - (n_segments - 2), 0)
-            return jax.lax.fori_loop(0, mine, lambda _, cr: element(w.tail_element, cr, True), carry)
+            return element(w.tail_element, carry, True, mine)
 
         if reverse:
             carry = tail(carry)
