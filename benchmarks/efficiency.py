@@ -224,6 +224,10 @@ def main():
     except ImportError:
         print("matplotlib not installed: no plot (pip install 'vim-jax[bench]')")
     print(f"wrote {base}.json/.csv/.png")
+    errors = [r for r in rows if str(r.get("status", "")).startswith("error")]
+    if errors:  # out of memory is a result; an error is not
+        raise SystemExit(f"{len(errors)} configurations failed: " + "; ".join(
+            f"{r['model']} {r['size']}px {r['status']}" for r in errors))
 
 
 if __name__ == "__main__":

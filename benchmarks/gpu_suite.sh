@@ -24,6 +24,7 @@ rehearsal=0
 [ "${1:-}" = "--rehearsal" ] && rehearsal=1
 out="${OUT:-benchmarks/results}/gpu_suite"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"
 log="$out/suite.log"
 : > "$log"
 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >> "$log" 2>&1 \
@@ -31,13 +32,13 @@ python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >> "$lo
 export PYTHONUNBUFFERED=1
 # From the tree: vim_jax from the repository root, its kernels from kernels/ (what the
 # install maps to vim_jax.kernels).
-if ! python3 -c "import vim_jax.kernels.selective_scan" >> "$log" 2>&1; then
+if ! python3 -P -c "import vim_jax.kernels.selective_scan" >> "$log" 2>&1; then
   mkdir -p "$out/tree/vim_jax"
   ln -sfn "$PWD/kernels" "$out/tree/vim_jax/kernels"
   for f in vim_jax/*; do ln -sfn "$PWD/$f" "$out/tree/$f"; done
   export PYTHONPATH="$out/tree:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 fi
-if ! python3 -c "import vim_jax.kernels.selective_scan" 2>&1 | tee -a "$log"; then
+if ! python3 -P -c "import vim_jax.kernels.selective_scan" 2>&1 | tee -a "$log"; then
   echo "vim_jax.kernels does not import: stopping" | tee -a "$log"
   printf '{"date": "%s", "stages": [], "error": "vim_jax.kernels does not import"}\n' "$(date -u +%FT%TZ)" \
     > "$out/suite.json"
@@ -49,8 +50,8 @@ write_json() {
     > "$out/suite.json"
 }
 
-stage() {  # stage NAME SECONDS COMMAND...
-  local name=$1 cap=$2; shift 2
+stage() {  # stage NAME SECONDS COMMAND...  (a rehearsal gets 3x the seconds: interpret mode on a CPU)
+  local name=$1 cap=$(( $2 * (rehearsal ? 3 : 1) )); shift 2
   local t0=$SECONDS rc
   echo "=== stage $name (cap ${cap}s): $*" | tee -a "$log"
   timeout --kill-after=10 "$cap" "$@" 2>&1 | tee -a "$log"
@@ -78,7 +79,7 @@ else
   models=("vim_tiny_patch16_224 pallas bfloat16" "vim_tiny_patch16_224 pallas float32"
           "vim_tiny_patch16_224 reference float32")
 fi
-export VIM_JAX_SCAN_TUNED="$PWD/$out/tuned.json"
+export VIM_JAX_SCAN_TUNED="$out/tuned.json"
 echo '{}' > "$VIM_JAX_SCAN_TUNED"
 suite_t0=$SECONDS
 
@@ -88,12 +89,14 @@ stage sweep 90 python3 benchmarks/scan_bench.py --sweep --budget 75 --repeats 5 
 # Each model run under its own timeout, inside the stage's (stage runs a command, not a function).
 export SUITE_MODELS="$(printf '%s\n' "${models[@]}")" SUITE_MODEL_ARGS="${model_args[*]}" SUITE_OUT="$out"
 stage model 130 bash -c '
+  rc=0
   while read -r name backend dtype; do
     [ -n "$name" ] || continue
     timeout --kill-after=5 55 python3 benchmarks/model_bench.py --model "$name" --backend "$backend" \
       --dtype "$dtype" $SUITE_MODEL_ARGS --json "$SUITE_OUT/model.jsonl" \
-      || echo "model run $name $backend $dtype failed or timed out (exit $?)"
-  done <<< "$SUITE_MODELS"'
+      || { rc=$?; echo "model run $name $backend $dtype failed or timed out (exit $rc)"; }
+  done <<< "$SUITE_MODELS"
+  exit $rc'
 stage efficiency 100 python3 benchmarks/efficiency.py --models vim_tiny,deit_tiny --sizes "$eff_sizes" \
   --train-sizes "" "${eff_args[@]}" --out "$out"
 # Nsight Compute over one forward and one backward kernel, if the 400 s have room for it.

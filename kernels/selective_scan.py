@@ -198,13 +198,13 @@ def _groups(first, size, carry, group):
 
 
 def _fwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, *refs, length, chunk,
-                seg_chunks, n_segments, softplus, reverse, has_z, mode, save_states):
+                seg_chunks, softplus, reverse, has_z, mode, save_states):
     """mode "full": the whole sequence from a zero state -> out, last[, states].
     Segments side by side (program_id(2) is the segment: ``seg_chunks`` elements, see
     ``_Walk``): "summary" -> each segment's end state from a zero state and its sum of
-    dt; "emit" (given each segment's true entry state) -> out[, states]. Full chunks run
-    in a loop with no per-step condition; the partial one is run on its own, by the
-    segment that holds it."""
+    dt; "emit" (given each segment's true entry state) -> out[, states]. In one pass,
+    full chunks run in a loop with no per-step condition and the partial one as a static
+    stretch of its own; segmented, it runs padded to a whole chunk (``group``)."""
     refs = list(refs)
     entry_ref = refs.pop(0) if mode == "emit" else None
     if mode == "summary":
@@ -216,78 +216,64 @@ def _fwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, *
     w = _walk(a_ref, d_ref, bias_ref, softplus, reverse, length, chunk)
     gate_refs = (u_ref, delta_ref, b_ref, c_ref) + ((z_ref,) if has_z else ())
 
-    def group(first, count, carry, mine=None):
-        """``count`` steps from ``first``; with ``mine`` (an integer, 0 or 1) they are identity
-        steps storing nothing unless it is 1."""
+    segmented = mode != "full"
+
+    def group(first, count, carry):
+        """``count`` steps from ``first``. Segmented, the partial chunk runs as a whole one
+        whose steps outside the sequence are identity steps that store nothing: one loop,
+        no branch (a separate stretch of code for it made ptxas spill)."""
         h, dt_sum = carry
-        if mode == "summary":
-            # Steps outside the sequence (the partial chunk's padding) are identity steps.
-            steps = [first + k for k in range(count)]
-            inside = [jnp.minimum(jnp.maximum(t, 0), length - 1) for t in steps]  # integers
-            rows = [_rows((u_ref, delta_ref, b_ref), w.pos(t)) for t in inside]
-            for t, t_in, (u, delta, b) in zip(steps, inside, rows):
-                dt = w.dt(delta)[1] * (t == t_in).astype(jnp.float32)
-                h = w.advance(h, dt, u, b)
-                dt_sum = dt_sum + dt
-            return h, dt_sum
+        steps = [first + k for k in range(count)]
+        inside = [jnp.minimum(jnp.maximum(t, 0), length - 1) for t in steps] if segmented else steps
+        refs_ = (u_ref, delta_ref, b_ref) if mode == "summary" else gate_refs
         # A trip's loads are issued before its recurrence: latency paid once per trip.
-        rows = [(w.pos(first + k), _rows(gate_refs, w.pos(first + k))) for k in range(count)]
-        for t, (u, delta, b, cc, *z) in rows:
+        rows = [_rows(refs_, w.pos(t)) for t in inside]
+        for t, t_in, (u, delta, b, *rest) in zip(steps, inside, rows):
             dt = w.dt(delta)[1]
-            if mine is not None:
-                dt = dt * mine.astype(jnp.float32)
+            if segmented:
+                dt = dt * (t == t_in).astype(jnp.float32)
             h = w.advance(h, dt, u, b)
-            y = (jnp.sum(h * cc[None, :], axis=1) + w.dskip * u)
+            if mode == "summary":
+                dt_sum = dt_sum + dt
+                continue
+            cc, *z = rest
+            y = jnp.sum(h * cc[None, :], axis=1) + w.dskip * u
             if has_z:
                 y = y * z[0] * sigmoid(z[0])
-            if mine is None:
-                out_ref[t, :] = y.astype(out_ref.dtype)
+            pos = w.pos(t_in)
+            if segmented:
+                plt.store(out_ref.at[jnp.asarray(pos, jnp.int32), :], y.astype(out_ref.dtype),
+                          mask=jnp.full(y.shape, t == t_in))
             else:
-                plt.store(out_ref.at[jnp.asarray(t, jnp.int32), :], y.astype(out_ref.dtype), mask=jnp.full(y.shape, mine > 0))
+                out_ref[pos, :] = y.astype(out_ref.dtype)
         return h, dt_sum
 
-    def element(e, carry, partial, mine=None):
+    def element(e, carry, partial):
         if states_ref is not None:  # differentiated: the state entering every chunk
-            if mine is None:
-                states_ref[w.chunk_of(e), :, :] = carry[0]
-            else:
-                plt.store(states_ref.at[jnp.asarray(w.chunk_of(e), jnp.int32), :, :], carry[0],
-                          mask=jnp.full(carry[0].shape, mine > 0))
-        return _groups(w.start(e, partial), w.tail if partial else chunk, carry,
-                       functools.partial(group, mine=mine))
+            states_ref[w.chunk_of(e), :, :] = carry[0]
+        return _groups(w.start(e, partial), w.tail if partial else chunk, carry, group)
 
-    seg = pl.program_id(2)
-    lo = seg * seg_chunks
-    hi = jnp.minimum(lo + seg_chunks, w.n_chunks)
     h0 = entry_ref[...] if mode == "emit" else jnp.zeros(w.a2.shape, jnp.float32)
     carry = (h0, jnp.zeros(w.dskip.shape, jnp.float32))
-    if mode == "summary":
-        # No stores: the partial chunk runs as a whole one padded with identity steps, in
-        # the one loop (a separate stretch for it made ptxas spill here).
-        shift = w.tail - chunk if (reverse and w.tail) else 0
-        carry = jax.lax.fori_loop(lo, hi, lambda e, cr: _groups(e * chunk + shift, chunk, cr, group), carry)
+    if segmented:
+        seg = pl.program_id(2)
+        lo = seg * seg_chunks
+        hi = jnp.minimum(lo + seg_chunks, w.n_chunks)
+        shift = w.tail - chunk if (reverse and w.tail) else 0  # the first full chunk's start
+
+        def padded_element(e, carry):
+            if states_ref is not None:
+                states_ref[w.chunk_of(e), :, :] = carry[0]
+            return _groups(e * chunk + shift, chunk, carry, group)
+
+        carry = jax.lax.fori_loop(lo, hi, padded_element, carry)
     else:
+        n_full, first_full = w.n_full, (1 if (reverse and w.tail) else 0)
         if w.tail and reverse:
-            lo = jnp.maximum(lo, 1)
-        elif w.tail:
-            hi = jnp.minimum(hi, w.n_full)
-
-        def tail(carry):
-            if not w.tail:
-                return carry
-            if n_segments == 1:
-                return element(w.tail_element, carry, True)
-            # Every segment runs it, as identity steps storing nothing but in the one that
-            # holds it: no branch (one here made ptxas spill). Integer arithmetic, not a
-            # select on the program id, which Triton does not broadcast.
-            mine = jnp.maximum(1 - seg, 0) if reverse else jnp.maximum(seg - (n_segments - 2), 0)
-            return element(w.tail_element, carry, True, mine)
-
-        if reverse:
-            carry = tail(carry)
-        carry = jax.lax.fori_loop(lo, hi, lambda e, cr: element(e, cr, False), carry)
-        if not reverse:
-            carry = tail(carry)
+            carry = element(w.tail_element, carry, True)
+        carry = jax.lax.fori_loop(first_full, first_full + n_full, lambda e, cr: element(e, cr, False), carry)
+        if w.tail and not reverse:
+            carry = element(w.tail_element, carry, True)
     h, dt_sum = carry
     if mode == "summary":
         end_ref[...] = h
@@ -423,7 +409,7 @@ def forward(u, delta, z, B, C, A, D, bias, *, softplus, reverse, has_z, chunk, s
 
     def call(mode, out_specs, out_shape, *extra):
         kernel = functools.partial(_fwd_kernel, length=length, chunk=chunk, seg_chunks=seg_chunks,
-                                   n_segments=segments, softplus=softplus, reverse=reverse, has_z=has_z, mode=mode,
+                                   softplus=softplus, reverse=reverse, has_z=has_z, mode=mode,
                                    save_states=save_states and mode != "summary")
         return pl.pallas_call(
             kernel, grid=(bsz, dp // bd, segments if mode != "full" else 1),
