@@ -126,21 +126,21 @@ def compile_kernels(arch: str, k: Kernel, dump: str):
     jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump})
 
 
-def ptxas_report(ptxas: str, arch: str, dump: pathlib.Path):
-    """{kernel name: (registers, spill stores + loads in bytes)} for the scan kernels' PTX."""
+def ptxas_report(ptxas: str, ptxas_arch: str, dump: pathlib.Path):
+    """{kernel name: (registers, spill stores + loads in bytes)} of the scan kernels in the
+    PTX files under ``dump``, compiled by ptxas for ``ptxas_arch`` (e.g. sm_90a)."""
     report = {}
     for ptx in dump.glob("*.ptx"):
-        text = ptx.read_text()
-        m = re.search(r"\.entry\s+(\w+)", text)
-        if not m or not m.group(1).startswith("selective_scan"):
+        if not re.search(r"\.entry\s+selective_scan", ptx.read_text()):
             continue
-        res = subprocess.run([ptxas, "-v", f"-arch={ARCHS[arch]['ptxas']}", str(ptx), "-o", os.devnull],
+        res = subprocess.run([ptxas, "-v", f"-arch={ptxas_arch}", str(ptx), "-o", os.devnull],
                              capture_output=True, text=True)
         if res.returncode:
-            raise RuntimeError(f"ptxas failed on {m.group(1)}: {res.stderr[-2000:]}")
-        regs = int(re.search(r"Used (\d+) registers", res.stderr).group(1))
-        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
-        report[m.group(1)] = (regs, int(spill.group(1)) + int(spill.group(2)))
+            raise RuntimeError(f"ptxas failed on {ptx.name}: {res.stderr[-2000:]}")
+        for m in re.finditer(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores, (\d+) bytes "
+                             r"spill loads.*?Used (\d+) registers", res.stderr, re.S):
+            if m.group(1).startswith("selective_scan"):
+                report[m.group(1)] = (int(m.group(4)), int(m.group(2)) + int(m.group(3)))
     return report
 
 
@@ -156,11 +156,11 @@ def launches(dump: pathlib.Path):
 
 def resident_warps(arch: str, regs: int, threads: int, smem: int) -> int:
     """Warps an SM keeps resident (CUDA's occupancy rules: registers allocated per warp in
-    units of 256, 1 KiB of shared memory reserved per block)."""
+    units of 256 from one of the SM's 4 quarters, 1 KiB of shared memory reserved per block)."""
     warps = threads // 32
     per_warp = -(-regs * 32 // 256) * 256
     blocks = min(MAX_BLOCKS_PER_SM, MAX_WARPS_PER_SM // warps,
-                 (REGISTERS_PER_SM // per_warp) // warps,
+                 (4 * (REGISTERS_PER_SM // 4 // per_warp)) // warps,
                  ARCHS[arch]["smem_per_core"] // (smem + 1024))
     return blocks * warps
 
@@ -171,7 +171,7 @@ def run_one(job):
     try:
         t0 = time.time()
         compile_kernels(arch, k, str(dump))
-        regs, sizes = ptxas_report(ptxas, arch, dump), launches(dump)
+        regs, sizes = ptxas_report(ptxas, ARCHS[arch]["ptxas"], dump), launches(dump)
         rows = []
         for name, (r, spill) in sorted(regs.items()):
             grid, threads, smem = sizes[name]
@@ -222,14 +222,15 @@ def main():
     from vim_jax import scan
     from vim_jax.kernels import selective_scan as kernels
 
-    # A kernel's code depends on its launch configuration, not on the grid: one compilation
-    # per (arch, stage, dtype, length, direction, configuration) serves every batch.
+    # A kernel's code depends on its launch configuration and the array shapes (Triton
+    # specialises strides), not on the grid: one compilation per (arch, stage, dtype, length,
+    # width, direction, configuration) serves every batch.
     users, jobs = {}, {}
     for arch in archs:
         for model, size, k in cases(args.quick):
             cfgs = tuple(kernels.config_for(s, k.batch, k.length, k.d_inner, scan.STATE_CHUNK)
                          for s in (("fwd",) if k.stage == "inference" else ("fwd", "bwd")))
-            key = (arch, k.stage, k.dtype, k.length, k.reverse, cfgs)
+            key = (arch, k.stage, k.dtype, k.length, k.d_inner, k.reverse, cfgs)
             users.setdefault(key, []).append((model, size, k.batch))
             jobs.setdefault(key, (arch, dataclasses.replace(k, arch=arch), ptxas))
     print(f"{len(jobs)} distinct compilations for {sum(map(len, users.values()))} uses, "
@@ -242,7 +243,7 @@ def main():
         results = pool.map(run_one, jobs.values())
         print(header, flush=True)
         for key, res in zip(jobs, results):
-            arch, stage, dtype, length, reverse, cfgs = key
+            arch, stage, dtype, length, _, reverse, cfgs = key
             used_by = ", ".join(f"{m} {s}px b{b}" for m, s, b in users[key])
             if not res["ok"]:
                 failures += 1

@@ -92,17 +92,18 @@ stage model 130 bash -c '
   rc=0
   while read -r name backend dtype; do
     [ -n "$name" ] || continue
-    timeout --kill-after=5 55 python3 benchmarks/model_bench.py --model "$name" --backend "$backend" \
-      --dtype "$dtype" $SUITE_MODEL_ARGS --json "$SUITE_OUT/model.jsonl" \
-      || { rc=$?; echo "model run $name $backend $dtype failed or timed out (exit $rc)"; }
+    timeout --foreground --kill-after=5 55 python3 benchmarks/model_bench.py --model "$name" --backend "$backend" \
+      --dtype "$dtype" $SUITE_MODEL_ARGS --json "$SUITE_OUT/model.jsonl" < /dev/null \
+      || { rc=1; echo "model run $name $backend $dtype failed or timed out (exit $?)"; }
   done <<< "$SUITE_MODELS"
   exit $rc'
 stage efficiency 100 python3 benchmarks/efficiency.py --models vim_tiny,deit_tiny --sizes "$eff_sizes" \
   --train-sizes "" "${eff_args[@]}" --out "$out"
-# Nsight Compute over one forward and one backward kernel, if the 400 s have room for it.
+# Nsight Compute over the first kernels --check launches (the segmented (2, 197, 384) forward's
+# two and its backward), if the 400 s have room for it.
 if [ "$rehearsal" = 0 ] && command -v ncu > /dev/null && [ $((SECONDS - suite_t0)) -lt 340 ]; then
-  stage ncu $((390 - (SECONDS - suite_t0))) ncu --kernel-name 'regex:selective_scan_(fwd|bwd)$' \
-    --launch-count 2 --section SpeedOfLight --section Occupancy --section SchedulerStats \
+  stage ncu $((390 - (SECONDS - suite_t0))) ncu --kernel-name 'regex:selective_scan_(fwd|bwd)' \
+    --launch-count 3 --section SpeedOfLight --section Occupancy --section SchedulerStats \
     python3 benchmarks/scan_bench.py --check
 fi
 

@@ -28,6 +28,7 @@ import argparse
 import functools
 import itertools
 import json
+import os
 import time
 
 import jax
@@ -119,7 +120,8 @@ def check(tiny: bool = False, ptxas_dir: str | None = None) -> bool:
               f"{worst} rel. error {errs[worst]:.2e} (tolerance {tol:.1e}) {'ok' if good else 'FAILED'}",
               flush=True)
 
-    args = inputs(jax.random.key(3), 2, 37, 16, dtype=jnp.float32)
+    # Segmented (4 segments, a partial chunk), as a small batch of a long sequence runs.
+    args = inputs(jax.random.key(3), 1, 300, 16, dtype=jnp.float32)
     eager = ss.selective_scan(**args, delta_softplus=True, backend="pallas")  # no jit
     g_eager = jax.grad(lambda u: ss.selective_scan(**{**args, "u": u}, delta_softplus=True,
                                                    backend="pallas").sum())(args["u"])
@@ -130,20 +132,25 @@ def check(tiny: bool = False, ptxas_dir: str | None = None) -> bool:
     ok &= good
     print(f"eager call and gradient: {'ok' if good else 'FAILED'}", flush=True)
 
-    args["delta"] = args["delta"].at[1, 5, 3].set(jnp.nan)
+    args["delta"] = args["delta"].at[0, 5, 3].set(jnp.nan)
     out = jax.jit(lambda a: ss.selective_scan(**a, delta_softplus=True, backend="pallas"))(args)
-    good = bool(jnp.isnan(out[1, 5:, 3]).all()) and not bool(jnp.isnan(out[0]).any())
+    good = bool(jnp.isnan(out[0, 5:, 3]).all()) and not bool(jnp.isnan(out[0, :, 4]).any())
     ok &= good
     print(f"NaN in delta reaches the output: {'ok' if good else 'FAILED'}", flush=True)
 
-    if ptxas_dir:
+    if ptxas_dir:  # a report only: its failure does not fail the check
+        import pathlib
         import gpu_compile  # benchmarks/, beside this script
 
-        import pathlib
-        for name, (regs, spill) in sorted(gpu_compile.ptxas_report(
-                gpu_compile.find_ptxas(), "sm_90" if "H" in jax.devices()[0].device_kind else "sm_80",
-                pathlib.Path(ptxas_dir)).items()):
-            print(f"ptxas (this GPU's XLA): {name}: {regs} registers, {spill} spill bytes", flush=True)
+        try:
+            cc = str(jax.devices()[0].compute_capability).replace(".", "")
+            arch = "sm_90a" if cc == "90" else f"sm_{cc}"
+            for name, (regs, spill) in sorted(gpu_compile.ptxas_report(
+                    gpu_compile.find_ptxas(), arch, pathlib.Path(ptxas_dir)).items()):
+                print(f"ptxas -arch={arch} (this GPU's XLA): {name}: {regs} registers, {spill} spill bytes",
+                      flush=True)
+        except (Exception, SystemExit) as e:
+            print(f"ptxas report skipped: {type(e).__name__}: {e}", flush=True)
     print("correctness:", "OK" if ok else "FAILED", f"(device {jax.devices()[0].device_kind})")
     return ok
 
@@ -256,9 +263,10 @@ def sweep(repeats, record, budget, tuned_out=None, tiny=False):
                 print(f"winner {kind} {model} b={b} L={l}: {best[0]} {best[1] * 1e3:.3f} ms "
                       f"(default {k.default_config(b, l, d, ss.STATE_CHUNK, kind)})", flush=True)
                 winners[f"{kind},{d},{b},{l}"] = list(best[0])
-                if tuned_out:
-                    with open(tuned_out, "w") as f:
+                if tuned_out:  # whole or not at all: a stage cut off mid-write leaves the last one
+                    with open(tuned_out + ".tmp", "w") as f:
                         json.dump(winners, f, indent=1)
+                    os.replace(tuned_out + ".tmp", tuned_out)
     print("TUNED = {")
     for key, cfg in winners.items():
         kind, *shape = key.split(",")

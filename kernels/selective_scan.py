@@ -60,13 +60,17 @@ TUNED: dict[tuple[str, int, int, int], Config] = {}
 
 
 def load_tuned(path: str) -> None:
-    """Adds the entries of a sweep's winners file, {"fwd,384,128,197": [32, 4, 1, 1], ...}."""
+    """Adds the entries of a sweep's winners file, {"fwd,384,128,197": [32, 4, 1, 1], ...};
+    a file that cannot be read is reported and ignored (the defaults then apply)."""
     import json
+    import warnings
 
-    with open(path) as f:
-        for key, cfg in json.load(f).items():
-            kernel, *shape = key.split(",")
-            TUNED[(kernel, *map(int, shape))] = Config(*cfg)
+    try:
+        with open(path) as f:
+            entries = {tuple(k.split(",")): Config(*cfg) for k, cfg in json.load(f).items()}
+        TUNED.update({(kernel, *map(int, shape)): cfg for (kernel, *shape), cfg in entries.items()})
+    except (OSError, ValueError, TypeError) as e:
+        warnings.warn(f"VIM_JAX_SCAN_TUNED={path}: not a sweep's winners file ({e}); using the defaults")
 
 
 if os.environ.get("VIM_JAX_SCAN_TUNED"):
@@ -230,8 +234,8 @@ def _fwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, *
         rows = [_rows(refs_, w.pos(t)) for t in inside]
         for t, t_in, (u, delta, b, *rest) in zip(steps, inside, rows):
             dt = w.dt(delta)[1]
-            if segmented:
-                dt = dt * (t == t_in).astype(jnp.float32)
+            if segmented:  # outside the sequence: dt = 0 and no input (selects: 0 * inf is NaN)
+                dt, u = (jnp.where(jnp.full(x.shape, t == t_in), x, 0.0) for x in (dt, u))
             h = w.advance(h, dt, u, b)
             if mode == "summary":
                 dt_sum = dt_sum + dt
