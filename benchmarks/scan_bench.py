@@ -16,6 +16,7 @@ The scan is memory-bound. Bytes moved per call (what must cross HBM at least onc
   forward (inference)  u, delta, z, B, C in and out    = 4*B*L*D + 2*B*L*N elements
   forward (training)   + the chunk states written      + 4 * B*(L/T)*D*N bytes
   backward             u, delta, z, g, B, C, states in; du, ddelta, dz out; dB/dC partials
+                       written, then read back by their sum over channel blocks
 Achieved GB/s = those bytes / time, printed with the device's HBM peak.
 --sweep times the spill-free (channel block, warps, segments) candidates, most likely first,
 for the forward and backward kernels at the shapes the GPU suite's later stages run, prints
@@ -74,7 +75,8 @@ def traffic(kind, b, l, d, itemsize, n=D_STATE, chunk=ss.STATE_CHUNK):
     if kind == "fwd_train":
         return 4 * seq + 2 * bc + states
     blocks = -(-d // config_for("bwd", b, l, d, chunk).block_d)
-    return 7 * seq + 2 * bc + states + 2 * blocks * b * l * n * 4  # bwd
+    # dB and dC as float32 per-block partials: written by the kernel, read back by their sum.
+    return 7 * seq + 2 * bc + states + 2 * 2 * blocks * b * l * n * 4  # bwd
 
 
 def timed(fn, *args, repeats=10):
