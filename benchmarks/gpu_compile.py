@@ -44,10 +44,16 @@ D_STATE = 16
 # Compile-only targets: XLA's GpuTargetConfig for an A100-SXM4 and an H100-SXM5.
 ARCHS = {
     "sm_80": dict(major=8, minor=0, cores=108, smem_per_core=167936, smem_optin=166912,
-                  name="A100-SXM4-80GB", ptxas="sm_80"),
+                  name="A100-SXM4-80GB"),
     "sm_90": dict(major=9, minor=0, cores=132, smem_per_core=233472, smem_optin=232448,
-                  name="H100-SXM5-80GB", ptxas="sm_90a"),
+                  name="H100-SXM5-80GB"),
 }
+
+
+def ptxas_arch(compute_capability) -> str:
+    """ptxas's -arch for a compute capability ("9.0" or 9.0 -> sm_90a, XLA's target there)."""
+    cc = str(compute_capability).replace(".", "")
+    return "sm_90a" if cc == "90" else f"sm_{cc}"
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
@@ -75,7 +81,6 @@ device_description_str: "{a['name']} (compile-only)"
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     """One kernel compilation: what it is for and everything its code depends on."""
-    arch: str
     stage: str          # "inference" (forward, no saved states) or "training" (forward + backward)
     dtype: str
     length: int
@@ -91,11 +96,11 @@ def cases(quick: bool):
     batches = (8, 128) if quick else BATCHES
     for (model, d), size, batch, dtype, stage, reverse in itertools.product(
             models, sizes, batches, DTYPES, ("inference", "training"), (False, True)):
-        yield model, size, Kernel("", stage, dtype, LENGTHS[size], d, batch, reverse)
+        yield model, size, Kernel(stage, dtype, LENGTHS[size], d, batch, reverse)
 
 
 def compile_kernels(arch: str, k: Kernel, dump: str):
-    """Compiles the kernels of one (stage, shape) for ``arch``; returns the dump folder."""
+    """Compiles the kernels of one (stage, shape) for ``arch``, their PTX dumped in ``dump``."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -171,7 +176,7 @@ def run_one(job):
     try:
         t0 = time.time()
         compile_kernels(arch, k, str(dump))
-        regs, sizes = ptxas_report(ptxas, ARCHS[arch]["ptxas"], dump), launches(dump)
+        regs, sizes = ptxas_report(ptxas, ptxas_arch(f"{ARCHS[arch]['major']}.{ARCHS[arch]['minor']}"), dump), launches(dump)
         rows = []
         for name, (r, spill) in sorted(regs.items()):
             grid, threads, smem = sizes[name]
@@ -232,7 +237,7 @@ def main():
                          for s in (("fwd",) if k.stage == "inference" else ("fwd", "bwd")))
             key = (arch, k.stage, k.dtype, k.length, k.d_inner, k.reverse, cfgs)
             users.setdefault(key, []).append((model, size, k.batch))
-            jobs.setdefault(key, (arch, dataclasses.replace(k, arch=arch), ptxas))
+            jobs.setdefault(key, (arch, k, ptxas))
     print(f"{len(jobs)} distinct compilations for {sum(map(len, users.values()))} uses, "
           f"{args.workers} at a time", flush=True)
 

@@ -29,7 +29,6 @@ import argparse
 import functools
 import itertools
 import json
-import os
 import time
 
 import jax
@@ -107,8 +106,8 @@ def check(tiny: bool = False, ptxas_dir: str | None = None) -> bool:
                 return jnp.sum(y.astype(jnp.float32) * cot), y
             with jax.default_matmul_precision("highest"):
                 grad = jax.jit(jax.grad(loss, has_aux=True))
-                if ptxas_dir and backend == "pallas":
-                    grad.lower(args).compile(compiler_options={"xla_dump_to": ptxas_dir})
+                if ptxas_dir and backend == "pallas":  # the one compilation, its PTX kept
+                    grad = grad.lower(args).compile(compiler_options={"xla_dump_to": ptxas_dir})
                 res[backend] = grad(args)
         (g_p, y_p), (g_r, y_r) = res["pallas"], res["reference"]
         # float32: both compute in float32 (1e-4); bfloat16 inputs and outputs: 2^-7.
@@ -145,8 +144,7 @@ def check(tiny: bool = False, ptxas_dir: str | None = None) -> bool:
         import gpu_compile  # benchmarks/, beside this script
 
         try:
-            cc = str(jax.devices()[0].compute_capability).replace(".", "")
-            arch = "sm_90a" if cc == "90" else f"sm_{cc}"
+            arch = gpu_compile.ptxas_arch(jax.devices()[0].compute_capability)
             for name, (regs, spill) in sorted(gpu_compile.ptxas_report(
                     gpu_compile.find_ptxas(), arch, pathlib.Path(ptxas_dir)).items()):
                 print(f"ptxas -arch={arch} (this GPU's XLA): {name}: {regs} registers, {spill} spill bytes",
@@ -264,15 +262,12 @@ def sweep(repeats, record, budget, tuned_out=None, tiny=False):
             if best:
                 print(f"winner {kind} {model} b={b} L={l}: {best[0]} {best[1] * 1e3:.3f} ms "
                       f"(default {k.default_config(b, l, d, ss.STATE_CHUNK, kind)})", flush=True)
-                winners[f"{kind},{d},{b},{l}"] = list(best[0])
-                if tuned_out:  # whole or not at all: a stage cut off mid-write leaves the last one
-                    with open(tuned_out + ".tmp", "w") as f:
-                        json.dump(winners, f, indent=1)
-                    os.replace(tuned_out + ".tmp", tuned_out)
+                winners[(kind, d, b, l)] = best[0]
+                if tuned_out:
+                    k.save_tuned(tuned_out, winners)
     print("TUNED = {")
     for key, cfg in winners.items():
-        kind, *shape = key.split(",")
-        print(f"    {(kind, *map(int, shape))!r}: Config{tuple(cfg)!r},")
+        print(f"    {key!r}: Config{tuple(cfg)!r},")
     print("}")
 
 

@@ -73,6 +73,16 @@ def load_tuned(path: str) -> None:
         warnings.warn(f"VIM_JAX_SCAN_TUNED={path}: not a sweep's winners file ({e}); using the defaults")
 
 
+def save_tuned(path: str, winners: dict[tuple[str, int, int, int], Config]) -> None:
+    """Writes ``winners`` in the format ``load_tuned`` reads, whole or not at all (a write
+    cut off midway leaves the previous file)."""
+    import json
+
+    with open(path + ".tmp", "w") as f:
+        json.dump({",".join(map(str, key)): list(cfg) for key, cfg in winners.items()}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 if os.environ.get("VIM_JAX_SCAN_TUNED"):
     load_tuned(os.environ["VIM_JAX_SCAN_TUNED"])
 
@@ -162,6 +172,11 @@ class _Walk(NamedTuple):
     def tail_element(self):
         return 0 if self.reverse else self.n_full
 
+    @property
+    def first_full(self):
+        """The first full element: 1 when the partial chunk comes first (reversed)."""
+        return 1 if (self.reverse and self.tail) else 0
+
     def pos(self, step):
         return self.length - 1 - step if self.reverse else step
 
@@ -169,8 +184,7 @@ class _Walk(NamedTuple):
         """The first step of element e (the partial one, or a full one)."""
         if partial:
             return 0 if self.reverse else self.n_full * self.chunk
-        shift = self.tail - self.chunk if (self.reverse and self.tail) else 0
-        return e * self.chunk + shift
+        return (e - self.first_full) * self.chunk + (self.tail if self.first_full else 0)
 
     def chunk_of(self, e):
         return self.n_chunks - 1 - e if self.reverse else e
@@ -263,19 +277,14 @@ def _fwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, *
         seg = pl.program_id(2)
         lo = seg * seg_chunks
         hi = jnp.minimum(lo + seg_chunks, w.n_chunks)
-        shift = w.tail - chunk if (reverse and w.tail) else 0  # the first full chunk's start
-
-        def padded_element(e, carry):
-            if states_ref is not None:
-                states_ref[w.chunk_of(e), :, :] = carry[0]
-            return _groups(e * chunk + shift, chunk, carry, group)
-
-        carry = jax.lax.fori_loop(lo, hi, padded_element, carry)
+        # Every element as a full one: the partial chunk's start as a full one's puts its
+        # padding outside the sequence, where ``group`` makes it identity steps.
+        carry = jax.lax.fori_loop(lo, hi, lambda e, cr: element(e, cr, False), carry)
     else:
-        n_full, first_full = w.n_full, (1 if (reverse and w.tail) else 0)
         if w.tail and reverse:
             carry = element(w.tail_element, carry, True)
-        carry = jax.lax.fori_loop(first_full, first_full + n_full, lambda e, cr: element(e, cr, False), carry)
+        carry = jax.lax.fori_loop(w.first_full, w.first_full + w.n_full, lambda e, cr: element(e, cr, False),
+                                  carry)
         if w.tail and not reverse:
             carry = element(w.tail_element, carry, True)
     h, dt_sum = carry
@@ -355,8 +364,7 @@ def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g
     carry = (glast_ref[...].astype(jnp.float32), jnp.zeros(w.a2.shape, jnp.float32), zeros, zeros)
     if w.tail and not reverse:
         carry = element(w.tail_element, carry, True)
-    first_full = 1 if (w.tail and reverse) else 0
-    carry = jax.lax.fori_loop(0, w.n_full, lambda i, cr: element(first_full + w.n_full - 1 - i, cr, False),
+    carry = jax.lax.fori_loop(0, w.n_full, lambda i, cr: element(w.first_full + w.n_full - 1 - i, cr, False),
                               carry)
     if w.tail and reverse:
         carry = element(w.tail_element, carry, True)

@@ -496,17 +496,19 @@ _platform_kernel_p.multiple_results = True
 _platform_kernel_p.def_abstract_eval(lambda *args, fn, platform, avals: avals)
 
 
-def _lowering_for(target: str):
-    """The primitive's lowering rule on ``target``: ``fn`` where it is the kernel's platform;
-    elsewhere zeros (never selected by the platform_dependent around it) or, for a call
-    made for no platform, an error naming the platform."""
+def _lowering_for(target: str | None):
+    """The primitive's lowering rule on ``target`` (None: any platform not named): ``fn``
+    where it is the kernel's platform; elsewhere zeros (never selected by the
+    platform_dependent around it) or, for a call made for no platform, an error naming
+    the platform."""
 
     def rule(ctx, *args, fn, platform, avals):
-        if platform == target:
+        if target is not None and platform == target:
             return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
         if platform is None:
+            where = target or ", ".join(ctx.module_context.platforms)
             raise NotImplementedError(
-                f"selective_scan(backend='pallas') has no kernel for platform {target}: the Pallas "
+                f"selective_scan(backend='pallas') has no kernel for platform {where}: the Pallas "
                 "kernels are written for CUDA GPUs (Triton) and run on the CPU in interpret mode. "
                 "Use backend='auto' (the reference scan there) or backend='reference'.")
         zeros = lambda *_: [jnp.zeros(a.shape, a.dtype) for a in avals]
@@ -517,6 +519,7 @@ def _lowering_for(target: str):
 
 for _target in ("cpu", "cuda", "rocm", "tpu"):
     mlir.register_lowering(_platform_kernel_p, _lowering_for(_target), platform=_target)
+mlir.register_lowering(_platform_kernel_p, _lowering_for(None))
 
 
 def _eager(*args, fn, platform, avals):
