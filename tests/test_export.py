@@ -28,3 +28,14 @@ def test_unknown_platform_is_refused():
 
     with pytest.raises(ValueError, match="unknown platform.*'gpu'"):
         export.export_model(None, batch=1, img_size=32, platforms=("gpu",))
+
+
+def test_module_command_prints_no_runpy_warning():
+    """``import vim_jax`` does not import vim_jax.export, so runpy does not warn that the
+    module it is about to run was imported already."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "vim_jax.export", "--help"], capture_output=True,
+                          text=True, check=True)
+    assert "--format" in proc.stdout and "RuntimeWarning" not in proc.stderr, proc.stderr

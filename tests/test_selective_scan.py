@@ -24,10 +24,11 @@ def rel_err(a, b):
     return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
 
 
-def test_forward_matches_official(scan_ref):
+@pytest.mark.parametrize("backend", ["reference", "portable"])
+def test_forward_matches_official(scan_ref, backend):
     args = channels_last(scan_ref)
     out, last = ss.selective_scan(**args, delta_softplus=True, return_last_state=True,
-                                  backend="reference")
+                                  backend=backend)
     assert rel_err(out, scan_ref["out"].transpose(0, 2, 1)) < 1e-4
     assert rel_err(last, scan_ref["last_state"]) < 1e-4
 
@@ -81,7 +82,7 @@ def random_inputs(seed, b, l, d, n, with_d=True, with_z=True, with_bias=True):
         delta_bias=jax.random.normal(k[7], (d,)) * 0.5 if with_bias else None)
 
 
-def check_against_oracle(args, softplus, reverse, tol=1e-4):
+def check_against_oracle(args, softplus, reverse, tol=1e-4, backend="reference"):
     cot = jax.random.normal(jax.random.key(9), args["u"].shape)
     cot_last = jax.random.normal(jax.random.key(10), (args["u"].shape[0],) + args["A"].shape)
     diff = {k: v for k, v in args.items() if v is not None}
@@ -94,7 +95,7 @@ def check_against_oracle(args, softplus, reverse, tol=1e-4):
         return f
 
     ours = lambda a: ss.selective_scan(**a, delta_softplus=softplus, reverse=reverse,
-                                       return_last_state=True, backend="reference")
+                                       return_last_state=True, backend=backend)
     ref = lambda a: oracle(**a, softplus=softplus, reverse=reverse)
     out, last = ours(args)
     want_out, want_last = ref(args)
@@ -111,6 +112,13 @@ def test_matches_oracle_both_directions(reverse, softplus):
     if not softplus:  # dt must stay positive for a stable scan
         args.update(delta=jnp.abs(args["delta"]) * 0.3, delta_bias=jnp.abs(args["delta_bias"]) * 0.1)
     check_against_oracle(args, softplus, reverse)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_portable_backend_matches_oracle(reverse):
+    """The export mode's scan (one forward lax.scan; reverse by flipping), values and the
+    gradients JAX's autodiff takes through it."""
+    check_against_oracle(random_inputs(3, 2, 21, 8, 4), True, reverse, backend="portable")
 
 
 @pytest.mark.parametrize("opts", [dict(with_d=False), dict(with_z=False), dict(with_bias=False),

@@ -18,6 +18,10 @@ tricks that XLA's CPU backend needs to be fast; every other platform gets plain 
 
 The selective scan's backend choice lives in ``vim_jax.scan`` and uses the same
 mechanism.
+
+``portable=True`` takes the plain-JAX form without a ``platform_dependent`` around it:
+the program then holds only standard operations, which converters such as jax2onnx
+read (the models' export mode, ``model.set_attributes(portable=True)``).
 """
 
 from __future__ import annotations
@@ -99,9 +103,17 @@ def _poly_silu_jvp(primals, tangents):
     return x * s, s * (1.0 + x * (1.0 - s)) * tangents[0]
 
 
-def silu(x):
+def _per_platform(*args, cpu, default, portable: bool):
+    """``cpu(*args)`` where lowered for the CPU, ``default(*args)`` elsewhere; with
+    ``portable``, ``default(*args)`` with no platform choice in the program."""
+    if portable:
+        return default(*args)
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
+
+
+def silu(x, *, portable: bool = False):
     """x * sigmoid(x); the polynomial form where lowered for the CPU."""
-    return jax.lax.platform_dependent(x, cpu=_poly_silu, default=jax.nn.silu)
+    return _per_platform(x, cpu=_poly_silu, default=jax.nn.silu, portable=portable)
 
 
 def poly_softplus(x):
@@ -138,9 +150,9 @@ def _matmul(x, w):
     return x @ w
 
 
-def dense(x, w):
+def dense(x, w, *, portable: bool = False):
     """x (..., i) @ w (i, o) -> (..., o)."""
-    return jax.lax.platform_dependent(x, w, cpu=_dense_cpu, default=_matmul)
+    return _per_platform(x, w, cpu=_dense_cpu, default=_matmul, portable=portable)
 
 
 # ----------------------------------------------------------------------------
@@ -167,9 +179,9 @@ def _select_cpu(stacked, i):
     return jax.tree_util.tree_map_with_path(take, stacked)
 
 
-def select_layer(stacked, i):
+def select_layer(stacked, i, *, portable: bool = False):
     """Layer i's slice of a pytree of stacked (depth, ...) arrays; i may be traced."""
-    return jax.lax.platform_dependent(stacked, i, cpu=_select_cpu, default=_select_by_index)
+    return _per_platform(stacked, i, cpu=_select_cpu, default=_select_by_index, portable=portable)
 
 
 # ----------------------------------------------------------------------------

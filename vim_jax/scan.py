@@ -24,9 +24,10 @@ so one traced program carries the right kernel for each platform it is lowered f
     "auto"       reference (CPU tuned)    Pallas Triton        reference
     "reference"  reference (CPU tuned)    reference            reference
     "pallas"     Pallas, interpret mode   Pallas Triton        error at lowering
+    "portable"   plain JAX, no per-platform choice (for converters such as jax2onnx)
 
-The "reference" backend is portable JAX (``lax.scan``) with a float32 state. Both
-backends share one custom VJP: the forward saves the state at the start of every
+The "reference" backend is portable JAX (``lax.scan``) with a float32 state. It and the
+Pallas backend share one custom VJP (the "portable" one has none: JAX differentiates it): the forward saves the state at the start of every
 ``STATE_CHUNK`` steps, (batch, length/STATE_CHUNK, d_inner, d_state) float32, named
 "scan_states" for remat policies, and the backward recomputes the states chunk by chunk
 from it: O(B*D*N*L/chunk) saved, never the O(B*L*D*N) of all states. Equations:
@@ -51,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 from vim_jax import ops
 from vim_jax.sharding import AXIS
 
-BACKENDS = ("auto", "reference", "pallas")
+BACKENDS = ("auto", "reference", "pallas", "portable")
 
 # The saved state's stride: one platform-independent value, so the residual has the same
 # shape whichever kernel a platform runs. 16 keeps the Pallas backward's chunk states in
@@ -94,7 +95,7 @@ def selective_scan(
       delta_softplus: apply softplus to delta + delta_bias.
       reverse: scan from the last position to the first.
       return_last_state: also return the final state, (batch, d_inner, d_state) float32.
-      backend: "auto", "reference" or "pallas" (see the module docstring).
+      backend: "auto", "reference", "pallas" or "portable" (see the module docstring).
 
     Returns:
       out: (batch, length, d_inner) in u's dtype; and the last state if asked for.
@@ -107,8 +108,12 @@ def selective_scan(
         if backend == "pallas":
             raise ValueError(f"the pallas selective scan needs d_state to be a power of two, got {n}; "
                              "use backend='reference' or 'auto'")
-        backend = "reference"  # "auto": the kernels need a power of two
+        if backend == "auto":
+            backend = "reference"  # the kernels need a power of two
     spec = _Spec(delta_softplus, reverse, z is not None, D is not None, delta_bias is not None, backend)
+    if backend == "portable":
+        out, last = _portable(spec, u, delta, z, B, C, A, D, delta_bias)
+        return (out, last) if return_last_state else out
     d = u.shape[-1]
     # Absent optional inputs become zeros of size d (tiny); an absent z is never read.
     zeros = jnp.zeros((d,), jnp.float32)
@@ -238,6 +243,29 @@ class _Reference:
 
     def backward(self, spec, u, delta, z, B, C, A, D, bias, states, g_out, g_last):
         return _backward(spec, u, delta, z, B, C, A, D, bias, states, g_out, g_last, self.exp)
+
+
+def _portable(spec, u, delta, z, B, C, A, D, bias):
+    """The recurrence as one forward ``lax.scan`` of single steps, with no custom VJP and
+    no platform choice; reverse is the forward scan of the flipped sequence, flipped back.
+    Only operations that converters read (ONNX has no reverse scan). Differentiable by
+    JAX's own autodiff, which keeps every state: for export, not training."""
+    f32 = jnp.float32
+    dt = _dt(delta, bias, spec.softplus, jnp.exp)
+    at = A.astype(f32).T
+    time_major = lambda x: x.astype(f32).transpose(1, 0, 2)
+    xs = tuple(time_major(x) for x in (dt, dt * u.astype(f32), B, C))
+    if spec.reverse:
+        xs = tuple(jnp.flip(x, 0) for x in xs)
+
+    def step(h, x):
+        dt_t, dtu_t, b_t, c_t = x
+        h = _advance(h, dt_t, dtu_t, b_t, at, jnp.exp)
+        return h, _readout(h, c_t)
+
+    last, y = jax.lax.scan(step, jnp.zeros((u.shape[0],) + at.shape, f32), xs)
+    y = (jnp.flip(y, 0) if spec.reverse else y).transpose(1, 0, 2)
+    return _REFERENCE._output(spec, y, u, z, D), last.transpose(0, 2, 1)
 
 
 def _dt(delta, delta_bias, softplus, exp):

@@ -65,6 +65,7 @@ class BiMambaMixer(nnx.Module):
         dt_rank = math.ceil(d_model / 16)
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
         self.dtype, self.scan_backend = dtype, scan_backend
+        self.portable = False  # the export mode: see VisionMamba
         linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype,
                                          kernel_init=torch_default_init, rngs=rngs)
         self.in_proj = linear(d_model, 2 * d_inner)
@@ -93,12 +94,12 @@ class BiMambaMixer(nnx.Module):
     def _direction(self, x, z, suffix: str, reverse: bool):
         conv_w = getattr(self, "conv_weight" + suffix)[...].astype(self.dtype)
         conv_b = getattr(self, "conv_bias" + suffix)[...].astype(self.dtype)
-        xc = ops.silu(ops.depthwise_conv(x, conv_w, conv_b, anti_causal=reverse))
+        xc = ops.silu(ops.depthwise_conv(x, conv_w, conv_b, anti_causal=reverse), portable=self.portable)
         x_proj = getattr(self, "x_proj" + suffix).kernel[...].astype(self.dtype)
-        x_dbl = checkpoint_name(ops.dense(xc, x_proj), "x_proj")
+        x_dbl = checkpoint_name(self._dense(xc, x_proj), "x_proj")
         dt_in, b, c = jnp.split(x_dbl, [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
         dt_proj = getattr(self, "dt_proj" + suffix)
-        delta = ops.dense(dt_in, dt_proj.kernel[...].astype(self.dtype))  # bias goes into the scan
+        delta = self._dense(dt_in, dt_proj.kernel[...].astype(self.dtype))  # bias goes into the scan
         # A, softplus(dt + bias), the decay exp(dt * A) and the state stay float32 in every
         # compute dtype (the scan casts; so do the norms and the residual): dt * A is often
         # ~1e-3, and bfloat16's spacing below 1 is 2^-9, so a bfloat16 decay would round to
@@ -106,19 +107,23 @@ class BiMambaMixer(nnx.Module):
         a = -jnp.exp(getattr(self, "A_log" + suffix)[...].astype(jnp.float32))
         y = selective_scan(
             xc, delta, a, b, c, getattr(self, "D" + suffix)[...], z,
-            dt_proj.bias[...], delta_softplus=True, reverse=reverse, backend=self.scan_backend)
+            dt_proj.bias[...], delta_softplus=True, reverse=reverse,
+            backend="portable" if self.portable else self.scan_backend)
         return checkpoint_name(y, "scan")
+
+    def _dense(self, x, w):
+        return ops.dense(x, w, portable=self.portable)
 
     def __call__(self, hidden):
         # Two matmuls on the kernel's halves rather than one split of the activation: the
         # strided halves of a (.., 2*d_inner) array slow every kernel that reads them.
         h = hidden.astype(self.dtype)
         w = self.in_proj.kernel[...].astype(self.dtype)
-        x = checkpoint_name(ops.dense(h, w[:, :self.d_inner]), "in_proj")
-        z = checkpoint_name(ops.dense(h, w[:, self.d_inner:]), "in_proj")
+        x = checkpoint_name(self._dense(h, w[:, :self.d_inner]), "in_proj")
+        z = checkpoint_name(self._dense(h, w[:, self.d_inner:]), "in_proj")
         y = self._direction(x, z, "", reverse=False) + self._direction(x, z, "_b", reverse=True)
         out_w = self.out_proj.kernel[...].astype(self.dtype)
-        return checkpoint_name(ops.dense(y / 2, out_w), "out_proj")
+        return checkpoint_name(self._dense(y / 2, out_w), "out_proj")
 
 
 class Block(nnx.Module):
@@ -199,6 +204,11 @@ class VisionMamba(nnx.Module):
     remat: what each block stores for the backward pass. "mixer" (default, as the paper):
     the matmul and scan outputs and the scan's chunk-entry states (so that no forward
     scan reruns), recomputing the conv, activations and norms; "full": nothing (recompute the block); "none": everything.
+
+    Export mode: ``model.set_attributes(portable=True)`` traces the model into standard
+    operations only (no per-platform choice, no CPU tricks, no reverse scan: the
+    ``"portable"`` selective scan) for converters such as jax2onnx; the numbers are the
+    same, the speed is not (``vim_jax.export`` sets it while exporting to ONNX).
     """
 
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, stride: Optional[int] = None,
@@ -220,6 +230,7 @@ class VisionMamba(nnx.Module):
         self.num_cls_tokens = len(class_token_indices(cls_position, 0))
         self.drop_path_rate = drop_path_rate
         self.deterministic = True
+        self.portable = False
         # Drop path draws from its own stream, so the parameter init stays the same.
         self.rngs = nnx.Rngs(dropout=rngs.dropout()) if drop_path_rate > 0 else None
 
@@ -283,7 +294,7 @@ class VisionMamba(nnx.Module):
         def body(carry, xs):
             residual, hidden = carry
             i, key = xs
-            layer_state, rate = ops.select_layer((state, rates), i)
+            layer_state, rate = ops.select_layer((state, rates), i, portable=self.portable)
             residual = residual + drop_path(hidden, rate, key, deterministic).astype(jnp.float32)
             hidden = nnx.merge(graphdef, layer_state)(residual).astype(self.dtype)
             return (residual, hidden), (hidden if collect else None)
