@@ -56,7 +56,8 @@ def main(argv=None):
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
     p.add_argument("--model", required=True, help="a name from vim_jax.list_models()")
     p.add_argument("--pretrained", default="True",
-                   help="True (official weights), a .pth/.npz file or a checkpoint directory")
+                   help="True (official weights), a .pth/.npz/.safetensors file or a checkpoint "
+                        "directory")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--crop-ratio", type=float, default=0.875)
     p.add_argument("--top", type=int, default=5)

@@ -1,26 +1,36 @@
-"""Checkpoint files: official state dicts (.pth/.npz) and this project's checkpoint directories.
+"""Checkpoint files: official state dicts (.pth/.npz/.safetensors) and this project's
+checkpoint directories.
 
 One directory format for trained and converted models alike, a training workdir's:
 ``model.json`` (the variant name and every model argument) and
 ``checkpoints/<step>/{params, ema[, opt_state]}`` (orbax, ``vim_jax.checkpoints``).
 ``python -m vim_jax.convert`` writes step 0 with ``ema`` equal to ``params``.
+
+For publishing and exchanging weights: safetensors, under the official PyTorch names (the
+same file loads into the official model) or this project's parameter names, and a
+Hugging Face-style directory of ``model.safetensors`` with ``config.json`` beside it
+(``{"architecture": name, "num_classes": n, "model_args": {...}}``, timm's layout).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 
 import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from vim_jax import pth
+from vim_jax.files import atomic_write
 from vim_jax.models.vim import resize_pos_embed
-from vim_jax.state_dict import mismatches, state_dict_to_params
+from vim_jax.state_dict import mismatches, params_to_state_dict, state_dict_to_params
 
 MODEL_FILE = "model.json"
+HF_WEIGHTS, HF_CONFIG = "model.safetensors", "config.json"
+NAMES = ("official", "vim_jax")
+# safetensors metadata: which names a file uses, and the model's config (JSON).
+_NAMES_KEY, _CONFIG_KEY = "vim_jax.names", "vim_jax.config"
 
 
 def load_state_dict(path) -> dict[str, np.ndarray]:
@@ -31,6 +41,12 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
     if path.suffix == ".npz":
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
+    if path.suffix == ".safetensors":
+        names, tensors, config = read_safetensors(path)
+        if names == "official":
+            return tensors
+        raise ValueError(f"{path} holds this project's parameter names, not a state dict: "
+                         "pass it to create_model(pretrained=...)")
     if path.suffix in (".pth", ".pt", ".bin"):
         obj = pth.load(path)  # no PyTorch needed; refuses anything but tensors and dicts
         sd = obj.get("model", obj) if isinstance(obj, dict) else obj
@@ -39,7 +55,85 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
         return {k: v.astype(np.float32) if pth.is_floating(v.dtype) else v
                 for k, v in sd.items() if isinstance(v, np.ndarray)}
     raise ValueError(f"checkpoint {path}: unknown format {path.suffix!r}; expected .pth, .pt, "
-                     ".bin, .npz or a checkpoint directory")
+                     ".bin, .npz, .safetensors or a checkpoint directory")
+
+
+def _read_safetensors(path) -> tuple[dict[str, np.ndarray], dict]:
+    """A safetensors file -> (tensors as float32 where floating, its metadata)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); was it written "
+                         "completely?") from e
+    return {k: v.astype(np.float32) if pth.is_floating(v.dtype) else v
+            for k, v in tensors.items()}, meta
+
+
+def read_safetensors(path) -> tuple[str, dict, dict]:
+    """A safetensors file of either naming scheme -> (names, tensors, model config): names
+    "official" (tensors: an official state dict) or "vim_jax" (tensors: the nested
+    parameters); the config ``save_safetensors`` stored, or {} for files from elsewhere."""
+    tensors, meta = _read_safetensors(path)
+    config = json.loads(meta.get(_CONFIG_KEY, "{}"))
+    if meta.get(_NAMES_KEY) == "vim_jax" or "patch_embed.kernel" in tensors:
+        return "vim_jax", traverse_util.unflatten_dict(tensors, sep="."), config
+    return "official", tensors, config
+
+
+def save_safetensors(model, path, *, names: str = "official") -> pathlib.Path:
+    """Writes ``model``'s parameters as a safetensors file under the official PyTorch names
+    (loadable by the official code) or this project's (``names="vim_jax"``: dotted paths
+    of the NNX state, stacked layers); the model's config goes in the file's metadata."""
+    from safetensors.numpy import save_file
+
+    if names not in NAMES:
+        raise ValueError(f"names={names!r} is not one of {NAMES}")
+    if not hasattr(model, "cls_position"):
+        raise ValueError(f"safetensors files hold classifiers (VisionMamba); this is a "
+                         f"{type(model).__name__}: keep it as a checkpoint directory")
+    pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    if names == "official":
+        tensors = params_to_state_dict(pure, cls_position=model.cls_position)
+    else:
+        tensors = traverse_util.flatten_dict(pure, sep=".")
+    metadata = {"format": "pt" if names == "official" else "flax", _NAMES_KEY: names,
+                _CONFIG_KEY: json.dumps(getattr(model, "config", {}))}
+    return atomic_write(path, lambda tmp: save_file(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata))
+
+
+def save_hf_dir(model, out_dir, *, names: str = "official") -> pathlib.Path:
+    """Writes ``model`` as a Hugging Face-style directory: ``model.safetensors`` (official
+    names unless ``names="vim_jax"``) and ``config.json``; ``create_model(pretrained=out_dir)``
+    reads it back."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / HF_CONFIG).unlink(missing_ok=True)  # written last: it marks a complete directory
+    save_safetensors(model, out / HF_WEIGHTS, names=names)
+    config = {k: v for k, v in model.config.items() if k != "name"}
+    body = {"architecture": model.config["name"], "num_classes": config.get("num_classes"),
+            "model_args": config}
+    atomic_write(out / HF_CONFIG, lambda tmp: tmp.write_text(json.dumps(body, indent=2, sort_keys=True)))
+    return out
+
+
+def is_hf_dir(path) -> bool:
+    """Whether ``path`` is a directory written by ``save_hf_dir`` (config.json and weights)."""
+    path = pathlib.Path(path)
+    return (path / HF_CONFIG).is_file() and (path / HF_WEIGHTS).is_file()
+
+
+def read_hf_config(path) -> dict:
+    """The model config (``"name"`` and the model arguments) of a ``save_hf_dir`` directory."""
+    body = json.loads((pathlib.Path(path) / HF_CONFIG).read_text())
+    if "architecture" not in body:
+        raise ValueError(f"{pathlib.Path(path) / HF_CONFIG} names no \"architecture\" (the model "
+                         "name); it was not written by python -m vim_jax.convert --to safetensors")
+    return {"name": body["architecture"], **body.get("model_args", {})}
 
 
 def _grid(model, img_size):
@@ -75,10 +169,8 @@ def load_params_into(model, pure: dict, *, saved_img_size=None, source=""):
 
 def write_model_config(directory, model) -> None:
     """Writes ``model.config`` as ``directory/model.json`` (atomically)."""
-    directory = pathlib.Path(directory)
-    tmp = directory / (MODEL_FILE + ".tmp")
-    tmp.write_text(json.dumps(model.config, indent=2, sort_keys=True))
-    os.replace(tmp, directory / MODEL_FILE)
+    atomic_write(pathlib.Path(directory) / MODEL_FILE,
+                 lambda tmp: tmp.write_text(json.dumps(model.config, indent=2, sort_keys=True)))
 
 
 def save_pretrained(model, out_dir) -> pathlib.Path:
@@ -122,6 +214,10 @@ def load_dir(path, *, step=None, ema: bool = False) -> tuple[dict, dict, int]:
     if not cfg_file.exists():
         old = " (it was written by an older vim-jax: convert the original checkpoint again)" \
             if (path / "vim_config.json").exists() else ""
+        half = [f for f in (HF_WEIGHTS, HF_CONFIG) if (path / f).exists()]
+        if half:
+            old = (f" nor the {HF_WEIGHTS} and {HF_CONFIG} of a safetensors directory (it holds "
+                   f"only {half[0]})")
         raise FileNotFoundError(f"{path} is not a vim-jax checkpoint directory: no {MODEL_FILE}, "
                                 f"which training workdirs and python -m vim_jax.convert write{old}")
     config = json.loads(cfg_file.read_text())

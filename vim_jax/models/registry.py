@@ -79,10 +79,12 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
         ``pretrained`` is a checkpoint directory of this project (its saved name is used).
       pretrained: True (or "True") for the official weights of ``name`` from the Hugging
         Face Hub (``list_models(pretrained=True)``); or a path: an official ``.pth``
-        (``{"model": state_dict}``), an ``.npz`` state dict with the official keys, or a
-        checkpoint directory of this project: a training workdir or the output of
-        ``python -m vim_jax.convert``; or a trained segmenter's workdir (its parameters
-        and BatchNorm statistics).
+        (``{"model": state_dict}``), an ``.npz`` state dict with the official keys, a
+        ``.safetensors`` file (official or this project's names), a checkpoint directory of
+        this project (a training workdir or the output of ``python -m vim_jax.convert``),
+        a directory of ``model.safetensors`` and ``config.json`` (``convert --to
+        safetensors``); or a trained segmenter's workdir (its parameters and BatchNorm
+        statistics).
       seed: PRNG seed for the parameters that are not loaded (and drop path).
       step, ema: with a checkpoint directory, which step (default: the latest) and whether
         to take its EMA weights.
@@ -115,14 +117,25 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
     if pretrained is False or pretrained in ("", "False", "false"):
         pretrained = None
     if pretrained is not None:
-        if os.path.isdir(pretrained):
+        hf_dir = os.path.isdir(pretrained) and io.is_hf_dir(pretrained) \
+            and not os.path.exists(os.path.join(pretrained, io.MODEL_FILE))
+        if os.path.isdir(pretrained) and not hf_dir:
             saved, params, _ = io.load_dir(pretrained, step=step, ema=ema)
-            name = name or saved.pop("name")
-            saved.pop("name", None)
         elif step is not None or ema:
-            raise ValueError(f"step= and ema= apply to checkpoint directories; {pretrained} is a file")
+            raise ValueError(f"step= and ema= apply to checkpoint directories (training workdirs); "
+                             f"{pretrained} holds one set of weights")
+        elif hf_dir or str(pretrained).endswith(".safetensors"):
+            names, tensors, saved = io.read_safetensors(
+                os.path.join(pretrained, io.HF_WEIGHTS) if hf_dir else pretrained)
+            saved = io.read_hf_config(pretrained) if hf_dir else saved
+            state_dict, params = (tensors, None) if names == "official" else (None, tensors)
         else:
             state_dict = io.load_state_dict(pretrained)
+        saved_as = saved.pop("name", None)
+        if name is not None and saved_as is not None and resolve_name(name) != saved_as:
+            raise ValueError(f"{pretrained} holds a {saved_as!r}, not a {name!r}: pass "
+                             f"name={saved_as!r} or None")
+        name = name or saved_as
     if name is None:
         raise ValueError("create_model needs a model name (or a pretrained checkpoint directory)")
     name = resolve_name(name)
