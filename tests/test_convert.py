@@ -46,12 +46,16 @@ def test_mismatches_name_keys_and_shapes(tmp_path, vim_weights_path):
     with pytest.raises(CheckpointMismatch) as e:
         create_model("vim_tiny_patch16_224", pretrained=str(path))
     msg = str(e.value)
+    assert msg.startswith(f"{path} does not fit the model: 1 missing, 1 unexpected and 1 "
+                          "mis-shaped keys:"), msg
     assert "missing key 'layers.2.mixer.D_b'" in msg
     assert "unexpected key 'layers.0.mixer.bogus'" in msg
     assert "'layers.1.mixer.x_proj.weight': checkpoint (40, 384), model expects (44, 384)" in msg
-    # A Ti checkpoint into a Small model: every width mismatch is reported.
-    with pytest.raises(CheckpointMismatch, match="patch_embed.proj.weight"):
+    # A Ti checkpoint into a Small model: every width mismatch is counted, a screenful listed.
+    with pytest.raises(CheckpointMismatch, match="0 missing, 0 unexpected and 74 mis-shaped") as e:
         create_model("vim_small_patch16_224", pretrained=str(vim_weights_path))
+    lines = str(e.value).splitlines()  # a screenful: the counts, 20 keys, how many more
+    assert len(lines) == 22 and lines[-1].strip().startswith("... and ") and "mis-shaped" in lines[0]
 
 
 def test_bad_paths_and_formats(tmp_path):
@@ -63,5 +67,7 @@ def test_bad_paths_and_formats(tmp_path):
     (tmp_path / "partial").mkdir()
     with pytest.raises(FileNotFoundError, match="not a vim-jax checkpoint directory: no model.json"):
         create_model(pretrained=str(tmp_path / "partial"))
-    with pytest.raises(ValueError, match="step= and ema= apply to checkpoint directories"):
+    with pytest.raises(ValueError, match="step= applies to checkpoint directories"):
+        create_model("vim_tiny_patch16_224", pretrained=str(tmp_path / "x.ckpt"), step=3)
+    with pytest.raises(ValueError, match="ema=True picks the model_ema of a .pth"):
         create_model("vim_tiny_patch16_224", pretrained=str(tmp_path / "x.ckpt"), ema=True)

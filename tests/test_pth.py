@@ -34,9 +34,10 @@ def _write_archive(path, pkl: bytes, storages=(), prefix="archive"):
         z.writestr(f"{prefix}/version", "3\n")
 
 
-def _torch_like_pickle(obj):
-    """Pickles {name: (storage array, offset, size, stride)} the way torch.save does (the
-    same globals and persistent ids), with stand-in torch modules: no PyTorch needed."""
+def _torch_like_pickle(obj, **entries):
+    """Pickles {"model": {name: tensor}, **entries} the way torch.save does (the same globals
+    and persistent ids), with stand-in torch modules: no PyTorch needed. A tensor is
+    (storage array, offset, size, stride); an entry may hold such dicts of tensors too."""
     torch, utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
     torch._utils = utils
 
@@ -61,11 +62,18 @@ def _torch_like_pickle(obj):
         def __reduce__(self):
             return _rebuild_tensor_v2, self.args
 
-    storages, tree = [], {}
-    for name, (array, offset, size, stride) in obj.items():
-        st = Storage(array, str(len(storages)))
-        storages.append((st.key, array.tobytes()))
-        tree[name] = Tensor(st, offset, size, stride)
+    storages = []
+
+    def tensors(d):
+        tree = {}
+        for name, (array, offset, size, stride) in d.items():
+            st = Storage(array, str(len(storages)))
+            storages.append((st.key, array.tobytes()))
+            tree[name] = Tensor(st, offset, size, stride)
+        return tree
+
+    is_tensors = lambda v: isinstance(v, dict) and v and all(isinstance(t, tuple) for t in v.values())
+    top = {"model": tensors(obj), **{k: tensors(v) if is_tensors(v) else v for k, v in entries.items()}}
 
     class Pickler(pickle.Pickler):
         def persistent_id(self, o):
@@ -77,7 +85,7 @@ def _torch_like_pickle(obj):
     sys.modules.update({"torch": torch, "torch._utils": utils})
     try:
         buf = io.BytesIO()
-        Pickler(buf, protocol=2).dump({"model": tree})
+        Pickler(buf, protocol=2).dump(top)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -149,3 +157,56 @@ def test_files_that_are_not_torch_archives(tmp_path):
         z.writestr("something.txt", "x")
     with pytest.raises(ValueError, match="without a data.pkl"):
         pth.load(tmp_path / "b.pth")
+
+
+def _flat_tensors(state_dict):
+    return {k: (np.ascontiguousarray(v).ravel(), 0, v.shape, tuple(
+        int(np.prod(v.shape[i + 1:])) for i in range(v.ndim))) for k, v in state_dict.items()}
+
+
+def test_a_deit_style_training_checkpoint_is_read(tmp_path, vim_io):
+    """What DeiT's main.py saves (Vim's recipe): model, model_ema, optimizer, scheduler,
+    scaler, epoch, args (an argparse.Namespace) and NumPy scalars. The weights load, the
+    EMA ones on request; the rest is read as inert data, no class imported or called."""
+    import argparse
+
+    import vim_jax
+
+    with np.load(fixture_path("vim_tiny_d4_weights.npz")) as f:
+        sd = {k: f[k] for k in f.files}
+    ema = {k: v * 0.5 if v.dtype.kind == "f" else v for k, v in sd.items()}
+    pkl, storages = _torch_like_pickle(
+        _flat_tensors(sd), model_ema=_flat_tensors(ema),
+        optimizer={"state": {}, "param_groups": [{"lr": 5e-4, "weight_decay": 0.05}]},
+        lr_scheduler={"last_epoch": 299}, scaler={"scale": 65536.0}, epoch=299,
+        max_accuracy=np.float64(76.1), n_parameters=np.int64(7_000_000),
+        args=argparse.Namespace(model="vim_tiny", lr=5e-4, input_size=224, data_set="IMNET"))
+    path = tmp_path / "checkpoint.pth"
+    _write_archive(path, pkl, storages)
+    obj = pth.load(path)
+    assert obj["args"].lr == 5e-4 and obj["args"].pickled_as == "argparse.Namespace"
+    assert obj["max_accuracy"] == 76.1 and obj["n_parameters"] == 7_000_000
+    x = vim_io["input_nchw"].transpose(0, 2, 3, 1)
+    model = vim_jax.create_model("vim_tiny_patch16_224", pretrained=str(path))
+    np.testing.assert_allclose(model(x), vim_io["logits"], atol=1e-4)
+    ema_model = vim_jax.create_model("vim_tiny_patch16_224", pretrained=str(path), ema=True)
+    np.testing.assert_array_equal(np.asarray(ema_model.norm_f.weight[...]), ema["norm_f.weight"])
+    bare = tmp_path / "weights.pth"
+    pkl, storages = _torch_like_pickle(_flat_tensors(sd))
+    _write_archive(bare, pkl, storages)
+    with pytest.raises(ValueError, match="has no model_ema entry .*drop ema=True"):
+        vim_jax.create_model("vim_tiny_patch16_224", pretrained=str(bare), ema=True)
+
+
+def test_a_truncated_checkpoint_says_so(tmp_path):
+    data = fixture_path("vim_tiny_d4.pth").read_bytes()
+    cut = tmp_path / "half.pth"
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"half.pth is truncated: .*download or copy complete"):
+        pth.load(cut)
+    damaged = tmp_path / "damaged.pth"  # its end intact, a stored tensor's bytes flipped
+    blob = bytearray(data)
+    blob[len(blob) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=r"damaged.pth is damaged .*Bad CRC"):
+        pth.load(damaged)

@@ -24,7 +24,8 @@ from flax import nnx, traverse_util
 from vim_jax import pth
 from vim_jax.files import atomic_write
 from vim_jax.models.vim import resize_pos_embed
-from vim_jax.state_dict import mismatches, params_to_state_dict, state_dict_to_params
+from vim_jax.state_dict import (CheckpointMismatch, mismatch_report, params_to_state_dict,
+                                state_dict_to_params)
 
 MODEL_FILE = "model.json"
 HF_WEIGHTS, HF_CONFIG = "model.safetensors", "config.json"
@@ -33,11 +34,16 @@ NAMES = ("official", "vim_jax")
 _NAMES_KEY, _CONFIG_KEY = "vim_jax.names", "vim_jax.config"
 
 
-def load_state_dict(path) -> dict[str, np.ndarray]:
-    """Reads an official state dict: ``.pth`` (``{"model": sd}`` or a bare sd) or ``.npz``."""
+def load_state_dict(path, *, ema: bool = False) -> dict[str, np.ndarray]:
+    """Reads an official state dict: ``.pth`` (a bare state dict, or a training checkpoint
+    ``{"model": sd, "model_ema": sd, "optimizer": ..., "args": Namespace, ...}`` whose
+    ``model``, or with ``ema`` its ``model_ema``, is taken), ``.npz`` or ``.safetensors``."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if ema and path.suffix not in (".pth", ".pt", ".bin"):
+        raise ValueError(f"ema=True picks the model_ema of a .pth training checkpoint or the EMA "
+                         f"weights of a training workdir; {path} holds one set of weights")
     if path.suffix == ".npz":
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
@@ -48,8 +54,12 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} holds this project's parameter names, not a state dict: "
                          "pass it to create_model(pretrained=...)")
     if path.suffix in (".pth", ".pt", ".bin"):
-        obj = pth.load(path)  # no PyTorch needed; refuses anything but tensors and dicts
-        sd = obj.get("model", obj) if isinstance(obj, dict) else obj
+        obj = pth.load(path)  # no PyTorch needed; runs nothing from the file
+        key = "model_ema" if ema else "model"
+        if ema and not (isinstance(obj, dict) and key in obj):
+            held = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f"{path} has no model_ema entry (it holds {held}); drop ema=True")
+        sd = obj.get(key, obj) if isinstance(obj, dict) else obj
         if not isinstance(sd, dict):
             raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict")
         return {k: v.astype(np.float32) if pth.is_floating(v.dtype) else v
@@ -140,13 +150,13 @@ def _grid(model, img_size):
     return (model._grid_len(img_size),) * 2
 
 
-def load_state_dict_into(model, state_dict, *, ckpt_img_size=None):
+def load_state_dict_into(model, state_dict, *, ckpt_img_size=None, source="checkpoint"):
     """Loads an official state dict into ``model`` (in place); resizes pos_embed if needed."""
     params = nnx.state(model, nnx.Param)
     old = _grid(model, ckpt_img_size) if ckpt_img_size else model.grid
     resize = lambda pos: resize_pos_embed(pos, model.cls_position, old, model.grid)
     pure = state_dict_to_params(state_dict, nnx.to_pure_dict(params), cls_position=model.cls_position,
-                                pos_embed_fn=resize)
+                                pos_embed_fn=resize, source=str(source))
     nnx.replace_by_pure_dict(params, jax.tree.map(np.asarray, pure))
     nnx.update(model, params)
 
@@ -160,9 +170,9 @@ def load_params_into(model, pure: dict, *, saved_img_size=None, source=""):
             pure["pos_embed"], model.cls_position, _grid(model, saved_img_size), model.grid))
     want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(target)}
     got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(pure)}
-    problems = mismatches(want, got)
-    if problems:
-        raise ValueError(f"checkpoint {source} does not fit the model:\n  " + "\n  ".join(problems))
+    report = mismatch_report(source, want, got)
+    if report:
+        raise CheckpointMismatch(report)
     nnx.replace_by_pure_dict(params, pure)
     nnx.update(model, params)
 

@@ -4,8 +4,12 @@ A ``.pth`` file is a zip archive holding ``<name>/data.pkl`` (a pickle of the sa
 object) and one raw little-endian buffer per tensor storage (``<name>/data/<key>``).
 Unpickling an arbitrary pickle can run arbitrary code, so this reader rebuilds only what
 a state dict is made of: dicts, ``OrderedDict``, tensors (``torch._utils._rebuild_tensor_v2``,
-``_rebuild_parameter``) over typed storages. Any other global in the pickle is refused
-with ``UnsafeCheckpointError`` before anything is called: safe on untrusted files.
+``_rebuild_parameter``) over typed storages; and, for the training checkpoints DeiT-style
+``main.py`` scripts save beside the weights, inert stand-ins for plain data holders: an
+``argparse.Namespace`` becomes a ``PickledRecord`` of its attributes, NumPy scalars are
+decoded from their bytes. The real classes are never imported or called. Any other global
+in the pickle is refused with ``UnsafeCheckpointError`` before anything is called: safe on
+untrusted files.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import collections
 import pathlib
 import pickle
+import re
 import zipfile
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -60,10 +66,60 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
     return data
 
 
+class PickledRecord:
+    """An inert stand-in for a plain data-holding object in a checkpoint (``argparse.Namespace``):
+    its pickled attributes, nothing else; ``pickled_as`` names the class it stood for."""
+
+    pickled_as = ""
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+    def __repr__(self):
+        return f"PickledRecord[{self.pickled_as}]({vars(self)})"
+
+
+class _NamespaceRecord(PickledRecord):
+    pickled_as = "argparse.Namespace"
+
+
+class _DTypeRecord:
+    """The stand-in for ``numpy.dtype(code, align, copy)`` in a pickled NumPy scalar."""
+
+    def __init__(self, code, align=False, copy=True):
+        if not (isinstance(code, str) and re.fullmatch(r"[biufc][0-9]{1,2}", code)):
+            raise UnsafeCheckpointError(f"a pickled NumPy scalar of dtype {code!r:.40}: only "
+                                        "numbers and booleans are read")
+        self.dtype = np.dtype(code)
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in "<>|=":
+            self.dtype = self.dtype.newbyteorder(state[1]) if state[1] in "<>" else self.dtype
+
+
+def _numpy_scalar(dtype, data=None):
+    if not isinstance(dtype, _DTypeRecord) or not isinstance(data, bytes):
+        raise UnsafeCheckpointError("a pickled NumPy scalar that is not a number")
+    return np.frombuffer(data, dtype.dtype, count=1)[0]
+
+
+def _encode(text, encoding="latin1"):
+    # Protocol-2 pickles store bytes as _codecs.encode(str, "latin1").
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafeCheckpointError(f"_codecs.encode with {encoding!r:.20}: only latin1 is read")
+    return text.encode("latin1")
+
+
 _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("argparse", "Namespace"): _NamespaceRecord,
+    ("numpy", "dtype"): _DTypeRecord,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("_codecs", "encode"): _encode,
 }
 
 
@@ -79,8 +135,9 @@ class _Unpickler(pickle.Unpickler):
             return _StorageType(name)
         raise UnsafeCheckpointError(
             f"{self.path}: refusing to load the global {module}.{name} from its pickle: a checkpoint "
-            "should hold only tensors and dicts, and unpickling other objects can run code. If "
-            "you trust the file, convert it with PyTorch: torch.save(torch.load(f)['model'], ...).")
+            "should hold only tensors, dicts, numbers and argparse namespaces, and unpickling other "
+            "objects can run code. If you trust the file, extract its weights with PyTorch: "
+            "torch.save(torch.load(f, weights_only=False)['model'], 'weights.pth').")
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
@@ -98,8 +155,21 @@ def load(path):
     """The object saved in a ``torch.save`` zip archive, its tensors as NumPy arrays."""
     path = pathlib.Path(path)
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"PK\x03\x04":  # a zip archive's start without its end
+            raise ValueError(f"{path} is truncated: a zip archive ({path.stat().st_size:,} bytes) "
+                             "without its end. Was the download or copy complete? Fetch it again.")
         raise ValueError(f"{path} is not a PyTorch zip checkpoint (torch.save's format since "
                          "PyTorch 1.6); re-save it with a recent PyTorch, or convert it to .npz")
+    try:
+        return _load_archive(path)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}). Was the download or "
+                         "copy complete? Fetch it again.") from e
+
+
+def _load_archive(path):
     with zipfile.ZipFile(path) as archive:
         pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
         if not pickles:

@@ -51,15 +51,26 @@ class CheckpointMismatch(ValueError):
     """A state_dict does not fit the model: names the keys and shapes at fault."""
 
 
-def mismatches(want: Mapping[str, tuple], got: Mapping[str, tuple]) -> list[str]:
-    """The one report of a checkpoint that does not fit a model, from the shapes by key the
-    model needs (``want``) and the checkpoint holds (``got``): every missing key,
-    unexpected key and shape mismatch, one line each."""
-    lines = [f"missing key {k!r}" for k in sorted(set(want) - set(got))]
-    lines += [f"unexpected key {k!r}" for k in sorted(set(got) - set(want))]
-    lines += [f"shape mismatch for {k!r}: checkpoint {tuple(got[k])}, model expects {tuple(want[k])}"
+MAX_LISTED = 20  # a screenful of a mismatch report; the counts cover the rest
+
+
+def mismatch_report(source, want: Mapping[str, tuple], got: Mapping[str, tuple],
+                    why: str = "") -> str | None:
+    """The one report of a checkpoint that does not fit a model, or None when it fits:
+    ``source`` and the counts first, then one line per missing key, unexpected key and shape
+    mismatch (the first ``MAX_LISTED``). want, got: the shapes by key the model needs and
+    the checkpoint holds; ``why`` is appended to the first line (a likely cause)."""
+    missing = [f"missing key {k!r}" for k in sorted(set(want) - set(got))]
+    unexpected = [f"unexpected key {k!r}" for k in sorted(set(got) - set(want))]
+    shapes = [f"shape mismatch for {k!r}: checkpoint {tuple(got[k])}, model expects {tuple(want[k])}"
               for k in sorted(set(want) & set(got)) if tuple(got[k]) != tuple(want[k])]
-    return lines
+    lines = missing + unexpected + shapes
+    if not lines:
+        return None
+    more = [f"... and {len(lines) - MAX_LISTED} more"] if len(lines) > MAX_LISTED else []
+    return (f"{source} does not fit the model: {len(missing)} missing, {len(unexpected)} "
+            f"unexpected and {len(shapes)} mis-shaped keys{why}:\n  "
+            + "\n  ".join(lines[:MAX_LISTED] + more))
 
 
 def infer_model_kwargs(state_dict: Mapping[str, np.ndarray], cls_position: str = "middle") -> dict:
@@ -98,12 +109,12 @@ def _set(tree, path, value):
 
 
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], target: dict, *, cls_position: str,
-                         pos_embed_fn=None) -> dict:
+                         pos_embed_fn=None, source: str = "checkpoint") -> dict:
     """Official state_dict -> nested dict of arrays with the structure and shapes of ``target``.
 
     target: the model's ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``.
     pos_embed_fn: maps the checkpoint's pos_embed to the model's grid (a resize), if needed.
-    Raises CheckpointMismatch naming every missing key, unexpected key and shape mismatch.
+    Raises CheckpointMismatch naming ``source`` and the missing, unexpected and mis-shaped keys.
     """
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     depth = _get(target, ("layers", "norm", "weight")).shape[0]
@@ -118,9 +129,9 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], target: dict, *, 
         want[key] = to_torch(np.broadcast_to(np.float32(0), shape)).shape
     for k in cls_keys:
         want[k] = (1, 1, target["cls_token"].shape[-1])
-    problems = mismatches(want, {k: v.shape for k, v in sd.items()})
-    if problems:
-        raise CheckpointMismatch("checkpoint does not fit the model:\n  " + "\n  ".join(problems))
+    report = mismatch_report(source, want, {k: v.shape for k, v in sd.items()})
+    if report:
+        raise CheckpointMismatch(report)
 
     out: dict = {}
     stacked: dict = {}

@@ -87,7 +87,7 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
         statistics).
       seed: PRNG seed for the parameters that are not loaded (and drop path).
       step, ema: with a checkpoint directory, which step (default: the latest) and whether
-        to take its EMA weights.
+        to take its EMA weights; ``ema`` with a ``.pth`` training checkpoint: its ``model_ema``.
       **overrides: VisionMamba arguments (depth, num_classes, img_size, drop_path_rate,
         dtype, scan_backend, ...); they win over the variant and the checkpoint. depth,
         num_classes and the patch grid are read off a checkpoint when not given.
@@ -121,16 +121,19 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
             and not os.path.exists(os.path.join(pretrained, io.MODEL_FILE))
         if os.path.isdir(pretrained) and not hf_dir:
             saved, params, _ = io.load_dir(pretrained, step=step, ema=ema)
-        elif step is not None or ema:
-            raise ValueError(f"step= and ema= apply to checkpoint directories (training workdirs); "
+        elif step is not None:
+            raise ValueError(f"step= applies to checkpoint directories (training workdirs); "
                              f"{pretrained} holds one set of weights")
         elif hf_dir or str(pretrained).endswith(".safetensors"):
+            if ema:
+                raise ValueError(f"ema=True applies to training workdirs and .pth training "
+                                 f"checkpoints; {pretrained} holds one set of weights")
             names, tensors, saved = io.read_safetensors(
                 os.path.join(pretrained, io.HF_WEIGHTS) if hf_dir else pretrained)
             saved = io.read_hf_config(pretrained) if hf_dir else saved
             state_dict, params = (tensors, None) if names == "official" else (None, tensors)
         else:
-            state_dict = io.load_state_dict(pretrained)
+            state_dict = io.load_state_dict(pretrained, ema=ema)
         saved_as = saved.pop("name", None)
         if name is not None and saved_as is not None and resolve_name(name) != saved_as:
             raise ValueError(f"{pretrained} holds a {saved_as!r}, not a {name!r}: pass "
@@ -158,7 +161,7 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
     model = nnx.jit(lambda: VisionMamba(**kwargs, rngs=nnx.Rngs(seed)))()
     model.config = {"name": name, **{k: (v.name if k == "dtype" else v) for k, v in kwargs.items()}}
     if state_dict is not None:
-        io.load_state_dict_into(model, state_dict, ckpt_img_size=ckpt_img)
+        io.load_state_dict_into(model, state_dict, ckpt_img_size=ckpt_img, source=pretrained)
     elif params is not None:
         io.load_params_into(model, params, saved_img_size=saved.get("img_size"), source=pretrained)
     return model
