@@ -223,7 +223,7 @@ def test_segmentation_run_trains_and_evaluates(seg_trained):
     workdir, metrics = seg_trained
     assert metrics["step"] == 6 and len(metrics["loss_history"]) == 6
     ev = metrics["eval"]
-    assert ev["count"] == 600 and len(ev["iou"]) == 11 and 0 < ev["miou"] < 1
+    assert ev["count"] == 600 and len(ev["iou"]) == 11 and 1 < ev["miou"] < 100
     assert ev["pixels"] == 600 * 48 * 48
     assert set(metrics["eval_history"][-1]) == {"step", "eval_miou", "eval_pixel_acc", "eval_loss"}
     assert "batch_stats" in os.listdir(workdir / "checkpoints" / "6")
@@ -262,8 +262,8 @@ def test_segmentation_eval_equals_numpy_confusion(seg_data, seg_trained):
         pixels += labels.size
     iou = np.diag(cm) / (cm.sum(0) + cm.sum(1) - np.diag(cm))
     ev = metrics["eval"]
-    np.testing.assert_allclose(ev["miou"], np.nanmean(iou), rtol=1e-4)  # argmax ties aside
-    np.testing.assert_allclose(ev["pixel_acc"], np.trace(cm) / cm.sum(), rtol=1e-4)
+    np.testing.assert_allclose(ev["miou"], 100 * np.nanmean(iou), rtol=1e-4)  # argmax ties aside
+    np.testing.assert_allclose(ev["pixel_acc"], 100 * np.trace(cm) / cm.sum(), rtol=1e-4)
     np.testing.assert_allclose(ev["loss"], loss / pixels, rtol=1e-4)
 
 

@@ -54,8 +54,8 @@ def test_confusion_matrix_and_miou_against_numpy():
     iou = [want[c, c] / (want[c].sum() + want[:, c].sum() - want[c, c]) if want[c].sum() + want[:, c].sum()
            else np.nan for c in range(k)]
     assert m["iou"][3] is None and m["iou"][4] == 0.0  # None: JSON null
-    assert m["miou"] == pytest.approx(np.nanmean(iou))
-    assert m["pixel_acc"] == pytest.approx(np.trace(want) / want.sum())
+    assert m["miou"] == pytest.approx(100 * np.nanmean(iou))  # percent, as top-1
+    assert m["pixel_acc"] == pytest.approx(100 * np.trace(want) / want.sum())
     assert m["pixels"] == int((labels[:2] != IGNORE).sum())
 
 

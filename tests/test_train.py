@@ -70,7 +70,7 @@ def test_kill_and_resume_gives_identical_parameters(data, trained, tmp_path):
     class KillAtStep6(logging.Handler):
         def emit(self, record):
             if record.getMessage().startswith("step 6/"):
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C; SIGTERM takes the same path
 
     logger = logging.getLogger("vim_jax.train_log")
     handler, level = KillAtStep6(), logger.level
@@ -82,6 +82,7 @@ def test_kill_and_resume_gives_identical_parameters(data, trained, tmp_path):
         logger.removeHandler(handler)
         logger.setLevel(level)
     assert Checkpoints(str(workdir)).steps()[-1] == 6
+    assert _strict_json(workdir / "metrics.json")["status"] == "preempted"
     metrics = train_and_evaluate(_config(data), str(workdir))
     step_a, params_a = _final_params(trained[0])
     step_b, params_b = _final_params(workdir)
@@ -90,6 +91,33 @@ def test_kill_and_resume_gives_identical_parameters(data, trained, tmp_path):
     for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert metrics["eval"]["top1"] == trained[1]["eval"]["top1"]
+    # metrics.json holds the whole run, the interrupted part included, as the uninterrupted
+    # run's does; rerunning the finished command keeps it.
+    assert metrics["loss_history"] == trained[1]["loss_history"]
+    assert _strict_json(workdir / "metrics.json")["loss_history"] == trained[1]["loss_history"]
+    again = train_and_evaluate(_config(data), str(workdir))
+    assert again["loss_history"] == trained[1]["loss_history"]
+    assert again["train_loss"] == trained[1]["train_loss"] and again["status"] == "done"
+    assert [e["step"] for e in _strict_json(workdir / "metrics.json")["eval_history"]] == [12]
+
+
+def _strict_json(path):
+    """The JSON in ``path``, refusing NaN and infinity as the JSON standard does."""
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}: not JSON")
+    return json.loads(pathlib.Path(path).read_text(), parse_constant=refuse)
+
+
+def test_second_ctrl_c_aborts():
+    from vim_jax.train_log import Preemption
+
+    old = signal.getsignal(signal.SIGINT)
+    with Preemption() as preempt:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preempt.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is old
 
 
 def _numpy_eval(model, source, data_cfg) -> dict:
@@ -157,7 +185,7 @@ def test_resuming_with_another_image_size_is_refused(data, trained):
         train_and_evaluate(_config(data, data__image_size=24), str(workdir))
 
 
-def test_corrupt_and_partial_checkpoints_are_skipped(trained, tmp_path, caplog):
+def test_unreadable_checkpoints_are_reported_never_moved(data, trained, tmp_path, caplog):
     workdir = tmp_path / "copy"
     shutil.copytree(trained[0], workdir)
     ckpts = workdir / "checkpoints"
@@ -167,18 +195,26 @@ def test_corrupt_and_partial_checkpoints_are_skipped(trained, tmp_path, caplog):
     for f in (ckpts / "12" / "params").rglob("*"):
         if f.is_file():
             f.write_bytes(f.read_bytes()[:10])
+    before = sorted(p.name for p in ckpts.iterdir())
     with caplog.at_level(logging.ERROR):
         out = evaluate_workdir(str(workdir))
-    assert out["step"] == 10
+    assert out["step"] == 10  # evaluation skips the unreadable step...
     assert "step 12" in caplog.text and "unreadable" in caplog.text
-    assert (ckpts / "12.corrupt").exists() and not (ckpts / "12").exists()
-    # Nothing readable left: a clear error, not a silent fresh start.
+    assert sorted(p.name for p in ckpts.iterdir()) == before  # ...and leaves it where it is
+    # Training neither resumes from an older step past it nor starts afresh: it says how.
+    with pytest.raises(CheckpointError, match=r"step 12 .* unreadable .*wait and rerun.*go back to "
+                                              r"step 10, move .*12 out of .*start over deliberately"):
+        train_and_evaluate(_config(data), str(workdir))
+    # Nothing readable left: a clear error, not a silent fresh start, for both.
     for step in Checkpoints(str(workdir)).steps():
         for f in (ckpts / str(step) / "params").rglob("*"):
             if f.is_file():
                 f.write_bytes(b"")
     with pytest.raises(CheckpointError, match="none of the checkpoints"):
         evaluate_workdir(str(workdir))
+    with pytest.raises(CheckpointError, match="start over deliberately"):
+        train_and_evaluate(_config(data), str(workdir))
+    assert sorted(p.name for p in ckpts.iterdir()) == before
 
 
 def test_persistent_nonfinite_steps_stop_training(data, tmp_path):
@@ -207,7 +243,9 @@ def test_unknown_config_key_is_rejected(tmp_path):
                         "--config.optim.learning_rate=1", "--workdir", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
-    assert "learning_rate" in r.stderr
+    # One line naming the full key and the nearest existing ones, no traceback.
+    assert r.stderr.strip().splitlines()[-1:] == r.stderr.strip().splitlines(), r.stderr
+    assert "unknown config key 'optim.learning_rate'" in r.stderr and "optim.base_lr" in r.stderr
     assert not (tmp_path / "config.json").exists()
 
 
@@ -377,3 +415,24 @@ def test_finetune_folder_recipe(data, vim_weights_path, tmp_path):
                         "--workdir", str(tmp_path / "w2"), f"--config.data.data_dir={data}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "--config.model.pretrained=True" in r.stderr
+
+
+def test_predict_on_a_workdir_uses_its_preprocessing_and_class_names(data, trained, capsys):
+    """The run's image size (16), crop ratio, mean and std, and its folder's class names."""
+    import jax
+
+    from vim_jax import create_model, predict
+
+    workdir, _ = trained
+    files = sorted(str(f) for f in (data / "val").rglob("*.JPEG"))[:3]
+    predict.main(files + ["--pretrained", str(workdir), "--top", "1"])
+    out = capsys.readouterr().out
+    config = json.loads((workdir / "config.json").read_text())["data"]
+    assert config["class_names"] == ["class_00", "class_01", "class_02"]
+    model = create_model(pretrained=str(workdir))
+    x = np.stack([predict.load_image(f, 16, config["eval_crop_ratio"], config["mean"], config["std"])
+                  for f in files])
+    probs = np.asarray(jax.nn.softmax(model(x), axis=-1))
+    for f, p in zip(files, probs):
+        k = int(np.argmax(p))
+        assert f"{p[k]:7.2%}  {k:4d}  class_0{k}" in out.split(f)[1], out

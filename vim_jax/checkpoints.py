@@ -3,8 +3,10 @@
 Layout: ``WORKDIR/checkpoints/<step>/{params,opt_state,ema[,batch_stats]}`` (batch_stats
 for models with BatchNorm, the segmenters). orbax writes each step
 to a temporary directory and renames it when complete, so an interrupted save leaves no
-step behind. A step that exists but cannot be read (truncated or deleted files) is moved
-aside to ``<step>.corrupt`` with an error in the log, and the previous step is used.
+step behind. Nothing here moves, renames or deletes a step it cannot read (truncated files,
+or a copy still in progress): evaluation skips it with an error in the log and uses the
+step before; training refuses to resume past it, or to start afresh beside it, and says how
+to proceed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vim_jax.pytree import path_name
-from vim_jax.state_dict import mismatches
+from vim_jax.state_dict import mismatch_report
 from vim_jax.train_step import TrainState
 
 log = logging.getLogger(__name__)
@@ -93,12 +95,11 @@ class Checkpoints:
         saved = items[name]
         want, have = _shapes(target), _shapes(saved)
         # The arrays the model needs (a checkpoint may hold more items than one restore reads).
-        problems = mismatches(want, {k: v for k, v in have.items() if k in want})
-        if problems:
-            lines = "\n".join(f"  {p}" for p in problems)
-            raise CheckpointError(
-                f"checkpoint step {step} in {self.dir} does not fit the model built from the "
-                f"config (a different model, image size or class count?):\n{lines}")
+        report = mismatch_report(f"checkpoint step {step} in {self.dir}", want,
+                                 {k: v for k, v in have.items() if k in want},
+                                 " (a different model, image size or class count than the config's?)")
+        if report:
+            raise CheckpointError(report)
 
     def _restore_items(self, step: int, targets: dict) -> dict:
         for name, target in targets.items():
@@ -106,36 +107,44 @@ class Checkpoints:
         args = {name: ocp.args.StandardRestore(_abstract(t)) for name, t in targets.items()}
         return self.manager.restore(step, args=ocp.args.Composite(**args))
 
-    def _first_readable(self, targets: dict, step: Optional[int]):
-        steps = [step] if step is not None else self.steps()[::-1]
-        if step is not None and step not in self.steps():
-            raise CheckpointError(f"no checkpoint for step {step} in {self.dir}; "
-                                  f"have {self.steps()}")
-        for s in steps:
+    def _first_readable(self, targets: dict, step: Optional[int], *, skip_unreadable: bool):
+        """(step, items) of ``step`` or else the latest readable step; (None, None) without
+        any step. An unreadable step is an error unless ``skip_unreadable`` (then logged
+        and passed over for the one before)."""
+        have = self.steps()
+        if step is not None and step not in have:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.dir}; have {have}")
+        unreadable = []
+        for s in [step] if step is not None else have[::-1]:
             try:
                 return s, self._restore_items(s, targets)
             except CheckpointError:
                 raise
-            except Exception as e:  # unreadable: move aside, fall back to the one before
-                bad = os.path.join(self.dir, str(s))
-                log.error("checkpoint step %d in %s is unreadable (%s: %s)", s, self.dir,
-                          type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                if step is not None:
-                    raise CheckpointError(f"checkpoint step {s} in {self.dir} is unreadable: {e}") from e
-                if jax.process_index() == 0:
-                    os.replace(bad, bad + ".corrupt")
-                    log.error("moved it to %s.corrupt; trying the previous checkpoint", bad)
+            except Exception as e:
+                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.error("checkpoint step %d in %s is unreadable (%s)", s, self.dir, why)
+                unreadable.append(s)
+                if step is not None or not skip_unreadable:
+                    earlier = [t for t in have if t < s]
+                    raise CheckpointError(
+                        f"checkpoint step {s} in {self.dir} is unreadable ({why}). If its files "
+                        f"are still being written or copied, wait and rerun. "
+                        + (f"To go back to step {earlier[-1]}, move {os.path.join(self.dir, str(s))} "
+                           f"out of {self.dir}. " if earlier else "")
+                        + "To start over deliberately, use a new --workdir (or move this one "
+                          "aside).") from e
                 self.manager = self._manager()
-        if steps:
-            raise CheckpointError(f"none of the checkpoints in {self.dir} is readable "
-                                  f"(moved aside as <step>.corrupt)")
+        if unreadable:
+            raise CheckpointError(f"none of the checkpoints in {self.dir} is readable (steps "
+                                  f"{sorted(unreadable)}, left as they are): if they are still "
+                                  "being copied, wait and rerun")
         return None, None
 
     def restore(self, target: TrainState, step: Optional[int] = None) -> Optional[TrainState]:
-        """The latest readable step (or ``step``) into ``target``'s structure and shardings;
-        None when the workdir holds no checkpoint."""
+        """The latest step (or ``step``) into ``target``'s structure and shardings; None when
+        the workdir holds no checkpoint; CheckpointError when that step cannot be read."""
         targets = {name: getattr(target, name) for name in _items(target)}
-        s, items = self._first_readable(targets, step)
+        s, items = self._first_readable(targets, step, skip_unreadable=False)
         if items is None:
             return None
         step_arr = jax.make_array_from_callback((), target.step.sharding,
@@ -149,7 +158,7 @@ class Checkpoints:
         targets = {name: params}
         if batch_stats is not None and jax.tree.leaves(batch_stats):
             targets["batch_stats"] = batch_stats
-        s, items = self._first_readable(targets, step)
+        s, items = self._first_readable(targets, step, skip_unreadable=True)
         if items is None:
             raise CheckpointError(f"no checkpoint in {self.dir}")
         if batch_stats is None:

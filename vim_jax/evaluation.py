@@ -1,8 +1,8 @@
 """Evaluation: one pass over an eval split, of a training checkpoint or of given weights.
 
-Classification reports top-1/top-5 (%) and the mean loss; segmentation mIoU, per-class
-IoU and accuracy, pixel accuracy (fractions, from one confusion matrix summed over every
-device and process) and the mean per-pixel loss.
+Classification reports top-1/top-5 and the mean loss; segmentation mIoU, per-class IoU and
+accuracy, pixel accuracy (from one confusion matrix summed over every device and process)
+and the mean per-pixel loss. Every accuracy and IoU is in percent.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vim_jax import sharding as shd
+from vim_jax.progress import Progress
 from vim_jax.run_config import build_model, load_config
 from vim_jax.train_step import eval_step_fn
 
@@ -28,8 +29,8 @@ REPORTED = {"classification": ("top1", "top5", "loss"), "segmentation": ("miou",
 def summary(r: dict) -> str:
     """One line of results, for either task."""
     if "miou" in r:
-        miou = "-" if r["miou"] is None else f"{100 * r['miou']:.2f}%"  # no labelled pixel
-        head = f"mIoU {miou}  pixel accuracy {100 * r['pixel_acc']:.2f}%"
+        miou = "-" if r["miou"] is None else f"{r['miou']:.2f}%"  # no labelled pixel
+        head = f"mIoU {miou}  pixel accuracy {r['pixel_acc']:.2f}%"
     else:
         head = f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%"
     return f"{head}  loss {r['loss']:.4f}  ({r['count']} images, {r['img_per_s']:.1f} img/s)"
@@ -53,11 +54,14 @@ def evaluate(eval_step, params, source, data_cfg, *, local_batch: int, sharding,
     t = time.perf_counter()
     # Summed on the host in float64 / int64 (a confusion matrix of a large set passes
     # 2**31 pixels), one batch behind so the device never waits for the host.
-    for batch in shd.prefetch(eval_batches(source, data_cfg, local_batch=local_batch, corrupt=corrupt), sharding):
-        out = eval_step(params, batch_stats, batch["image"], batch["label"], batch["mask"])
-        if pending is not None:
-            sums = _add(sums, pending)
-        pending = out
+    batches = shd.prefetch(eval_batches(source, data_cfg, local_batch=local_batch, corrupt=corrupt), sharding)
+    with Progress(source.num_examples, "evaluating", enabled=jax.process_index() == 0) as progress:
+        for batch in batches:
+            out = eval_step(params, batch_stats, batch["image"], batch["label"], batch["mask"])
+            if pending is not None:
+                sums = _add(sums, pending)
+            pending = out
+            progress.update(local_batch)
     sums = _add(sums, pending)
     count = int(sums["count"])
     speed = {"count": count, "img_per_s": count / (time.perf_counter() - t)}

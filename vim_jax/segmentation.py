@@ -45,18 +45,19 @@ def confusion_matrix(pred, labels, num_classes: int, *, mask=None, ignore: int =
 
 
 def metrics_from_confusion(cm) -> dict:
-    """mIoU, per-class IoU and accuracy, pixel accuracy (fractions) from a confusion matrix.
+    """mIoU, per-class IoU and accuracy, pixel accuracy (percent, as classification's top-1
+    and as mmseg reports them) from a confusion matrix.
     A class absent from both the ground truth and the predictions has IoU None and is left
     out of the mean, as mmseg's nanmean."""
     cm = np.asarray(cm, np.float64)
     tp, gt, pred = np.diag(cm), cm.sum(1), cm.sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        iou = tp / (gt + pred - tp)
-        acc = tp / gt
+        iou = 100 * tp / (gt + pred - tp)
+        acc = 100 * tp / gt
     # None (JSON null) where a class is absent: NaN is not JSON.
     listed = lambda a: [float(v) if np.isfinite(v) else None for v in a]  # noqa: E731
     return {"miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else None,
-            "pixel_acc": float(tp.sum() / max(cm.sum(), 1.0)),
+            "pixel_acc": float(100 * tp.sum() / max(cm.sum(), 1.0)),
             "iou": listed(iou), "class_acc": listed(acc), "pixels": int(cm.sum())}
 
 

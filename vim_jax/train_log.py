@@ -1,8 +1,11 @@
-"""What a training run reports and listens to: progress lines, TensorBoard, SIGTERM."""
+"""What a training run reports and listens to: progress lines, TensorBoard, metrics.json,
+SIGTERM and Ctrl-C."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import signal
 import time
@@ -10,39 +13,42 @@ import time
 import jax
 import numpy as np
 
+from vim_jax.files import atomic_write
+from vim_jax.progress import fmt_time
+
 log = logging.getLogger(__name__)
 
 
-def fmt_time(s: float) -> str:
-    """Seconds as ``1d02h``, ``3h04m`` or ``5m06s``."""
-    s = int(s)
-    d, s = divmod(s, 86400)
-    h, s = divmod(s, 3600)
-    m, s = divmod(s, 60)
-    return f"{d}d{h:02d}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 class Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint and returns at the next step."""
+    """SIGTERM, or a first Ctrl-C (SIGINT), sets a flag: the loop saves a checkpoint and
+    returns at the next step. A second Ctrl-C aborts at once, without saving."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self._old = {}
 
     def __enter__(self):
         try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         except ValueError:  # not the main thread: no handler
-            self._old = None
+            self._old = {}
         return self
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM: saving a checkpoint and stopping after this step")
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt  # the second one: the user means it
+            log.warning("Ctrl-C: saving a checkpoint and stopping after this step "
+                        "(press Ctrl-C again to abort without saving)")
+        else:
+            log.warning("SIGTERM: saving a checkpoint and stopping after this step")
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
     def stop(self, at_log_step: bool) -> bool:
         """Whether to save and stop now. With several processes they agree (a collective),
@@ -111,3 +117,47 @@ class Progress:
             "train/grad_norm": float(np.mean([float(m["grad_norm"]) for m in ms]))})
         self._t, self._step_at_t = now, done
         return True
+
+
+def _strict(x):
+    """``x`` with every non-finite float as None: JSON has no NaN or infinity."""
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+class MetricsFile:
+    """A run's metrics.json: what this call has measured, merged with what the calls before
+    it wrote up to the step this one resumed from; strict JSON (None for NaN)."""
+
+    def __init__(self, path: str, start_step: int):
+        self.path = path
+        try:
+            with open(self.path) as f:
+                before = json.load(f)
+        except (OSError, ValueError):
+            before = {}
+        keep = lambda h: [e for e in before.get(h, []) if e.get("step", 0) <= start_step]
+        self.loss_history, self.eval_history = keep("loss_history"), keep("eval_history")
+        self.before = before
+
+    def add_eval(self, entry: dict) -> None:
+        self.eval_history = [e for e in self.eval_history if e["step"] != entry["step"]] + [entry]
+
+    def write(self, status: str, losses: list, **values) -> dict:
+        """Writes the merged metrics from process 0 and returns them: ``status`` ("running",
+        "preempted" or "done"), ``values``, the earlier runs' histories and this one's
+        ``losses`` (its progress history, steps after the resumed one)."""
+        wall = values.pop("train_wall_s", 0.0) + (self.before.get("train_wall_s") or 0.0)
+        out = {"status": status, **values, "train_wall_s": wall,
+               "loss_history": self.loss_history + losses, "eval_history": self.eval_history}
+        if not losses:  # nothing trained in this call (a finished run rerun): keep the last loss
+            out["train_loss"] = self.before.get("train_loss", out.get("train_loss"))
+        out = _strict(out)
+        if jax.process_index() == 0:
+            atomic_write(self.path, lambda tmp: tmp.write_text(json.dumps(out, indent=2, allow_nan=False)))
+        return out

@@ -3,8 +3,9 @@
 Data parallel over a mesh of every device (optionally FSDP), resumable from the latest
 checkpoint in ``workdir`` with exactly the data order and randomness of an uninterrupted
 run, saves on SIGTERM, skips and counts non-finite steps, logs progress and TensorBoard
-summaries, and writes ``metrics.json``. Setup lives in ``vim_jax.train_setup``, reporting
-in ``vim_jax.train_log``.
+summaries, and keeps ``metrics.json`` (the whole run's history across resumes, strict JSON,
+rewritten at every evaluation, at preemption and at the end). Setup lives in
+``vim_jax.train_setup``, reporting in ``vim_jax.train_log``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import ml_collections
 
 from vim_jax.evaluation import REPORTED, evaluate, summary
 from vim_jax.run_config import TrainingError
-from vim_jax.train_log import Preemption, Progress, Summaries
+from vim_jax.train_log import MetricsFile, Preemption, Progress, Summaries
 from vim_jax.train_setup import Run, setup_run, validate_config
 
 __all__ = ["TrainingError", "train_and_evaluate", "validate_config"]
@@ -61,12 +62,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         batch_size=c.optim.batch_size, log_every=c.train.log_every_steps,
                         schedule=run.schedule, summaries=summaries)
     eval_every = max(1, c.train.eval_every_epochs) * run.steps_per_epoch
-    batches, state, eval_history, t0 = run.train_batches(corrupt), run.state, [], time.perf_counter()
+    batches, state, t0 = run.train_batches(corrupt), run.state, time.perf_counter()
+    metrics_file = MetricsFile(os.path.join(run.workdir, METRICS_FILE), run.start_step)
+
+    def record(status: str, step: int, **values) -> dict:
+        return metrics_file.write(
+            status, progress.history, step=step, epochs=step / run.steps_per_epoch,
+            train_loss=progress.last_loss, nonfinite_steps=progress.total_bad,
+            corrupt_images=corrupt.count, corrupt_image_ids=corrupt.ids,
+            train_wall_s=time.perf_counter() - t0, **values)
 
     def evaluate_now(step: int) -> dict:
         out = _evaluate(run, state, step, summaries, corrupt)
-        eval_history.append({"step": step, **{f"{n}_{k}": r[k] for n, r in out.items()
-                                              for k in REPORTED[run.task]}})
+        metrics_file.add_eval({"step": step, **{f"{n}_{k}": r[k] for n, r in out.items()
+                                                for k in REPORTED[run.task]}})
+        if step != total:
+            record("running", step)
         return out
 
     with Preemption() as preempt:
@@ -87,6 +98,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             if preempt.stop(at_log_step=logged):
                 ckpt.save(step, state, force=True)
                 ckpt.wait()
+                record("preempted", step)
                 log.warning("preempted at step %d: checkpoint saved in %s; rerun the same "
                             "command to resume", step, ckpt.dir)
                 return None
@@ -95,14 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 evaluate_now(step)
 
     ckpt.wait()
-    results = evaluate_now(total)
-    final = {"step": total, "epochs": total / run.steps_per_epoch, "train_loss": progress.last_loss,
-             "nonfinite_steps": progress.total_bad, "corrupt_images": corrupt.count,
-             "corrupt_image_ids": corrupt.ids, "train_wall_s": time.perf_counter() - t0, **results,
-             "loss_history": progress.history, "eval_history": eval_history}
-    if jax.process_index() == 0:
-        with open(os.path.join(run.workdir, METRICS_FILE), "w") as f:
-            json.dump(final, f, indent=2)
+    final = record("done", total, **evaluate_now(total))
     log.info("done: %s", json.dumps({k: v for k, v in final.items()
                                      if k not in ("corrupt_image_ids", "loss_history", "eval_history")}))
     return final
