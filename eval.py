@@ -19,7 +19,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from vim_jax import distributed
+from vim_jax import cli, distributed
 
 config_flags.DEFINE_config_file("config", "configs/vim_tiny.py",
                                 "Dataset and model settings for --pretrained.", lock_config=True)
@@ -75,7 +75,7 @@ def main(argv):
         return
     print(summary(results))
     if "iou" in results:
-        print("per-class IoU: " + "  ".join(f"{k}:{'-' if v is None else f'{100 * v:.1f}'}"
+        print("per-class IoU (%): " + "  ".join(f"{k}:{'-' if v is None else f'{v:.1f}'}"
                                             for k, v in enumerate(results["iou"])))
     if "picture" in results:
         print(f"wrote {results['picture']}")
@@ -88,4 +88,4 @@ def main(argv):
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s",
                         datefmt="%H:%M:%S")
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -11,7 +11,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from vim_jax import distributed
+from vim_jax import cli, distributed
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file (optionally file.py:arg).",
                                 lock_config=True)
@@ -40,4 +40,4 @@ def main(argv):
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s",
                         datefmt="%H:%M:%S")
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -63,7 +63,8 @@ def imagenet_recipe(model: str, *, batch_size: int, base_lr: float, weight_decay
     c.optim.ema_decay = 0.99996       # per step; 0 = no EMA
 
     c.train = ml_collections.ConfigDict()
-    c.train.num_steps = -1            # -1: epochs * steps per epoch; >0 stops early (debugging)
+    c.train.num_steps = -1            # -1: epochs * steps per epoch; > 0: the run's length in
+    #                                   steps in place of epochs (the lr schedule spans it too)
     c.train.log_every_steps = 50
     c.train.checkpoint_every_steps = 1000
     c.train.keep_checkpoints = 3

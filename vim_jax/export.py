@@ -117,6 +117,7 @@ def load_exported(path):
 
 def main(argv=None):
     from vim_jax import create_model
+    from vim_jax.cli import positive
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="file to write: the jax.export artifact, or the .onnx model")
@@ -126,8 +127,8 @@ def main(argv=None):
     p.add_argument("--pretrained", default=None,
                    help="True (official weights), a .pth/.npz/.safetensors file or a checkpoint "
                         "directory")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=positive(int), default=1)
+    p.add_argument("--img-size", type=positive(int), default=224)
     p.add_argument("--platforms", default=None,
                    help=f"comma list of {PLATFORMS} (jax format only; default cpu)")
     args = p.parse_args(argv)

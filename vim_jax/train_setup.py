@@ -23,7 +23,7 @@ from vim_jax import sharding as shd
 from vim_jax.checkpoints import Checkpoints
 from vim_jax.optim import lr_schedule, make_optimizer
 from vim_jax.pretrained import write_model_config
-from vim_jax.run_config import CONFIG_FILE, TrainingError, build_model, load_config
+from vim_jax.run_config import CONFIG_FILE, TrainingError, build_model, check_choices, load_config
 from vim_jax.train_step import TASKS, StepOptions, TrainState, eval_step_fn, train_step_fn
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def validate_config(config, num_devices: int) -> None:
         if config.model.reset_head:
             raise TrainingError("model.reset_head applies to classifiers; a segmenter's heads are "
                                 "always new when model.pretrained is a classification checkpoint")
+    check_choices(config)
     b = config.optim.batch_size
     if b <= 0 or b % num_devices or b % jax.process_count():
         raise TrainingError(f"optim.batch_size={b} must be a positive multiple of the device "
@@ -167,7 +168,15 @@ def setup_run(config, workdir: str, devices=None) -> Run:
     from vim_jax.data.sources import make_source
 
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise TrainingError(f"--workdir {workdir} is a file: pass a directory (created if missing)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"cannot create --workdir {workdir}: {e.strerror}") from e
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise TrainingError(f"--workdir {workdir} is not writable by this user: pass another "
+                            "directory, or fix its permissions")
     mesh = shd.make_mesh(devices)
     validate_config(config, mesh.size)
     d, pi, pc = config.data, jax.process_index(), jax.process_count()
@@ -180,6 +189,9 @@ def setup_run(config, workdir: str, devices=None) -> Run:
     # The class count is resolved once and saved with the config: eval.py builds the same head.
     config = copy.deepcopy(config)
     config.model.num_classes = _num_classes(config, train_src)
+    if train_src.class_names:  # saved with the run: predictions print names
+        with config.unlocked():
+            config.data.class_names = list(train_src.class_names)
     weights = tuple((config.get("seg") or {}).get("class_weight", ()))
     if weights and len(weights) != config.model.num_classes:
         raise TrainingError(f"seg.class_weight has {len(weights)} weights but there are "

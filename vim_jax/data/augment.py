@@ -28,9 +28,14 @@ def _contains(tail, pattern: bytes):
     return tf.reduce_any(hit)
 
 
+# WebP is an image here only where TensorFlow decodes it (tf.io.decode_webp, TF 2.17+).
+DECODES_WEBP = hasattr(tf.io, "decode_webp")
+
+
 def is_complete_image(data):
     """Cheap structural check of encoded bytes: a JPEG must hold its end marker, a PNG its
-    IEND chunk near the end; GIF and BMP are trusted; anything else is not an image."""
+    IEND chunk near the end; GIF, BMP and (where decodable) WebP are trusted; anything else
+    is not an image."""
     n = tf.strings.length(data)
     head = tf.strings.substr(data, 0, 8)
     tail = tf.strings.substr(data, tf.maximum(n - 64, 0), 64)
@@ -38,6 +43,11 @@ def is_complete_image(data):
     is_png = tf.equal(head, b"\x89PNG\r\n\x1a\n")
     is_other = tf.logical_or(tf.equal(tf.strings.substr(head, 0, 3), b"GIF"),
                              tf.equal(tf.strings.substr(head, 0, 2), b"BM"))
+    if DECODES_WEBP:
+        padded = tf.strings.join([data, b"\0" * 12])  # substr past the end is an error
+        is_webp = tf.logical_and(tf.equal(tf.strings.substr(head, 0, 4), b"RIFF"),
+                                 tf.equal(tf.strings.substr(padded, 8, 4), b"WEBP"))
+        is_other = tf.logical_or(is_other, is_webp)
     jpeg_ok = tf.logical_and(is_jpeg, _contains(tail, b"\xff\xd9"))
     png_ok = tf.logical_and(is_png, _contains(tail, b"IEND"))
     ok = tf.logical_or(jpeg_ok, tf.logical_or(png_ok, is_other))

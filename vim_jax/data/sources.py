@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from vim_jax.data.augment import DECODES_WEBP
 from vim_jax.data.tf_setup import tf, tfds
 
 
@@ -32,6 +33,7 @@ class Source:
     max_num_examples: int      # the largest (all run the same number of eval batches)
     _make: Callable[[Optional[int]], tf.data.Dataset]
     task: str = "classification"  # or "segmentation"
+    class_names: tuple = ()       # where the dataset names its classes (a folder's directories)
 
     def dataset(self, shuffle_seed: Optional[int] = None) -> tf.data.Dataset:
         """Encoded examples; file order shuffled with ``shuffle_seed`` (None: fixed order)."""
@@ -126,7 +128,8 @@ def _digits_seg(data_dir: str, split, process_index, process_count) -> Source:
                         task="segmentation", num_classes=11)
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# The file types the pipeline decodes (vim_jax.data.augment.decode).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif") + ((".webp",) if DECODES_WEBP else ())
 
 
 def _streamed(columns: dict, read: Callable[[dict], dict], process_index, process_count):
@@ -170,6 +173,11 @@ def _folder(root: str, split, process_index, process_count) -> Source:
         d = os.path.join(split_dir, name)
         if os.path.isdir(d):
             files = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not files:
+                others = sorted(os.listdir(d))
+                raise DataError(f"class directory {d} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+                                + (f"; it has {others[:5]}" if others else " (it is empty)")
+                                + ": add images or remove the directory")
             paths += [os.path.join(d, f) for f in files]
             labels += [label] * len(files)
     if not paths:
@@ -180,7 +188,7 @@ def _folder(root: str, split, process_index, process_count) -> Source:
         lambda ex: {"image": tf.io.read_file(ex["path"]), "label": ex["label"], "id": ex["path"]},
         process_index, process_count)
     return Source(f"folder:{root}", split, len(classes), shares[process_index], min(shares),
-                  max(shares), make)
+                  max(shares), make, class_names=tuple(classes))
 
 
 ADE20K_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"

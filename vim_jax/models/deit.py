@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vim_jax.models.vim import resize_pos_embed
+from vim_jax.models.vim import check_images, resize_pos_embed
 
 
 class Block(nnx.Module):
@@ -69,6 +69,7 @@ class DeiT(nnx.Module):
 
     def forward_features(self, images):
         """(batch, H, W, C) -> class-token features (batch, embed_dim)."""
+        check_images(images, self.patch_embed.in_features, self.patch_embed.kernel_size[0])
         x = self.patch_embed(images.astype(self.dtype))
         b, gh, gw, d = x.shape
         x = x.reshape(b, gh * gw, d)

@@ -194,6 +194,31 @@ def resize_pos_embed(pos, cls_position: str, old_grid, new_grid):
     return join_pos_embed(resample_patch_pos_embed(patch, old_grid, new_grid), cls, cls_position)
 
 
+def check_images(images, channels: int, min_size: int) -> None:
+    """Raises ValueError naming the expected and the given shape (or dtype) unless
+    ``images`` is a non-empty float NHWC batch (batch, H, W, channels), H and W >= min_size."""
+    shape = tuple(images.shape)
+    want = f"(batch, H, W, {channels}) float images, H and W >= {min_size}"
+    if len(shape) == 3 and shape[-1] == channels:
+        raise ValueError(f"images must be a batch {want}; got one image of shape {shape}: add a "
+                         "batch axis (images[None])")
+    if len(shape) != 4:
+        raise ValueError(f"images must be NHWC {want}; got shape {shape}")
+    if shape[-1] != channels:
+        hint = (f"; it looks like NCHW: pass images.transpose(0, 2, 3, 1)"
+                if shape[1] == channels else "")
+        raise ValueError(f"images must be NHWC {want}; got shape {shape} ({shape[-1]} channels){hint}")
+    if shape[0] == 0:
+        raise ValueError(f"images must be a non-empty batch {want}; got shape {shape}")
+    if min(shape[1:3]) < min_size:
+        raise ValueError(f"image size {shape[1:3]} is smaller than the patch size {min_size}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"images must be float (the model expects normalised values: pixel/255 "
+                         f"minus the mean, divided by the std, as vim_jax.predict.load_image makes "
+                         f"them); got dtype {images.dtype}: for 0-255 {images.dtype} pixels, "
+                         f"normalise first")
+
+
 class VisionMamba(nnx.Module):
     """Vision Mamba: patch embed -> class token(s) -> pos embed -> Mamba blocks -> norm -> head.
 
@@ -266,11 +291,7 @@ class VisionMamba(nnx.Module):
 
     def embed(self, images):
         """(batch, H, W, C) -> residual stream entering layer 0, (batch, M, embed_dim) float32."""
-        if images.ndim != 4:
-            raise ValueError(f"images must be NHWC (batch, H, W, channels), got shape {images.shape}")
-        if min(images.shape[1:3]) < self.patch_size:
-            raise ValueError(f"image size {images.shape[1:3]} is smaller than the patch size "
-                             f"{self.patch_size}")
+        check_images(images, self.patch_embed.in_features, self.patch_size)
         x = self.patch_embed(images.astype(self.dtype))
         b, gh, gw, d = x.shape
         x = x.reshape(b, gh * gw, d).astype(jnp.float32)
