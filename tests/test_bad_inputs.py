@@ -80,6 +80,12 @@ def test_sixteen_bit_pngs_are_scaled_not_clipped(tmp_path):
                                predict.load_image(tmp_path / "g8.png", 32), atol=1e-6)
 
 
+def test_a_segmentation_workdir_is_refused_by_predict(tmp_path):
+    (tmp_path / "config.json").write_text('{"task": "segmentation", "data": {}}')
+    with pytest.raises(SystemExit, match="is a segmentation run; python -m vim_jax.predict classifies"):
+        predict.workdir_settings(tmp_path)
+
+
 def test_an_unreadable_image_is_skipped_and_the_rest_predicted(tmp_path, capsys):
     from conftest import fixture_path
 
@@ -106,10 +112,12 @@ def test_folders_refuse_empty_classes_and_list_only_decodable_types(tmp_path):
     with pytest.raises(DataError, match=r"class directory .*class_09 holds no images .*notes.txt"):
         make_source("folder", str(root), "train")
     buf = io.BytesIO()
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buf, format="WEBP")
-    complete = bool(augment.is_complete_image(buf.getvalue()).numpy())
-    # WebP is listed exactly where the pipeline decodes it (not logged as corrupt).
-    assert (".webp" in IMAGE_EXTENSIONS) == augment.DECODES_WEBP == complete
+    Image.fromarray(np.full((4, 4, 3), (200, 30, 90), np.uint8)).save(buf, format="WEBP", lossless=True)
+    # WebP is listed exactly where the pipeline decodes it, then decoded, not logged as corrupt.
+    assert (".webp" in IMAGE_EXTENSIONS) == augment.DECODES_WEBP
+    if augment.DECODES_WEBP:
+        image, valid = augment.decode(buf.getvalue())
+        assert bool(valid) and tuple(image.numpy()[1, 2]) == (200, 30, 90)
 
 
 def test_a_workdir_that_is_a_file_is_one_line(tmp_path):

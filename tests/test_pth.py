@@ -198,12 +198,21 @@ def test_a_deit_style_training_checkpoint_is_read(tmp_path, vim_io):
         vim_jax.create_model("vim_tiny_patch16_224", pretrained=str(bare), ema=True)
 
 
+def test_a_record_takes_plain_attributes_only():
+    record = pth._NamespaceRecord()
+    record.__setstate__({"lr": 0.1, "__setstate__": print, 3: "x"})
+    assert vars(record) == {"lr": 0.1} and type(record).__setstate__ is pth.PickledRecord.__setstate__
+
+
 def test_a_truncated_checkpoint_says_so(tmp_path):
     data = fixture_path("vim_tiny_d4.pth").read_bytes()
     cut = tmp_path / "half.pth"
     cut.write_bytes(data[:len(data) // 2])
     with pytest.raises(ValueError, match=r"half.pth is truncated: .*download or copy complete"):
         pth.load(cut)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pth is truncated: empty"):
+        pth.load(tmp_path / "empty.pth")
     damaged = tmp_path / "damaged.pth"  # its end intact, a stored tensor's bytes flipped
     blob = bytearray(data)
     blob[len(blob) // 2] ^= 0xFF

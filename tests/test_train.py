@@ -101,6 +101,28 @@ def test_kill_and_resume_gives_identical_parameters(data, trained, tmp_path):
     assert [e["step"] for e in _strict_json(workdir / "metrics.json")["eval_history"]] == [12]
 
 
+def test_metrics_file_keeps_whole_run_totals(tmp_path):
+    """Totals add up over resumes, a finished run rerun keeps them, a fresh start does not
+    inherit an old file's."""
+    from vim_jax.train_log import MetricsFile
+
+    path = str(tmp_path / "metrics.json")
+    first = dict(train_wall_s=100.0, nonfinite_steps=2, corrupt_images=1, corrupt_image_ids=["a"],
+                 train_loss=float("nan"))
+    MetricsFile(path, 0).write("preempted", [{"step": 2, "loss": 1.0}], **first)
+    assert _strict_json(path)["train_loss"] is None
+    second = dict(train_wall_s=50.0, nonfinite_steps=1, corrupt_images=1, corrupt_image_ids=["b"],
+                  train_loss=0.5)
+    out = MetricsFile(path, 2).write("done", [{"step": 4, "loss": 0.5}], **second)
+    assert (out["train_wall_s"], out["nonfinite_steps"], out["corrupt_images"]) == (150.0, 3, 2)
+    assert out["corrupt_image_ids"] == ["a", "b"] and len(out["loss_history"]) == 2
+    rerun = MetricsFile(path, 4).write("done", [], train_wall_s=9.0, nonfinite_steps=0,
+                                       corrupt_images=0, corrupt_image_ids=[], train_loss=float("nan"))
+    assert (rerun["train_wall_s"], rerun["nonfinite_steps"], rerun["train_loss"]) == (150.0, 3, 0.5)
+    fresh = MetricsFile(path, 0).write("running", [{"step": 2, "loss": 2.0}], train_wall_s=1.0)
+    assert fresh["train_wall_s"] == 1.0 and len(fresh["loss_history"]) == 1
+
+
 def _strict_json(path):
     """The JSON in ``path``, refusing NaN and infinity as the JSON standard does."""
     def refuse(name):
@@ -215,6 +237,14 @@ def test_unreadable_checkpoints_are_reported_never_moved(data, trained, tmp_path
     with pytest.raises(CheckpointError, match="start over deliberately"):
         train_and_evaluate(_config(data), str(workdir))
     assert sorted(p.name for p in ckpts.iterdir()) == before
+    # A step whose item folders are not there yet (a copy in progress) is unreadable too,
+    # not "another model's".
+    partial = tmp_path / "partial"
+    shutil.copytree(trained[0], partial)
+    for item in (partial / "checkpoints" / "12").iterdir():
+        if item.is_dir():
+            shutil.rmtree(item)
+    assert evaluate_workdir(str(partial))["step"] == 10
 
 
 def test_persistent_nonfinite_steps_stop_training(data, tmp_path):

@@ -87,6 +87,8 @@ class Checkpoints:
     def _check_shapes(self, step: int, name: str, target) -> None:
         items = self.manager.item_metadata(step)
         present = sorted(k for k, v in items.items() if v is not None)
+        if not present:  # no item written yet (a copy in progress): unreadable, not another model's
+            raise FileNotFoundError(f"no items in checkpoint step {step}")
         if name not in present:  # readable, just not this kind of checkpoint: not corrupt
             raise CheckpointError(
                 f"checkpoint step {step} in {self.dir} has no {name!r} (it has {present}): it "

@@ -41,7 +41,9 @@ def unknown_config_key(argv, default_config: str | None = None) -> str | None:
     """The error line for the first ``--config.KEY=...`` override whose KEY the config file
     (``--config``, else ``default_config``) does not have, naming the nearest keys; None if
     every key exists or the config cannot be loaded here (absl then reports the problem)."""
-    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    argv = argv[:argv.index("--")] if "--" in argv else argv  # what follows is not ours
+    overrides = [a.split(".", 1)[1].split("=", 1)[0] for a in argv
+                 if a.startswith(("--config.", "--noconfig."))]
     path = _config_path(argv) or default_config
     if not overrides or not path:
         return None
@@ -60,8 +62,12 @@ def unknown_config_key(argv, default_config: str | None = None) -> str | None:
                      and k.rpartition(".")[2].endswith(short) and k not in near]
             if not near and section in keys:
                 near = [k for k in keys if k.startswith(section + ".")]
+            hint = ""
+            if section.endswith("overrides") and section in keys:
+                hint = (f"; {section} holds model arguments the config file sets: add "
+                        f"{leaf} there (command-line overrides change existing keys)")
             return (f"error: unknown config key {key!r} (--config.{key}) in {path}"
-                    + (f"; nearest: {', '.join(near[:8])}" if near else ""))
+                    + (f"; nearest: {', '.join(near[:8])}" if near else "") + hint)
     return None
 
 

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vim_jax import sharding as shd
-from vim_jax.progress import Progress
+from vim_jax.progress import ProgressMeter
 from vim_jax.run_config import build_model, load_config
 from vim_jax.train_step import eval_step_fn
 
@@ -55,7 +55,7 @@ def evaluate(eval_step, params, source, data_cfg, *, local_batch: int, sharding,
     # Summed on the host in float64 / int64 (a confusion matrix of a large set passes
     # 2**31 pixels), one batch behind so the device never waits for the host.
     batches = shd.prefetch(eval_batches(source, data_cfg, local_batch=local_batch, corrupt=corrupt), sharding)
-    with Progress(source.num_examples, "evaluating", enabled=jax.process_index() == 0) as progress:
+    with ProgressMeter(source.num_examples, "evaluating", enabled=jax.process_index() == 0) as progress:
         for batch in batches:
             out = eval_step(params, batch_stats, batch["image"], batch["label"], batch["mask"])
             if pending is not None:

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -33,9 +34,10 @@ def _rgb(im):
     """A PIL image as 8-bit RGB; 16- and 32-bit integer images scaled to 0-255, not clipped."""
     from PIL import Image
 
-    if im.mode.startswith("I"):  # "I;16" (16-bit PNG), "I" (32-bit): PIL would clip at 255
+    if im.mode.startswith("I"):  # "I;16" or "I" (16-bit PNG, 32-bit TIFF): PIL would clip at 255
         a = np.asarray(im).astype(np.float64)
-        peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        sixteen = im.mode.startswith("I;16") or im.format == "PNG"  # PNG's integer images are 16-bit
+        peak = 65535.0 if sixteen or a.max() > 255 else 255.0
         im = Image.fromarray(np.clip(np.round(a * 255.0 / peak), 0, 255).astype(np.uint8), "L")
     return im.convert("RGB")
 
@@ -71,7 +73,11 @@ def workdir_settings(path) -> dict:
     cfg_file = pathlib.Path(path) / "config.json"
     if not (os.path.isdir(path) and cfg_file.is_file()):
         return {}
-    data = json.loads(cfg_file.read_text()).get("data", {})
+    config = json.loads(cfg_file.read_text())
+    if config.get("task", "classification") != "classification":
+        raise SystemExit(f"error: {path} is a {config['task']} run; python -m vim_jax.predict "
+                         "classifies images (evaluate a segmenter with eval.py --workdir)")
+    data = config.get("data", {})
     out = dict(img_size=data.get("image_size"), crop_ratio=data.get("eval_crop_ratio"),
                mean=data.get("mean"), std=data.get("std"), class_names=data.get("class_names"))
     return {k: v for k, v in out.items() if v is not None}
@@ -82,7 +88,7 @@ def main(argv=None):
 
     from vim_jax import create_model
     from vim_jax.cli import positive
-    from vim_jax.progress import Progress
+    from vim_jax.progress import ProgressMeter
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
@@ -116,7 +122,7 @@ def main(argv=None):
     model = create_model(args.model, pretrained=args.pretrained, img_size=settings["img_size"])
     fn = jax.jit(model.forward_features if args.features else model)
     outs, done = [], []
-    with Progress(len(args.images), "predicting") as progress:
+    with ProgressMeter(len(args.images), "predicting") as progress:
         for i in range(0, len(args.images), args.batch):
             batch, files = [], args.images[i:i + args.batch]
             for f in files:
@@ -138,7 +144,9 @@ def main(argv=None):
         print(f"wrote {args.features}: features {out.shape} for {len(done)} images")
         return
     probs = np.asarray(jax.nn.softmax(out, axis=-1))
-    names = settings["class_names"] or class_names(out.shape[-1])
+    names = settings["class_names"]
+    if not names or all(re.fullmatch(r"n\d{8}", n) for n in names):  # WordNet ids: ImageNet's names
+        names = class_names(out.shape[-1]) or names
     if names is not None and len(names) != out.shape[-1]:
         names = None  # a head of another size than the names recorded
     for f, pr in zip(done, probs):

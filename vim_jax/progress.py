@@ -4,6 +4,7 @@ way (at most one a ``min_interval``) and at the end, so that logs stay readable.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -17,8 +18,8 @@ def fmt_time(s: float) -> str:
     return f"{d}d{h:02d}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-class Progress:
-    """``with Progress(total, desc) as p: ... p.update(n)``: ``total`` items (images) in all;
+class ProgressMeter:
+    """``with ProgressMeter(total, desc) as p: ... p.update(n)``: ``total`` items (images) in all;
     ``enabled=False`` shows nothing (processes other than the first)."""
 
     def __init__(self, total: int, desc: str, *, unit: str = "img", enabled: bool = True,
@@ -47,10 +48,10 @@ class Progress:
         now = time.perf_counter()
         fraction = self.done / max(self.total, 1)
         # Work shorter than min_interval prints nothing; then a line per tenth, the last always.
-        if not self.enabled or now - self._t0 < self.min_interval or fraction < self._next_mark \
-                or (now - self._last < self.min_interval and fraction < 1.0):
+        if not self.enabled or now - self._t0 < self.min_interval \
+                or (fraction < 1.0 and (fraction < self._next_mark or now - self._last < self.min_interval)):
             return
-        self._next_mark, self._last = fraction + 0.1, now
+        self._next_mark, self._last = (math.floor(fraction * 10 + 1e-9) + 1) / 10, now
         elapsed = now - self._t0
         rate = self.done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else 0.0

@@ -73,8 +73,10 @@ class PickledRecord:
     pickled_as = ""
 
     def __setstate__(self, state):
+        # Plain attribute names only: a pickled "__setstate__" would make the next BUILD call it.
         if isinstance(state, dict):
-            self.__dict__.update(state)
+            self.__dict__.update({k: v for k, v in state.items()
+                                  if isinstance(k, str) and not k.startswith("__")})
 
     def __repr__(self):
         return f"PickledRecord[{self.pickled_as}]({vars(self)})"
@@ -94,13 +96,15 @@ class _DTypeRecord:
         self.dtype = np.dtype(code)
 
     def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) > 1 and state[1] in "<>|=":
-            self.dtype = self.dtype.newbyteorder(state[1]) if state[1] in "<>" else self.dtype
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(state[1])
 
 
 def _numpy_scalar(dtype, data=None):
     if not isinstance(dtype, _DTypeRecord) or not isinstance(data, bytes):
         raise UnsafeCheckpointError("a pickled NumPy scalar that is not a number")
+    if len(data) != dtype.dtype.itemsize:
+        raise UnsafeCheckpointError(f"a pickled NumPy {dtype.dtype} scalar of {len(data)} bytes")
     return np.frombuffer(data, dtype.dtype, count=1)[0]
 
 
@@ -157,13 +161,18 @@ def load(path):
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             head = f.read(4)
-        if head == b"PK\x03\x04":  # a zip archive's start without its end
-            raise ValueError(f"{path} is truncated: a zip archive ({path.stat().st_size:,} bytes) "
-                             "without its end. Was the download or copy complete? Fetch it again.")
+        if head == b"PK\x03\x04" or not head:  # a zip archive's start without its end, or nothing
+            what = "a zip archive without its end" if head else "empty"
+            raise ValueError(f"{path} is truncated: {what} ({path.stat().st_size:,} bytes). Was the "
+                             "download or copy complete? Fetch it again.")
         raise ValueError(f"{path} is not a PyTorch zip checkpoint (torch.save's format since "
                          "PyTorch 1.6); re-save it with a recent PyTorch, or convert it to .npz")
     try:
         return _load_archive(path)
+    except UnsafeCheckpointError as e:
+        if str(path) in str(e):
+            raise
+        raise UnsafeCheckpointError(f"{path}: {e}") from e
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}). Was the download or "
                          "copy complete? Fetch it again.") from e

@@ -132,15 +132,21 @@ def _strict(x):
 
 class MetricsFile:
     """A run's metrics.json: what this call has measured, merged with what the calls before
-    it wrote up to the step this one resumed from; strict JSON (None for NaN)."""
+    it wrote up to the step this one resumed from (nothing of theirs on a fresh start);
+    strict JSON (None for NaN)."""
+
+    # Whole-run totals: this call's own added to the calls' before it.
+    SUMMED = ("train_wall_s", "nonfinite_steps", "corrupt_images")
 
     def __init__(self, path: str, start_step: int):
         self.path = path
-        try:
-            with open(self.path) as f:
-                before = json.load(f)
-        except (OSError, ValueError):
-            before = {}
+        before = {}
+        if start_step > 0:
+            try:
+                with open(self.path) as f:
+                    before = json.load(f)
+            except (OSError, ValueError):
+                pass
         keep = lambda h: [e for e in before.get(h, []) if e.get("step", 0) <= start_step]
         self.loss_history, self.eval_history = keep("loss_history"), keep("eval_history")
         self.before = before
@@ -150,14 +156,21 @@ class MetricsFile:
 
     def write(self, status: str, losses: list, **values) -> dict:
         """Writes the merged metrics from process 0 and returns them: ``status`` ("running",
-        "preempted" or "done"), ``values``, the earlier runs' histories and this one's
-        ``losses`` (its progress history, steps after the resumed one)."""
-        wall = values.pop("train_wall_s", 0.0) + (self.before.get("train_wall_s") or 0.0)
-        out = {"status": status, **values, "train_wall_s": wall,
-               "loss_history": self.loss_history + losses, "eval_history": self.eval_history}
-        if not losses:  # nothing trained in this call (a finished run rerun): keep the last loss
-            out["train_loss"] = self.before.get("train_loss", out.get("train_loss"))
-        out = _strict(out)
+        "preempted" or "done"), ``values``, the earlier calls' histories and totals and this
+        call's ``losses`` (its progress history, steps after the resumed one). A call that
+        trained nothing (a finished run rerun) keeps the earlier totals and last loss."""
+        trained = bool(losses)
+        for key in self.SUMMED:
+            if key in values:
+                values[key] = (values[key] if trained else 0) + (self.before.get(key) or 0)
+        if "corrupt_image_ids" in values:
+            earlier = self.before.get("corrupt_image_ids") or []
+            values["corrupt_image_ids"] = earlier + [i for i in values["corrupt_image_ids"]
+                                                     if i not in earlier]
+        if not trained and "train_loss" in self.before:
+            values["train_loss"] = self.before["train_loss"]
+        out = _strict({"status": status, **values, "loss_history": self.loss_history + losses,
+                       "eval_history": self.eval_history})
         if jax.process_index() == 0:
             atomic_write(self.path, lambda tmp: tmp.write_text(json.dumps(out, indent=2, allow_nan=False)))
         return out
