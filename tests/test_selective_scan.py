@@ -20,8 +20,11 @@ def channels_last(ref):
 
 
 def rel_err(a, b):
+    """max |a - b| relative to max |b|. A reference entirely below 1e-6 is compared to 1e-6:
+    an exactly-zero gradient (dA of a one-step scan) comes out of float32 sums of O(1) terms
+    as ~1e-12 on one side and 0 on the other, which is agreement, not a 100% error."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-6)
 
 
 @pytest.mark.parametrize("backend", ["reference", "portable"])
