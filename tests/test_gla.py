@@ -1,0 +1,75 @@
+"""Gated linear attention (vim_jax.gla) against the official kernels' numbers
+(../shared/fixtures/vig/gla_ref.npz): outputs, final states and every gradient, for normal
+and harsh gates, on both backends."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import fixture_path
+from test_selective_scan import rel_err
+from vim_jax.gla import gla
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return dict(np.load(fixture_path("vig/gla_ref.npz")))
+
+
+def _ours(x):
+    """The fixture's (batch, heads, length, dim) -> this project's (batch, length, heads, dim)."""
+    return jnp.asarray(x.transpose(0, 2, 1, 3))
+
+
+@pytest.mark.parametrize("gates", ["", "harsh_"])
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_matches_the_official_kernels(ref, gates, backend):
+    """Harsh gates (cumulative log decay to -65 within a chunk) fail a port that factors
+    exp(b_i - b_j) into exp(b_i) * exp(-b_j)."""
+    q, k, v = (_ours(ref[n]) for n in ("q", "k", "v"))
+    g_f, g_b = _ours(ref[gates + "g_f"]), _ours(ref[gates + "g_b"])
+    cot_f, cot_b = _ours(ref["cot_f"]), _ours(ref["cot_b"])
+
+    def both(q, k, v, g_f, g_b):
+        o_f, s_f = gla(q, k, v, g_f, return_final_state=True, backend=backend)
+        o_b, s_b = gla(q, k, v, g_b, reverse=True, return_final_state=True, backend=backend)
+        return o_f, o_b, s_f, s_b
+
+    o_f, o_b, s_f, s_b = both(q, k, v, g_f, g_b)
+    assert rel_err(o_f, _ours(ref[gates + "o_f"])) < 1e-4
+    assert rel_err(o_b, _ours(ref[gates + "o_b"])) < 1e-4
+    assert rel_err(s_f, ref[gates + "state_f"]) < 1e-4
+    assert rel_err(s_b, ref[gates + "state_b"]) < 1e-4
+    def loss(*args):
+        o_f, o_b, _, _ = both(*args)
+        return jnp.sum(o_f * cot_f) + jnp.sum(o_b * cot_b)
+
+    grads = jax.grad(loss, argnums=range(5))(q, k, v, g_f, g_b)
+    for name, got in zip(("q", "k", "v", "g_f", "g_b"), grads):
+        assert rel_err(got, _ours(ref[gates + "grad_" + name])) < 1e-4, name
+
+
+@pytest.mark.parametrize("length", [1, 16, 21])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_backends_agree_off_the_chunk_grid(length, reverse):
+    keys = jax.random.split(jax.random.key(length), 4)
+    q, k = (jax.random.normal(x, (2, length, 2, 16)) for x in keys[:2])
+    v = jax.random.normal(keys[2], (2, length, 2, 8))
+    g = jax.nn.log_sigmoid(4 * jax.random.normal(keys[3], (2, length, 2, 16)))
+    out = {b: gla(q, k, v, g, reverse=reverse, return_final_state=True, backend=b)
+           for b in ("reference", "chunked")}
+    for a, b in zip(out["chunked"], out["reference"]):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_dtypes_and_bad_arguments():
+    q = jnp.zeros((1, 5, 2, 16), jnp.bfloat16)
+    v = jnp.ones((1, 5, 2, 8), jnp.bfloat16)
+    assert gla(q, q, v, q.astype(jnp.float32)).dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match=r"k has shape \(1, 5, 2, 8\); it must be q's"):
+        gla(q, v, v, q)
+    with pytest.raises(ValueError, match=r"v has shape \(1, 4, 2, 8\)"):
+        gla(q, q, v[:, :4], q)
+    with pytest.raises(ValueError, match="backend='pallas' is not one of"):
+        gla(q, q, v, q, backend="pallas")
