@@ -107,7 +107,7 @@ def compile_kernels(arch: str, k: Kernel, dump: str):
     from jax.experimental import topologies
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from vim_jax import scan
+    from vim_jax.mixers import selective_scan as scan
     from vim_jax.kernels import selective_scan as kernels
 
     topo = topologies.get_topology_desc(platform="cuda", target_config=target_config(arch),
@@ -224,7 +224,7 @@ def main():
         sys.exit("XLA's CUDA compiler is not installed in this venv: see this file's docstring")
     ptxas = find_ptxas()
 
-    from vim_jax import scan
+    from vim_jax.mixers import selective_scan as scan
     from vim_jax.kernels import selective_scan as kernels
 
     # A kernel's code depends on its launch configuration and the array shapes (Triton

@@ -69,7 +69,7 @@ def main():
     from vim_jax.train_step import train_step_fn
 
     mesh = make_mesh()
-    # Under the mesh, the scan kernels run per device shard (vim_jax.scan).
+    # Under the mesh, the scan kernels run per device shard (vim_jax.mixers.selective_scan).
     jax.set_mesh(mesh)
     n_dev = mesh.devices.size
     if args.batch % n_dev:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import model_bench  # benchmarks/, beside this script
-from vim_jax import scan as ss
+from vim_jax.mixers import selective_scan as ss
 from vim_jax.kernels.selective_scan import config_for
 
 # Peak HBM bandwidth in GB/s by device kind (vendor data sheets).

@@ -1,7 +1,7 @@
 """Pallas (Triton) selective-scan kernels: fused forward and backward with recomputation.
 
-Imported as ``vim_jax.kernels.selective_scan``; ``vim_jax.scan`` chooses these kernels
-for the platforms they are written for. Same layout and semantics as ``vim_jax.scan``
+Imported as ``vim_jax.kernels.selective_scan``; ``vim_jax.mixers.selective_scan`` chooses these kernels
+for the platforms they are written for. Same layout and semantics as ``vim_jax.mixers.selective_scan``
 (channels-last; ../shared/design/selective_scan.md).
 
 One program per (batch element, block of BD channels) keeps its (BD, d_state) state in

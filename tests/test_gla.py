@@ -1,4 +1,4 @@
-"""Gated linear attention (vim_jax.gla) against the official kernels' numbers
+"""Gated linear attention (vim_jax.gla, vim_jax.mixers.bigla) against the official kernels' numbers
 (../shared/fixtures/vig/gla_ref.npz): outputs, final states and every gradient, for normal
 and harsh gates, on both backends."""
 
@@ -9,7 +9,7 @@ import pytest
 
 from conftest import fixture_path
 from test_selective_scan import rel_err
-from vim_jax.gla import gla
+from vim_jax.mixers.gla import bigla, gla
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,27 @@ def test_matches_the_official_kernels(ref, gates, backend):
         assert rel_err(got, _ours(ref[gates + "grad_" + name])) < 1e-4, name
 
 
+@pytest.mark.parametrize("gates", ["", "harsh_"])
+def test_both_directions_in_one_call(ref, gates):
+    """bigla (the model's call) gives the official forward and reverse outputs and their
+    gradients, the reverse gates indexed by token as the official model passes them."""
+    q, k, v = (_ours(ref[n]) for n in ("q", "k", "v"))
+    g_f, g_b = _ours(ref[gates + "g_f"]), _ours(ref[gates + "g_b"])
+    cot_f, cot_b = _ours(ref["cot_f"]), _ours(ref["cot_b"])
+    o_f, o_b = bigla(q, k, v, g_f, g_b)
+    assert rel_err(o_f, _ours(ref[gates + "o_f"])) < 1e-4
+    assert rel_err(o_b, _ours(ref[gates + "o_b"])) < 1e-4
+    assert rel_err((o_f + o_b) / 2, _ours(ref[gates + "o_bid"])) < 1e-4
+
+    def loss(*args):
+        o_f, o_b = bigla(*args)
+        return jnp.sum(o_f * cot_f) + jnp.sum(o_b * cot_b)
+
+    grads = jax.grad(loss, argnums=range(5))(q, k, v, g_f, g_b)
+    for name, got in zip(("q", "k", "v", "g_f", "g_b"), grads):
+        assert rel_err(got, _ours(ref[gates + "grad_" + name])) < 1e-4, name
+
+
 @pytest.mark.parametrize("length", [1, 16, 21])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_backends_agree_off_the_chunk_grid(length, reverse):
@@ -73,3 +94,5 @@ def test_dtypes_and_bad_arguments():
         gla(q, q, v[:, :4], q)
     with pytest.raises(ValueError, match="backend='pallas' is not one of"):
         gla(q, q, v, q, backend="pallas")
+    with pytest.raises(ValueError, match=r"g_bwd has shape \(1, 4, 2, 16\); it must be g_fwd's"):
+        bigla(q, q, v, q, q[:, :4])

@@ -18,7 +18,7 @@ def test_wheel_installs_only_the_vim_jax_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert all(t == "vim_jax" or t.startswith("vim_jax-") for t in tops), tops
-    assert "vim_jax/kernels/selective_scan.py" in names
+    assert "vim_jax/kernels/selective_scan.py" in names and "vim_jax/mixers/gla.py" in names
     assert "vim_jax/models/vim.py" in names and "vim_jax/data/pipeline.py" in names
 
 

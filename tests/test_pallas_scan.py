@@ -22,7 +22,8 @@ from hypothesis import given, settings, strategies as st
 from vim_jax.kernels import selective_scan as pallas_scan
 from conftest import NO_GPU_INFO, lower_for_cuda, triton_calls
 from test_selective_scan import NAMES, channels_last, random_inputs, rel_err
-from vim_jax import create_model, scan as ss
+from vim_jax import create_model
+from vim_jax.mixers import selective_scan as ss
 from vim_jax.train_step import make_train_step
 
 
@@ -198,7 +199,7 @@ def test_no_block_overhangs_its_array(b, l, d):
     it): in every kernel launched, forward (one pass, or segments side by side as at
     b=1, L=150) and backward, each block dimension divides its array's dimension, at
     widths that are not multiples of the channel block."""
-    from vim_jax import scan as ss_mod
+    from vim_jax.mixers import selective_scan as ss_mod
 
     args = random_inputs(d, b, l, d, 16)
     order = ("u", "delta", "z", "B", "C", "A", "D", "delta_bias")
@@ -255,7 +256,8 @@ _MESH_SCRIPT = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
     from conftest import lower_for_cuda, triton_calls
     from test_selective_scan import random_inputs, rel_err
-    from vim_jax import create_model, scan as ss, sharding as shd
+    from vim_jax import create_model, sharding as shd
+    from vim_jax.mixers import selective_scan as ss
     from vim_jax.train_step import TrainState, train_step_fn
 
     assert jax.device_count() == 8

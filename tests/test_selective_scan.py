@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vim_jax import scan as ss
+from vim_jax.mixers import selective_scan as ss
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 

@@ -5,9 +5,9 @@ pipeline is imported lazily by the training code).
 """
 
 from vim_jax.models import VisionMamba, create_model, list_models
-from vim_jax.scan import selective_scan
+from vim_jax.mixers import gla, selective_scan
 
-__all__ = ["VisionMamba", "create_model", "list_models", "load_exported", "selective_scan"]
+__all__ = ["VisionMamba", "create_model", "list_models", "gla", "load_exported", "selective_scan"]
 
 
 def __getattr__(name):

@@ -6,7 +6,7 @@ implementation is made with ``jax.lax.platform_dependent`` from the platform the
 program is *lowered for*, never from the host's default backend. The CPU gets the
 tricks that XLA's CPU backend needs to be fast; every other platform gets plain JAX:
 
-- ``silu``, and the reference scan's exp and softplus (``vim_jax.scan``): on the CPU a
+- ``silu``, and the reference scan's exp and softplus (``vim_jax.mixers.selective_scan``): on the CPU a
   2^n * p(f) polynomial exp (XLA's CPU exp dominated the scan and the activations around
   it; this form vectorises and fuses at about half the cost, with float32-level accuracy).
 - ``dense``: on the CPU a projection whose weight gradient reads a transposed copy of
@@ -16,7 +16,7 @@ tricks that XLA's CPU backend needs to be fast; every other platform gets plain 
   CPU emitter runs an elementwise kernel with a fused dynamic slice several times
   slower).
 
-The selective scan's backend choice lives in ``vim_jax.scan`` and uses the same
+The selective scan's backend choice lives in ``vim_jax.mixers.selective_scan`` and uses the same
 mechanism.
 
 ``portable=True`` takes the plain-JAX form without a ``platform_dependent`` around it:

@@ -13,7 +13,7 @@ from flax import nnx
 
 from vim_jax.models.registry import create_model
 from vim_jax.models.vim import REMAT
-from vim_jax.scan import BACKENDS
+from vim_jax.mixers.selective_scan import BACKENDS
 
 CONFIG_FILE = "config.json"
 

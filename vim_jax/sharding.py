@@ -20,7 +20,7 @@ def make_mesh(devices=None) -> Mesh:
 
 def jit_on_mesh(mesh: Mesh, fn, **jit_kwargs):
     """``jax.jit(fn, **jit_kwargs)`` traced and run under ``jax.set_mesh(mesh)``: code that
-    works per device shard (the selective-scan kernels, see ``vim_jax.scan``) sees the mesh."""
+    works per device shard (the selective-scan kernels, see ``vim_jax.mixers.selective_scan``) sees the mesh."""
     jitted = jax.jit(fn, **jit_kwargs)
 
     def call(*args):

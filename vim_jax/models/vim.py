@@ -19,7 +19,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from vim_jax import ops
-from vim_jax.scan import selective_scan
+from vim_jax.mixers.selective_scan import selective_scan
 
 CLS_POSITIONS = ("middle", "head", "double", "none")
 REMAT = ("mixer", "full", "none")

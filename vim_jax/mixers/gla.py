@@ -68,6 +68,29 @@ def gla(q, k, v, g, *, reverse: bool = False, scale=None, return_final_state: bo
     return (o, state) if return_final_state else o
 
 
+def bigla(q, k, v, g_fwd, g_bwd, *, scale=None, backend: str = "auto"):
+    """Both directions of gated linear attention on the same q, k, v: ViG's token mixer.
+
+    Args:
+      q, k: (batch, length, heads, dk); v: (batch, length, heads, dv).
+      g_fwd, g_bwd: (batch, length, heads, dk) log-gates (<= 0) of the forward scan and of
+        the reverse scan; index t gates token t in both.
+      scale, backend: as for ``gla``.
+
+    Returns:
+      (o_fwd, o_bwd), each (batch, length, heads, dv) in q's dtype: ``gla(q, k, v, g_fwd)``
+      and ``gla(q, k, v, g_bwd, reverse=True)``, computed as one batch of twice the size
+      (the reverse direction on flipped copies), so one launch serves both.
+    """
+    if g_bwd.shape != g_fwd.shape:
+        raise ValueError(f"g_bwd has shape {g_bwd.shape}; it must be g_fwd's, {g_fwd.shape}")
+    flip = lambda x: jnp.flip(x, 1)
+    both = lambda a, b: jnp.concatenate([a, flip(b)], axis=0)
+    o = gla(both(q, q), both(k, k), both(v, v), both(g_fwd, g_bwd), scale=scale, backend=backend)
+    o_fwd, o_bwd = jnp.split(o, 2, axis=0)
+    return o_fwd, flip(o_bwd)
+
+
 def _recurrent(q, k, v, g, scale):
     b, _, h, dk = q.shape
     xs = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (q, k, v, g))
