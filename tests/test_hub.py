@@ -23,6 +23,10 @@ _SCRIPT = textwrap.dedent("""
     x = np.asarray(io["input_nchw"]).transpose(0, 2, 3, 1)
     out["logits_err"] = float(np.abs(np.asarray(model(x)) - io["logits"]).max())
     out["depth"] = model.depth
+    for name, io_file in VIG:
+        io = np.load(io_file)
+        x = np.asarray(io["input_nchw"]).transpose(0, 2, 3, 1)
+        out[name] = float(np.abs(np.asarray(create_model(name, pretrained=True)(x)) - io["logits"]).max())
     try:
         create_model("vim_small_patch16_224", pretrained=True)
     except WeightsUnavailableError as e:
@@ -45,15 +49,28 @@ def test_weights_by_name_from_an_offline_hub_cache(tmp_path):
     snapshot.mkdir(parents=True)
     # The fixture (official format, depth 4, 10 classes) stands in for the Vim-Ti file.
     shutil.copy(fixture_path("vim_tiny_d4.pth"), snapshot / "vim_t_midclstok_76p1acc.pth")
+    # ViG's repository: the plain and hierarchical fixtures stand in for ViG-T and ViG-H-T.
+    vig = cache / "models--hustvl--ViG"
+    (vig / "refs").mkdir(parents=True)
+    (vig / "refs" / "main").write_text(commit)
+    (vig / "snapshots" / commit).mkdir(parents=True)
+    shutil.copy(fixture_path("vig/vig_tiny_d2.pth"), vig / "snapshots" / commit / "vig_t_77p2acc.pth")
+    shutil.copy(fixture_path("vig/vig_h_tiny_small.pth"), vig / "snapshots" / commit / "vig_h_t_82p8acc.pth")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
-    script = _SCRIPT.replace("IO", repr(str(fixture_path("vim_tiny_d4_io.npz"))))
+    vig_io = [("vig_tiny_patch16_224", str(fixture_path("vig/vig_tiny_d2_io.npz"))),
+              ("vig_h_tiny_224", str(fixture_path("vig/vig_h_tiny_small_io.npz")))]
+    script = _SCRIPT.replace("IO", repr(str(fixture_path("vim_tiny_d4_io.npz")))).replace("VIG", repr(vig_io))
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["with_weights"] == ["vim_base_patch16_224", "vim_small_patch16_224",
-                                   "vim_small_patch16_stride8_224", "vim_tiny_patch16_224",
-                                   "vim_tiny_patch16_stride8_224"]
+    assert out["with_weights"] == [
+        "vig_base_patch16_224", "vig_h_base_224", "vig_h_small_224", "vig_h_tiny_224",
+        "vig_small_patch16_224", "vig_tiny_patch16_224", "vim_base_patch16_224",
+        "vim_small_patch16_224", "vim_small_patch16_stride8_224", "vim_tiny_patch16_224",
+        "vim_tiny_patch16_stride8_224"]
+    # Official weights give the official eval logits (plain ViG's (o_f + o_b) / 4 path).
+    assert out["vig_tiny_patch16_224"] < 1e-4 and out["vig_h_tiny_224"] < 1e-4
     assert out["all"] > len(out["with_weights"])
     assert out["depth"] == 4 and out["logits_err"] < 1e-4
     # Not in the cache and offline: the repository, the file and the alternative.

@@ -85,7 +85,8 @@ def test_names_and_aliases():
         assert registry.resolve_name(long) == short
     with pytest.raises(ValueError, match="unknown model 'vim_huge'"):
         create_model("vim_huge")
-    with pytest.raises(TypeError, match="unknown model argument"):
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['depht'\] for vim_tiny_patch16_224 "
+                       r"\(did you mean 'depth' for 'depht'\?\)"):
         create_model("vim_tiny_patch16_224", depht=2)
 
 

@@ -1,4 +1,4 @@
-"""The official Vim checkpoints on the Hugging Face Hub, by model name.
+"""The official Vim and ViG checkpoints on the Hugging Face Hub, by model name.
 
 ``create_model(name, pretrained=True)`` downloads the official weights once into the
 standard Hugging Face cache (``HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``) and
@@ -15,6 +15,13 @@ WEIGHTS = {
     "vim_small_patch16_224": ("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth", 80.5),
     "vim_small_patch16_stride8_224": ("hustvl/Vim-small-midclstok", "vim_s_midclstok_ft_81p6acc.pth", 81.6),
     "vim_base_patch16_224": ("hustvl/Vim-base-midclstok", "vim_b_midclstok_81p9acc.pth", 81.9),
+    # ViG (hustvl/ViG README): plain and hierarchical.
+    "vig_tiny_patch16_224": ("hustvl/ViG", "vig_t_77p2acc.pth", 77.2),
+    "vig_small_patch16_224": ("hustvl/ViG", "vig_s_81p7acc.pth", 81.7),
+    "vig_base_patch16_224": ("hustvl/ViG", "vig_b_82p6acc.pth", 82.6),
+    "vig_h_tiny_224": ("hustvl/ViG", "vig_h_t_82p8acc.pth", 82.8),
+    "vig_h_small_224": ("hustvl/ViG", "vig_h_s_83p8acc.pth", 83.8),
+    "vig_h_base_224": ("hustvl/ViG", "vig_h_b_84p2acc.pth", 84.2),
 }
 
 

@@ -23,9 +23,11 @@ from flax import nnx, traverse_util
 
 from vim_jax import pth
 from vim_jax.files import atomic_write
+from vim_jax.models import vig as vig_model
 from vim_jax.models.vim import resize_pos_embed
-from vim_jax.state_dict import (CheckpointMismatch, mismatch_report, params_to_state_dict,
-                                state_dict_to_params)
+from vim_jax.state_dict import (CheckpointMismatch, VIG_FAMILIES, mismatch_report,
+                                params_to_state_dict, state_dict_to_params, vig_params_to_state_dict,
+                                vig_state_dict_to_params)
 
 MODEL_FILE = "model.json"
 HF_WEIGHTS, HF_CONFIG = "model.safetensors", "config.json"
@@ -89,7 +91,7 @@ def read_safetensors(path) -> tuple[str, dict, dict]:
     parameters); the config ``save_safetensors`` stored, or {} for files from elsewhere."""
     tensors, meta = _read_safetensors(path)
     config = json.loads(meta.get(_CONFIG_KEY, "{}"))
-    if meta.get(_NAMES_KEY) == "vim_jax" or "patch_embed.kernel" in tensors:
+    if meta.get(_NAMES_KEY) == "vim_jax" or any(k.endswith(".kernel") for k in tensors):
         return "vim_jax", traverse_util.unflatten_dict(tensors, sep="."), config
     return "official", tensors, config
 
@@ -102,14 +104,17 @@ def save_safetensors(model, path, *, names: str = "official") -> pathlib.Path:
 
     if names not in NAMES:
         raise ValueError(f"names={names!r} is not one of {NAMES}")
-    if not hasattr(model, "cls_position"):
-        raise ValueError(f"safetensors files hold classifiers (VisionMamba); this is a "
+    family = getattr(model, "family", None)
+    if family is None:
+        raise ValueError(f"safetensors files hold classifiers (Vim, ViG, ViG-H); this is a "
                          f"{type(model).__name__}: keep it as a checkpoint directory")
-    pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    if names == "official":
-        tensors = params_to_state_dict(pure, cls_position=model.cls_position)
-    else:
+    pure = _str_keys(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    if names == "vim_jax":
         tensors = traverse_util.flatten_dict(pure, sep=".")
+    elif family in VIG_FAMILIES:
+        tensors = vig_params_to_state_dict(pure, family=family)
+    else:
+        tensors = params_to_state_dict(pure, cls_position=model.cls_position)
     metadata = {"format": "pt" if names == "official" else "flax", _NAMES_KEY: names,
                 _CONFIG_KEY: json.dumps(getattr(model, "config", {}))}
     return atomic_write(path, lambda tmp: save_file(
@@ -146,17 +151,33 @@ def read_hf_config(path) -> dict:
     return {"name": body["architecture"], **body.get("model_args", {})}
 
 
-def _grid(model, img_size):
-    return (model._grid_len(img_size),) * 2
+def _str_keys(tree):
+    """A nested dict with every key a string (list indices of the NNX state become "0", ...)."""
+    return {str(k): _str_keys(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def _pos_resizer(model, from_img_size):
+    """pos_embed at the grid of ``from_img_size`` -> at ``model.grid``, as the family resizes
+    it (None for a model without a position embedding)."""
+    if not hasattr(model, "pos_embed"):
+        return None
+    old = (model.grid_len(from_img_size),) * 2 if from_img_size else model.grid
+    if getattr(model, "family", None) == "vig":
+        return lambda pos: vig_model.resize_pos_embed(pos, old, model.grid)
+    return lambda pos: resize_pos_embed(pos, model.cls_position, old, model.grid)
 
 
 def load_state_dict_into(model, state_dict, *, ckpt_img_size=None, source="checkpoint"):
     """Loads an official state dict into ``model`` (in place); resizes pos_embed if needed."""
     params = nnx.state(model, nnx.Param)
-    old = _grid(model, ckpt_img_size) if ckpt_img_size else model.grid
-    resize = lambda pos: resize_pos_embed(pos, model.cls_position, old, model.grid)
-    pure = state_dict_to_params(state_dict, nnx.to_pure_dict(params), cls_position=model.cls_position,
-                                pos_embed_fn=resize, source=str(source))
+    target = nnx.to_pure_dict(params)
+    resize = _pos_resizer(model, ckpt_img_size)
+    if getattr(model, "family", None) in VIG_FAMILIES:
+        pure = vig_state_dict_to_params(state_dict, target, family=model.family,
+                                        pos_embed_fn=resize, source=str(source))
+    else:
+        pure = state_dict_to_params(state_dict, target, cls_position=model.cls_position,
+                                    pos_embed_fn=resize, source=str(source))
     nnx.replace_by_pure_dict(params, jax.tree.map(np.asarray, pure))
     nnx.update(model, params)
 
@@ -164,10 +185,11 @@ def load_state_dict_into(model, state_dict, *, ckpt_img_size=None, source="check
 def load_params_into(model, pure: dict, *, saved_img_size=None, source=""):
     """Loads a nested param dict written by ``save_pretrained`` into ``model`` (in place)."""
     params = nnx.state(model, nnx.Param)
-    target = nnx.to_pure_dict(params)
-    if saved_img_size and _grid(model, saved_img_size) != model.grid:
-        pure = dict(pure, pos_embed=resize_pos_embed(
-            pure["pos_embed"], model.cls_position, _grid(model, saved_img_size), model.grid))
+    target = _str_keys(nnx.to_pure_dict(params))
+    pure = _str_keys(pure)
+    resize = _pos_resizer(model, saved_img_size)
+    if saved_img_size and resize is not None:
+        pure = dict(pure, pos_embed=resize(pure["pos_embed"]))
     want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(target)}
     got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(pure)}
     report = mismatch_report(source, want, got)
@@ -213,11 +235,11 @@ def restore_into(model, path, *, step=None, ema: bool = False) -> int:
     return s
 
 
-def load_dir(path, *, step=None, ema: bool = False) -> tuple[dict, dict, int]:
+def load_dir(path, model_class, *, step=None, ema: bool = False) -> tuple[dict, dict, int]:
     """Reads a checkpoint directory or training workdir -> (model config incl. "name",
-    nested param dict, step): the latest step unless ``step``, the EMA weights if ``ema``."""
+    nested param dict, step): the latest step unless ``step``, the EMA weights if ``ema``.
+    model_class(name) is the class of the named model (the registry knows it)."""
     from vim_jax.checkpoints import Checkpoints
-    from vim_jax.models.vim import VisionMamba
 
     path = pathlib.Path(path).resolve()
     cfg_file = path / MODEL_FILE
@@ -233,7 +255,8 @@ def load_dir(path, *, step=None, ema: bool = False) -> tuple[dict, dict, int]:
     config = json.loads(cfg_file.read_text())
     kwargs = {k: v for k, v in config.items() if k != "name"}
     kwargs["dtype"] = np.dtype(kwargs.get("dtype") or "float32")
-    abstract = nnx.eval_shape(lambda: VisionMamba(**kwargs, rngs=nnx.Rngs(0)))
+    cls = model_class(config.get("name"))
+    abstract = nnx.eval_shape(lambda: cls(**kwargs, rngs=nnx.Rngs(0)))
     s, params = Checkpoints(str(path)).restore_params(nnx.state(abstract, nnx.Param), ema=ema, step=step)
     return config, nnx.to_pure_dict(params), s
 

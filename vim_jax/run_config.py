@@ -52,13 +52,16 @@ def build_model(config, num_classes: int):
     check_choices(config)
     m = config.model
     kwargs = dict(img_size=config.data.image_size, drop_path_rate=m.drop_path_rate, dtype=m.dtype,
-                  scan_backend=m.scan_backend, remat=m.remat, **m.overrides.to_dict())
+                  **m.overrides.to_dict())
+    # Vim's scan backend (None in ViG configs, whose GLA backend is an override); remat: what
+    # each block keeps for the backward pass (Vim: mixer, full, none; ViG: full, none).
+    kwargs.update({k: m.get(k) for k in ("scan_backend", "remat") if m.get(k) is not None})
     if not (m.reset_head and m.pretrained):
         return create_model(m.name, pretrained=m.pretrained or None, seed=config.seed,
                             num_classes=num_classes, **kwargs)
     source = create_model(m.name, pretrained=m.pretrained, seed=config.seed, **kwargs)
-    model = create_model(m.name, seed=config.seed, num_classes=num_classes,
-                         **{"depth": source.depth, **kwargs})
+    blocks = {k: source.config[k] for k in ("depth", "depths") if k in source.config}
+    model = create_model(m.name, seed=config.seed, num_classes=num_classes, **{**blocks, **kwargs})
     body = nnx.state(source, nnx.Param)
     body.pop("head")
     nnx.update(model, body)

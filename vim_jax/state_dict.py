@@ -158,3 +158,100 @@ def params_to_state_dict(params: dict, *, cls_position: str) -> dict[str, np.nda
     for i, k in enumerate(cls_keys):
         sd[k] = np.asarray(params["cls_token"])[:, i:i + 1]
     return sd
+
+
+# ---------------------------------------------------------------------------------------
+# ViG (plain and hierarchical): one module per official module, so a parameter's path in
+# the NNX state names its official key after a few renames; the leaf gives the layout.
+
+_VIG_RENAMES = {
+    "vig": [(r"^patch_embed\.conv1\.", "patch_embed.proj.0."),
+            (r"^patch_embed\.norm1\.", "patch_embed.proj.1."),
+            (r"^patch_embed\.conv2\.", "patch_embed.proj.3."),
+            (r"^patch_embed\.norm2\.", "patch_embed.proj.4."),
+            (r"\.mlp\.up\.", ".mlp.gate_proj."), (r"\.mlp\.down\.", ".mlp.down_proj.")],
+    "vig_h": [(r"^stem\.conv1\.", "patch_embed.0."), (r"^stem\.norm1\.", "patch_embed.2."),
+              (r"^stem\.conv2\.", "patch_embed.5."), (r"^stem\.norm2\.", "patch_embed.7."),
+              (r"\.downsample\.conv\.", ".downsample.1."), (r"\.downsample\.norm\.", ".downsample.3."),
+              (r"\.mlp\.up\.", ".mlp.fc1."), (r"\.mlp\.down\.", ".mlp.fc2."),
+              (r"^norm\.", "classifier.norm."), (r"^head\.", "classifier.head.")],
+}
+_MIXER_RENAMES = [(r"\.dwconv\.", ".in_proj.0."), (r"\.gk_down\.", ".gk_proj.0."),
+                  (r"\.gk_up\.", ".gk_proj.1.")]
+VIG_FAMILIES = tuple(_VIG_RENAMES)
+
+
+def _vig_key(path: tuple, shape: tuple, family: str) -> tuple[str, tuple[_Fn, _Fn]]:
+    """(official key, (to_jax, to_torch)) of the parameter at ``path`` (NNX state path)."""
+    key = ".".join(map(str, path))
+    for pattern, repl in _VIG_RENAMES[family] + _MIXER_RENAMES:
+        key = re.sub(pattern, repl, key)
+    stem, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+    if leaf == "kernel":
+        return stem + ".weight", _LINEAR if len(shape) == 2 else _CONV2D
+    if leaf == "scale":  # LayerNorm
+        return stem + ".weight", _ID
+    return key, _ID
+
+
+def _leaves(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def vig_state_dict_to_params(state_dict: Mapping[str, np.ndarray], target: dict, *, family: str,
+                             pos_embed_fn=None, source: str = "checkpoint") -> dict:
+    """Official ViG / ViG-H state_dict -> nested dict shaped like ``target`` (the model's
+    ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``); ``pos_embed_fn`` resizes the
+    checkpoint's pos_embed to the model's grid. Raises CheckpointMismatch naming ``source``
+    and every missing, unexpected and mis-shaped key (the official loader is not strict)."""
+    sd = {k: np.asarray(v) for k, v in state_dict.items()}
+    if "pos_embed" in sd and pos_embed_fn is not None:
+        sd["pos_embed"] = np.asarray(pos_embed_fn(sd["pos_embed"]))
+    rows = [(path, *_vig_key(path, np.shape(leaf), family), np.shape(leaf))
+            for path, leaf in _leaves(target)]
+    want = {key: fns[1](np.broadcast_to(np.float32(0), shape)).shape for _, key, fns, shape in rows}
+    report = mismatch_report(source, want, {k: v.shape for k, v in sd.items()})
+    if report:
+        raise CheckpointMismatch(report)
+    out: dict = {}
+    for path, key, (to_jax, _), _ in rows:
+        _set(out, path, to_jax(sd[key]))
+    return out
+
+
+def vig_params_to_state_dict(params: dict, *, family: str) -> dict[str, np.ndarray]:
+    """Inverse of ``vig_state_dict_to_params``: this project's params -> official state_dict."""
+    out = {}
+    for path, leaf in _leaves(params):
+        key, (_, to_torch) = _vig_key(path, np.shape(leaf), family)
+        out[key] = to_torch(np.asarray(leaf))
+    return out
+
+
+def infer_vig_kwargs(state_dict: Mapping[str, np.ndarray], family: str) -> dict:
+    """Block counts (depth, or depths per stage), num_classes and, for plain ViG, the patch
+    count (num_patches) read off an official ViG state_dict."""
+    out = {}
+    head = "head.weight" if family == "vig" else "classifier.head.weight"
+    if head in state_dict:
+        out["num_classes"] = int(state_dict[head].shape[0])
+    elif not any(k.startswith(head[:-len("weight")]) for k in state_dict):
+        out["num_classes"] = 0
+    if family == "vig":
+        blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"^blocks\.(\d+)\.", k))}
+        if blocks:
+            out["depth"] = max(blocks) + 1
+        if "pos_embed" in state_dict:
+            out["num_patches"] = int(state_dict["pos_embed"].shape[1])
+    else:
+        stages: dict[int, set] = {}
+        for k in state_dict:
+            if m := re.match(r"^layers\.(\d+)\.blocks\.(\d+)\.", k):
+                stages.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+        if stages:
+            out["depths"] = tuple(max(stages.get(s, {-1})) + 1 for s in range(max(stages) + 1))
+    return out

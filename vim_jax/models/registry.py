@@ -1,7 +1,9 @@
-"""Named Vim variants (mirroring the official registry) and ``create_model``."""
+"""Named variants of both families (mirroring the official registries) and ``create_model``:
+Vim, plain ViG and hierarchical ViG-H classifiers, and the segmenters."""
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import math
@@ -13,7 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vim_jax import pretrained as io
-from vim_jax.state_dict import infer_model_kwargs
+from vim_jax.state_dict import infer_model_kwargs, infer_vig_kwargs
+from vim_jax.models.vig import ViG
+from vim_jax.models.vig_h import HierViG
 from vim_jax.models.vim import VisionMamba
 
 _WIDTHS = {"tiny": 192, "small": 384, "base": 768}
@@ -28,6 +32,30 @@ for _size, _dim in _WIDTHS.items():
             VARIANTS[_name] = dict(img_size=_img, patch_size=16, stride=_stride, embed_dim=_dim,
                                    depth=24, d_state=16, expand=2, cls_position="middle")
 
+# ViG (hustvl/ViG configs/vig/*.yaml): the SiLU switches are ViG-T's alone and live in the
+# config, not in the weights.
+for _size, (_dim, _heads, _act) in {"tiny": (192, 3, True), "small": (384, 6, False),
+                                    "base": (768, 12, False)}.items():
+    VARIANTS[f"vig_{_size}_patch16_224"] = dict(img_size=224, embed_dim=_dim, depth=12, num_heads=_heads,
+                                                act_in_conv=_act, out_act=_act)
+# ViG-H (configs/vig-h/*.yaml).
+for _size, (_dims, _depths, _heads) in {"tiny": (96, (2, 2, 5, 2), (3, 6, 12, 24)),
+                                        "small": (96, (2, 2, 17, 2), (3, 6, 12, 24)),
+                                        "base": (128, (2, 2, 17, 2), (4, 8, 16, 32))}.items():
+    VARIANTS[f"vig_h_{_size}_224"] = dict(img_size=224, dims=_dims, depths=_depths, num_heads=_heads)
+
+CLASSES = {"vim": VisionMamba, "vig": ViG, "vig_h": HierViG}
+
+
+def family_of(name: str) -> str:
+    """"vim", "vig" or "vig_h": the architecture (and state-dict layout) of variant ``name``."""
+    return "vig_h" if name.startswith("vig_h_") else "vig" if name.startswith("vig_") else "vim"
+
+
+def model_class(name: str):
+    """The model class of variant ``name`` (short or official long name)."""
+    return CLASSES[family_of(resolve_name(name))]
+
 # The official builder names (models_mamba.py), accepted as aliases.
 _SUFFIX = "bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"
 ALIASES = {
@@ -39,8 +67,8 @@ ALIASES = {
         "vim_base_patch16_224",
 }
 
-_MODEL_ARGS = [p for p in inspect.signature(VisionMamba.__init__).parameters
-               if p not in ("self", "rngs")]
+def _model_args(cls) -> list[str]:
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "rngs")]
 
 # Segmenters (official seg/configs/vim/upernet): UperNet channels = the backbone width,
 # FCN auxiliary head 256 channels, 512 crops. (The official small segmenter adds rotary
@@ -71,8 +99,9 @@ def resolve_name(name: str) -> str:
 
 
 def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = None, seed: int = 0,
-                 step: Optional[int] = None, ema: bool = False, **overrides) -> VisionMamba:
-    """Builds a Vim model, optionally loading weights. Returned in eval mode.
+                 step: Optional[int] = None, ema: bool = False, **overrides):
+    """Builds a model (``VisionMamba``, ``ViG``, ``HierViG`` or a segmenter), optionally
+    loading weights. Returned in eval mode.
 
     Args:
       name: a variant from ``list_models()`` or an official long name. May be None when
@@ -88,9 +117,10 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
       seed: PRNG seed for the parameters that are not loaded (and drop path).
       step, ema: with a checkpoint directory, which step (default: the latest) and whether
         to take its EMA weights; ``ema`` with a ``.pth`` training checkpoint: its ``model_ema``.
-      **overrides: VisionMamba arguments (depth, num_classes, img_size, drop_path_rate,
-        dtype, scan_backend, ...); they win over the variant and the checkpoint. depth,
-        num_classes and the patch grid are read off a checkpoint when not given.
+      **overrides: the model class's arguments (Vim: depth, scan_backend, ...; ViG: depth,
+        gla_backend; ViG-H: depths; all: num_classes, img_size, drop_path_rate, dtype, ...);
+        they win over the variant and the checkpoint. Block counts, num_classes and the
+        patch grid are read off a checkpoint when not given.
     """
     if isinstance(pretrained, (str, os.PathLike)) and os.path.isdir(pretrained) \
             and io.saved_name(pretrained) in SEG_VARIANTS:  # a trained segmenter
@@ -104,9 +134,6 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
         return model
     if name in SEG_VARIANTS:
         return _create_segmenter(name, pretrained=pretrained, seed=seed, **overrides)
-    bad = sorted(set(overrides) - set(_MODEL_ARGS))
-    if bad:
-        raise TypeError(f"unknown model argument(s) {bad}; allowed: {_MODEL_ARGS}")
     saved, state_dict, params = {}, None, None
     if pretrained is True or pretrained in ("True", "true"):
         if name is None:
@@ -120,7 +147,7 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
         hf_dir = os.path.isdir(pretrained) and io.is_hf_dir(pretrained) \
             and not os.path.exists(os.path.join(pretrained, io.MODEL_FILE))
         if os.path.isdir(pretrained) and not hf_dir:
-            saved, params, _ = io.load_dir(pretrained, step=step, ema=ema)
+            saved, params, _ = io.load_dir(pretrained, model_class, step=step, ema=ema)
         elif step is not None:
             raise ValueError(f"step= applies to checkpoint directories (training workdirs); "
                              f"{pretrained} holds one set of weights")
@@ -142,23 +169,32 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
     if name is None:
         raise ValueError("create_model needs a model name (or a pretrained checkpoint directory)")
     name = resolve_name(name)
+    family, cls = family_of(name), model_class(name)
+    bad = sorted(set(overrides) - set(_model_args(cls)))
+    if bad:
+        near = {b: difflib.get_close_matches(b, _model_args(cls), n=1) for b in bad}
+        hint = "".join(f" (did you mean {m[0]!r} for {b!r}?)" for b, m in near.items() if m)
+        raise TypeError(f"unknown argument(s) {bad} for {name}{hint}; allowed: {_model_args(cls)}")
     kwargs = {**VARIANTS[name], **saved}
+    ckpt_img = None
     if state_dict is not None:
-        inferred = infer_model_kwargs(state_dict, kwargs["cls_position"])
+        inferred = (infer_model_kwargs(state_dict, kwargs["cls_position"]) if family == "vim"
+                    else infer_vig_kwargs(state_dict, family))
         num_patches = inferred.pop("num_patches", None)
-        ckpt_img = None
         if num_patches is not None:
             side = math.isqrt(num_patches)
             if side * side != num_patches:
                 raise ValueError(f"{pretrained}: pos_embed holds {num_patches} patch positions, "
                                  "not a square grid")
-            ckpt_img = (side - 1) * kwargs["stride"] + kwargs["patch_size"]
+            # The image size whose patch grid the checkpoint's position embedding is for.
+            ckpt_img = ((side - 1) * kwargs["stride"] + kwargs["patch_size"] if family == "vim"
+                        else 16 * side)
             inferred["img_size"] = ckpt_img
         kwargs.update(inferred)
     kwargs.update(overrides)
     kwargs["dtype"] = jnp.dtype(kwargs.get("dtype") or "float32")
     # Initialising under jit: one compiled program instead of hundreds of eager ops (~2x faster).
-    model = nnx.jit(lambda: VisionMamba(**kwargs, rngs=nnx.Rngs(seed)))()
+    model = nnx.jit(lambda: cls(**kwargs, rngs=nnx.Rngs(seed)))()
     model.config = {"name": name, **{k: (v.name if k == "dtype" else v) for k, v in kwargs.items()}}
     if state_dict is not None:
         io.load_state_dict_into(model, state_dict, ckpt_img_size=ckpt_img, source=pretrained)

@@ -236,6 +236,8 @@ class VisionMamba(nnx.Module):
     same, the speed is not (``vim_jax.export`` sets it while exporting to ONNX).
     """
 
+    family = "vim"  # which official state-dict layout its weights follow
+
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, stride: Optional[int] = None,
                  in_chans: int = 3, embed_dim: int = 192, depth: int = 24, d_state: int = 16,
                  expand: int = 2, d_conv: int = 4, num_classes: int = 1000,
@@ -251,7 +253,7 @@ class VisionMamba(nnx.Module):
             raise ValueError(f"img_size={img_size} is smaller than patch_size={patch_size}")
         self.patch_size, self.stride, self.embed_dim, self.depth = patch_size, stride, embed_dim, depth
         self.num_classes, self.cls_position, self.dtype, self.remat = num_classes, cls_position, dtype, remat
-        self.grid = (self._grid_len(img_size),) * 2
+        self.grid = (self.grid_len(img_size),) * 2
         self.num_cls_tokens = len(class_token_indices(cls_position, 0))
         self.drop_path_rate = drop_path_rate
         self.deterministic = True
@@ -281,7 +283,8 @@ class VisionMamba(nnx.Module):
         if num_classes:  # num_classes=0: no head, the model returns pooled features (timm's habit)
             self.head = nnx.Linear(embed_dim, num_classes, dtype=dtype, kernel_init=trunc, rngs=rngs)
 
-    def _grid_len(self, size: int) -> int:
+    def grid_len(self, size: int) -> int:
+        """Patches along an image side of ``size`` pixels."""
         return (size - self.patch_size) // self.stride + 1
 
     def layer(self, i: int) -> Block:
@@ -355,7 +358,7 @@ class VisionMamba(nnx.Module):
             raise ValueError(f"layers {bad} out of range for a {self.depth}-block model "
                              f"(allowed {-self.depth}..{self.depth - 1})")
         b, h, w = images.shape[:3]
-        gh, gw = self._grid_len(h), self._grid_len(w)
+        gh, gw = self.grid_len(h), self.grid_len(w)
         final, hiddens = self._blocks(self.embed(images), collect=True)
 
         def as_map(tokens):
