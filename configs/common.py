@@ -1,4 +1,5 @@
-"""The DeiT recipe Vim trains with, shared by every config (each file overrides what differs)."""
+"""The recipes every config starts from (each file overrides what differs): DeiT's, which
+Vim trains with, and ViG's (hustvl/ViG classification/config.py and configs/)."""
 
 import ml_collections
 
@@ -72,4 +73,25 @@ def imagenet_recipe(model: str, *, batch_size: int, base_lr: float, weight_decay
     c.train.eval_batch_size = 0       # 0: same as optim.batch_size
     c.train.max_nonfinite_steps = 20  # consecutive skipped steps before training stops
     c.train.fsdp = False              # shard params and optimiser state over the data axis
+    return c
+
+
+def vig_recipe(model: str, *, base_lr: float, weight_decay: float, drop_path_rate: float,
+               dtype: str = "float32", batch_size: int = 1024) -> ml_collections.ConfigDict:
+    """Official ViG ImageNet-1k recipe: DeiT's augmentation without repeated augmentation,
+    20 warm-up epochs, gradient clipping at 5, decay on every weight of two or more
+    dimensions (pos_embed included), EMA 0.9999."""
+    c = imagenet_recipe(model, batch_size=batch_size, base_lr=base_lr, weight_decay=weight_decay,
+                        drop_path_rate=drop_path_rate)
+    c.model.dtype = dtype             # plain ViG trains in float32, ViG-H with half precision
+    c.model.scan_backend = None       # Vim's; ViG's mixer is gla_backend (model.overrides)
+    c.model.remat = "none"            # or "full": each block recomputed in the backward pass
+    c.data.repeated_aug = 1
+    c.optim.warmup_epochs = 20
+    # The official warm-up and final lr scale with the batch like the peak (5e-7 and 5e-6 at 512).
+    c.optim.warmup_lr = 5e-7 * batch_size / 512
+    c.optim.min_lr = 5e-6 * batch_size / 512
+    c.optim.grad_clip = 5.0
+    c.optim.decay_rule = "mmseg"      # no decay on biases and 1-D parameters only
+    c.optim.ema_decay = 0.9999
     return c

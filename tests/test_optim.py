@@ -43,6 +43,25 @@ def test_weight_decay_follows_the_official_rule():
     assert any(np.all(v == 1.0) for v in official.values())  # some do decay
 
 
+@pytest.mark.parametrize("name,kw", [("vig_tiny_patch16_224", dict(depth=2)),
+                                     ("vig_h_tiny_224", dict(depths=(1, 1)))])
+def test_weight_decay_follows_vigs_rule(name, kw):
+    """ViG's code (Swin's set_weight_decay) decays a tensor unless it is 1-D or a bias;
+    pos_embed decays. Checked on the official names for plain ViG and ViG-H (whose
+    ``layers`` are stages, not Vim's stacked blocks)."""
+    from vim_jax.state_dict import vig_params_to_state_dict
+
+    model = nnx.eval_shape(lambda: create_model(name, img_size=64, num_classes=3, **kw))
+    params = nnx.state(model, nnx.Param)
+    mask = decay_mask(params, "mmseg")
+    as_arrays = jax.tree.map(lambda m, p: np.full(p.shape, float(m), np.float32), mask, params)
+    official = vig_params_to_state_dict(nnx.to_pure_dict(as_arrays), family=model.family)
+    for key, value in official.items():
+        want = not (value.ndim <= 1 or key.endswith(".bias"))
+        assert np.all(value == float(want)), (key, want)
+    assert "pos_embed" not in official or np.all(official["pos_embed"] == 1.0)
+
+
 def test_learning_rate_schedule_values():
     """Linear warm-up from warmup_lr to the peak, cosine to min_lr: the values at the
     start, the end of warm-up, mid-cosine and the end, from the closed form."""

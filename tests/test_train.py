@@ -293,6 +293,26 @@ def test_recipe_configs():
         assert (c.optim.epochs, c.optim.warmup_epochs, c.optim.min_lr, c.optim.warmup_lr) == (300, 5, 1e-5, 1e-6)
         assert (c.data.mixup, c.data.cutmix, c.data.random_erasing, c.data.repeated_aug) == (0.8, 1.0, 0.25, 3)
         assert c.data.rand_augment == "rand-m9-mstd0.5-inc1" and c.optim.ema_decay == 0.99996
+    from configs import digits_vig, vig_base, vig_h_base, vig_h_small, vig_h_tiny, vig_small, vig_tiny
+
+    vig = {m.__name__.split(".")[-1]: m.get_config() for m in (vig_tiny, vig_small, vig_base, vig_h_tiny,
+                                                               vig_h_small, vig_h_base)}
+    # ViG's recipe (vig.md): base lr, weight decay, drop path, precision per variant.
+    assert {k: (c.model.name, c.optim.base_lr, c.optim.weight_decay, c.model.drop_path_rate, c.model.dtype)
+            for k, c in vig.items()} == {
+        "vig_tiny": ("vig_tiny_patch16_224", 1e-3, 0.05, 0.0, "float32"),
+        "vig_small": ("vig_small_patch16_224", 5e-4, 0.1, 0.2, "float32"),
+        "vig_base": ("vig_base_patch16_224", 1e-3, 0.05, 0.5, "float32"),
+        "vig_h_tiny": ("vig_h_tiny_224", 8e-4, 0.05, 0.2, "bfloat16"),
+        "vig_h_small": ("vig_h_small_224", 5e-4, 0.05, 0.3, "bfloat16"),
+        "vig_h_base": ("vig_h_base_224", 5e-4, 0.05, 0.6, "bfloat16")}
+    for c in vig.values():
+        assert (c.optim.epochs, c.optim.warmup_epochs, c.optim.grad_clip, c.optim.decay_rule,
+                c.optim.ema_decay, c.data.repeated_aug) == (300, 20, 5.0, "mmseg", 0.9999, 1)
+        # 5e-7 and 5e-6 at batch 512, scaled with the batch like the peak.
+        assert (c.optim.batch_size, c.optim.warmup_lr, c.optim.min_lr) == (1024, 1e-6, 1e-5)
+        assert c.model.scan_backend is None and c.model.remat == "none"
+    assert digits_vig.get_config().model.name == "vig_tiny_patch16_224"
     ft = vim_finetune_stride8.get_config("small")
     assert ft.model.name == "vim_small_patch16_stride8_224" and ft.optim.epochs == 30
     assert ft.optim.weight_decay == 1e-8

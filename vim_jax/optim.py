@@ -27,9 +27,10 @@ def decay_mask(params, rule: str = "vim"):
     """Pytree of bools like ``params``: True where weight decay applies.
 
     "vim": the official classification recipe (``NO_DECAY`` names and every norm).
-    "mmseg": the official segmentation recipe's LayerDecayOptimizerConstructor: every
-    parameter except biases and one-dimensional ones (per block: stacked blocks carry a
-    leading block axis).
+    "mmseg": the official segmentation recipe's LayerDecayOptimizerConstructor, and ViG's
+    classification recipe: every parameter except biases and one-dimensional ones (per
+    block: Vim's stacked ``layers`` carry a leading block axis; ViG-H's ``layers`` are a
+    list of stages, not stacked).
     """
     if rule not in DECAY_RULES:
         raise ValueError(f"optim.decay_rule={rule!r} is not one of {DECAY_RULES}")
@@ -37,7 +38,8 @@ def decay_mask(params, rule: str = "vim"):
     def decays(path, x):
         names = _names(path)
         if rule == "mmseg":
-            per_block_ndim = x.ndim - (names[0] == "layers")
+            stacked = names[0] == "layers" and len(names) > 1 and not names[1].isdigit()
+            per_block_ndim = x.ndim - stacked
             return not (per_block_ndim <= 1 or names[-1] == "bias")
         return not (names[-1] in NO_DECAY or any("norm" in n for n in names))
     return jax.tree_util.tree_map_with_path(decays, params)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vim_jax.mixers.gla import BACKENDS as GLA_BACKENDS, bigla
+from vim_jax.mixers.gla import BACKENDS as GLA_BACKENDS, bigla, gla
 from vim_jax.models.vim import RMSNorm, check_images, drop_path, torch_default_init
 
 RMS_EPS = 1e-6  # every RMSNorm of both ViG families
@@ -112,6 +112,7 @@ class BiGLA(nnx.Module):
         self.act_in_conv, self.out_act, self.eval_halves = act_in_conv, out_act, eval_halves
         self.dtype, self.gla_backend = dtype, gla_backend
         self.deterministic = True
+        self.portable = False  # export mode: one call per direction, no doubled batch
         xavier = xavier_uniform(2 ** -2.5)
         self.dwconv = _conv(dim, dim, 3, 1, groups=dim, bias=False, init=xavier, dtype=dtype, rngs=rngs)
         self.qkv_proj = _dense(dim, 2 * self.key_dim + dim, bias=False, init=linear_init(xavier),
@@ -135,8 +136,12 @@ class BiGLA(nnx.Module):
         q, k, v = jnp.split(self.qkv_proj(xs), [kd, 2 * kd], axis=-1)
         gates = jax.nn.log_sigmoid(self.gk_up(self.gk_down(xs)).astype(jnp.float32)) / GATE_LOGIT_NORMALIZER
         g_fwd, g_bwd = jnp.split(gates, 2, axis=-1)
-        o_fwd, o_bwd = bigla(heads(q), heads(k), heads(v), heads(g_fwd), heads(g_bwd),
-                             backend=self.gla_backend)
+        q, k, v, g_fwd, g_bwd = map(heads, (q, k, v, g_fwd, g_bwd))
+        if self.portable:  # converters such as jax2onnx cannot split a symbolic batch
+            o_fwd = gla(q, k, v, g_fwd, backend=self.gla_backend)
+            o_bwd = gla(q, k, v, g_bwd, reverse=True, backend=self.gla_backend)
+        else:
+            o_fwd, o_bwd = bigla(q, k, v, g_fwd, g_bwd, backend=self.gla_backend)
         halve = 0.25 if (self.deterministic and self.eval_halves) else 0.5
         o = self.g_norm((o_fwd.astype(jnp.float32) + o_bwd.astype(jnp.float32)) * halve)
         local = self.l_norm(heads(xs))

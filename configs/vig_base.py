@@ -1,0 +1,8 @@
+"""ViG-B on ImageNet-1k, official recipe: python train.py --config configs/vig_base.py --workdir W"""
+
+from configs.common import vig_recipe
+
+
+def get_config():
+    return vig_recipe("vig_base_patch16_224",
+                      base_lr=1e-3, weight_decay=0.05, drop_path_rate=0.5, dtype="float32")
