@@ -148,6 +148,25 @@ def test_fsdp_over_two_processes_equals_data_parallel(data_dir, tmp_path):
         assert np.abs(x - y).max() <= 1e-5 * (np.abs(x).max() + 1e-12)
 
 
+def test_vig_trains_over_two_processes_and_one_process_evaluates_the_same(data_dir, tmp_path):
+    """ViG through the same multi-process machinery: two processes train, both save one
+    checkpoint, and a one-process eval.py of it reproduces their final evaluation."""
+    w = tmp_path / "vig"
+    args = _train_args(w, data_dir, "--config.model.overrides.num_heads=1", "--config.model.overrides.depth=1",
+                       "--config.data.image_size=32", "--config.train.num_steps=8")
+    args = [x if x != "configs/digits.py" else "configs/digits_vig.py" for x in args]
+    r = _run(LAUNCH + ["--processes", "2", "--"] + args)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "vig_tiny_patch16_224 (classification) on 2 device(s) x 2 process(es)" in r.stdout
+    metrics = json.loads((w / "metrics.json").read_text())
+    assert metrics["step"] == 8 and metrics["eval"]["count"] == 359
+    r = _run([sys.executable, "eval.py", "--workdir", str(w)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = json.loads((w / "eval_step8.json").read_text())
+    assert (one["count"], one["top1"]) == (359, metrics["eval"]["top1"])
+    assert one["loss"] == pytest.approx(metrics["eval"]["loss"], rel=1e-5)
+
+
 _STUBBORN = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
 
 
