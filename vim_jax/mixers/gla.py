@@ -123,7 +123,9 @@ def _chunked(q, k, v, g, scale, chunk: int = CHUNK):
         # exponentiates a positive difference (nor feeds one to the gradient).
         diff = cum[..., :, None, :] - cum[..., None, :, :]
         decay = jnp.exp(jnp.where(causal, diff, -jnp.inf))
-        scores = jnp.einsum("bhik,bhjk,bhijk->bhij", q_c, k_c, decay, precision=_HI)
+        # Not the three-operand einsum: compiled for one chunk at ViG-T's head sizes, XLA's
+        # CPU (jax 0.10.2) fused that form into a kernel reading uninitialised memory.
+        scores = jnp.einsum("bhijk,bhjk->bhij", q_c[..., :, None, :] * decay, k_c, precision=_HI)
         intra = jnp.einsum("bhij,bhjv->bhiv", scores, v_c, precision=_HI)
         last = cum[..., -1, :]
         carried = k_c * jnp.exp(last[..., None, :] - cum)
