@@ -50,8 +50,7 @@ def test_plain_vig_eval_and_train_paths(plain):
     for suffix in ("", "_train"):
         (plain.train if suffix else plain.eval)()
         emb, grid = plain.embed(x)
-        block = plain.block(0)
-        attn = block.attn(block.attn_norm(emb).reshape(2, *grid, 192))
+        attn = plain.blocks[0].attn(plain.blocks[0].attn_norm(emb).reshape(2, *grid, 192))
         assert _err(attn, io["block0_attn_out" + suffix]) < TOL, suffix
         assert _err(tokens(plain.forward_intermediates(x, (0,))[0]), io["block0_out" + suffix]) < TOL
         assert _err(plain.forward_features(x), io["features" + suffix]) < TOL

@@ -29,8 +29,8 @@ def decay_mask(params, rule: str = "vim"):
     "vim": the official classification recipe (``NO_DECAY`` names and every norm).
     "mmseg": the official segmentation recipe's LayerDecayOptimizerConstructor, and ViG's
     classification recipe: every parameter except biases and one-dimensional ones (per
-    block: Vim's stacked ``layers`` and plain ViG's stacked ``blocks`` carry a leading
-    block axis; ViG-H's ``layers`` are a list of stages, not stacked).
+    block: Vim's stacked ``layers`` carry a leading block axis; ViG-H's ``layers`` are a
+    list of stages, not stacked).
     """
     if rule not in DECAY_RULES:
         raise ValueError(f"optim.decay_rule={rule!r} is not one of {DECAY_RULES}")
@@ -38,7 +38,7 @@ def decay_mask(params, rule: str = "vim"):
     def decays(path, x):
         names = _names(path)
         if rule == "mmseg":
-            stacked = names[0] in ("layers", "blocks") and len(names) > 1 and not names[1].isdigit()
+            stacked = names[0] == "layers" and len(names) > 1 and not names[1].isdigit()
             per_block_ndim = x.ndim - stacked
             return not (per_block_ndim <= 1 or names[-1] == "bias")
         return not (names[-1] in NO_DECAY or any("norm" in n for n in names))

@@ -202,19 +202,6 @@ def _leaves(tree, prefix=()):
             yield prefix + (k,), v
 
 
-def _vig_rows(tree: dict, family: str):
-    """(path, official key, transforms, per-layer shape, layer or None) for every tensor;
-    plain ViG's ``blocks`` are stacked on a leading depth axis, one row per layer."""
-    for path, leaf in _leaves(tree):
-        shape = tuple(np.shape(leaf))
-        if family == "vig" and path[0] == "blocks":
-            for i in range(shape[0]):
-                key, fns = _vig_key(("blocks", i) + path[1:], shape[1:], family)
-                yield path, key, fns, shape[1:], i
-        else:
-            yield (path, *_vig_key(path, shape, family), shape, None)
-
-
 def vig_state_dict_to_params(state_dict: Mapping[str, np.ndarray], target: dict, *, family: str,
                              pos_embed_fn=None, source: str = "checkpoint") -> dict:
     """Official ViG / ViG-H state_dict -> nested dict shaped like ``target`` (the model's
@@ -224,29 +211,24 @@ def vig_state_dict_to_params(state_dict: Mapping[str, np.ndarray], target: dict,
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     if "pos_embed" in sd and pos_embed_fn is not None:
         sd["pos_embed"] = np.asarray(pos_embed_fn(sd["pos_embed"]))
-    rows = list(_vig_rows(target, family))
-    want = {key: fns[1](np.broadcast_to(np.float32(0), shape)).shape for _, key, fns, shape, _ in rows}
+    rows = [(path, *_vig_key(path, np.shape(leaf), family), np.shape(leaf))
+            for path, leaf in _leaves(target)]
+    want = {key: fns[1](np.broadcast_to(np.float32(0), shape)).shape for _, key, fns, shape in rows}
     report = mismatch_report(source, want, {k: v.shape for k, v in sd.items()})
     if report:
         raise CheckpointMismatch(report)
     out: dict = {}
-    stacked: dict = {}
-    for path, key, (to_jax, _), _, layer in rows:
-        if layer is None:
-            _set(out, path, to_jax(sd[key]))
-        else:
-            stacked.setdefault(path, []).append(to_jax(sd[key]))
-    for path, values in stacked.items():
-        _set(out, path, np.stack(values))
+    for path, key, (to_jax, _), _ in rows:
+        _set(out, path, to_jax(sd[key]))
     return out
 
 
 def vig_params_to_state_dict(params: dict, *, family: str) -> dict[str, np.ndarray]:
     """Inverse of ``vig_state_dict_to_params``: this project's params -> official state_dict."""
     out = {}
-    for path, key, (_, to_torch), _, layer in _vig_rows(params, family):
-        value = np.asarray(_get(params, path))
-        out[key] = to_torch(value if layer is None else value[layer])
+    for path, leaf in _leaves(params):
+        key, (_, to_torch) = _vig_key(path, np.shape(leaf), family)
+        out[key] = to_torch(np.asarray(leaf))
     return out
 
 

@@ -2,8 +2,7 @@
 its hierarchical sibling (``vig_h.py``) shares.
 
 Shapes: images NHWC; tokens (batch, L, D) row-major over the patch grid, no class token.
-The residual stream is float32 whatever the compute dtype. Plain ViG's blocks are one
-stacked module applied with ``jax.lax.scan``: memory and compile time do not grow with depth. The architecture, the
+The residual stream is float32 whatever the compute dtype. The architecture, the
 per-variant switches and the official code's conventions: ../shared/design/vig.md.
 
 Train and eval differ as in the official code: in training the mixer averages the two
@@ -242,13 +241,8 @@ class ViG(nnx.Module):
             rngs.params(), (1, self.grid[0] * self.grid[1], embed_dim)))
         mixer_kw = dict(act_in_conv=act_in_conv, out_act=out_act, eval_halves=True,
                         gla_backend=gla_backend)
-
-        @nnx.split_rngs(splits=depth)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_blocks(rngs):
-            return Block(embed_dim, num_heads, mixer_kw=mixer_kw, dtype=dtype, rngs=rngs)
-
-        self.blocks = make_blocks(rngs)
+        self.blocks = nnx.List([Block(embed_dim, num_heads, mixer_kw=mixer_kw, dtype=dtype, rngs=rngs)
+                                for _ in range(depth)])
         self.norm = RMSNorm(embed_dim, RMS_EPS)
         if num_classes:
             self.head = nnx.Linear(embed_dim, num_classes, kernel_init=nnx.initializers.normal(0.02),
@@ -264,29 +258,18 @@ class ViG(nnx.Module):
         pos = resize_pos_embed(self.pos_embed[...], self.grid, (gh, gw))
         return x.reshape(b, gh * gw, d).astype(jnp.float32) + pos, (gh, gw)
 
-    def block(self, i: int) -> Block:
-        """The i-th block as a standalone module (a view on a slice of the stacked params)."""
-        graphdef, state = nnx.split(self.blocks)
-        return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
-
     def _blocks(self, x, grid, collect: bool = False):
-        """Tokens (batch, L, D) float32 -> the last block's output, and with ``collect``
-        every block's output (depth, batch, L, D)."""
         deterministic = self.deterministic or self.drop_path_rate == 0
-        rates = jnp.linspace(0.0, self.drop_path_rate, self.depth)
-        keys = None if deterministic else jax.random.split(self.rngs.dropout(), (self.depth, 2))
-        graphdef, state = nnx.split(self.blocks)
-
-        def body(x, xs):
-            layer_state, rate, key = xs
-            key = (None, None) if key is None else key
-            x = nnx.merge(graphdef, layer_state)(x, grid, rate, key, deterministic)
-            return x, (x if collect else None)
-
-        if self.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
-        # One block body in a loop: memory and compile time do not grow with depth.
-        return jax.lax.scan(body, x, (state, rates, keys))
+        rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+        keys = (jax.random.split(self.rngs.dropout(), (self.depth, 2)) if not deterministic
+                else [(None, None)] * self.depth)
+        outs = []
+        for blk, rate, key in zip(self.blocks, rates, keys):
+            call = (nnx.remat(lambda m, x, k: m(x, grid, rate, k, deterministic))
+                    if self.remat else (lambda m, x, k: m(x, grid, rate, k, deterministic)))
+            x = call(blk, x, key)
+            outs.append(x)
+        return x, outs
 
     def forward_features(self, images):
         """(batch, H, W, C) -> pooled features (batch, embed_dim) float32."""
