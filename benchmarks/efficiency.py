@@ -80,11 +80,15 @@ def measure(model: str, size: int, mode: str, batch: int, repeats: int, dtype: s
         t = time.perf_counter()
         compiled = fn.lower(*args).compile()
         row["compile_s"] = round(time.perf_counter() - t, 2)
-        jax.block_until_ready(compiled(*args))  # warm-up
+        def run(args):  # the train step donates its state: the next call takes the new one
+            out = jax.block_until_ready(compiled(*args))
+            return args if mode == "infer" else (out[0],) + tuple(args[1:])
+
+        args = run(args)  # warm-up
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
+            args = run(args)
             times.append(time.perf_counter() - t)
         row["img_s"] = round(batch / statistics.median(times), 3)
         stats = jax.devices()[0].memory_stats() or {}

@@ -12,7 +12,8 @@
 #   3 model       Vim-Ti batch 128 forward and train-step img/s and peak memory: Pallas bfloat16,
 #                 Pallas float32, then the reference backend (each run under its own timeout)
 #   4 efficiency  Vim-Ti vs DeiT-Ti at 1248 and 512 px (img/s, peak memory, OOM)
-#   5 ncu         if time is left: one forward and one backward kernel under Nsight Compute
+#   5 vig         ViG-T vs DeiT-T at 1024 px, the ViG paper's claim (4.8x faster, 10% of the memory)
+#   6 ncu         if time is left: one forward and one backward kernel under Nsight Compute
 # Writes suite.log (everything printed), suite.json (each stage's status and seconds, rewritten
 # as each stage ends, so a cut-off run still returns what finished) and the stages' own JSON
 # files. Needs jax with CUDA, flax, optax, orbax; no TensorFlow and no network: the project is
@@ -73,9 +74,10 @@ stage() {  # stage NAME SECONDS COMMAND...  (a rehearsal gets 3x the seconds: in
 
 if [ "$rehearsal" = 1 ]; then
   tiny=(--tiny); model_args=(--img-size 32 --depth 1 --batch 2 --repeats 1); eff_sizes=64,32
-  eff_args=(--depth 1 --batch 1 --repeats 1); models=("vim_tiny_patch16_224 pallas bfloat16")
+  vig_sizes=64; eff_args=(--depth 1 --batch 1 --repeats 1); models=("vim_tiny_patch16_224 pallas bfloat16")
 else
-  tiny=(); model_args=(--batch 128 --repeats 5); eff_sizes=1248,512; eff_args=(--run-timeout 45)
+  tiny=(); model_args=(--batch 128 --repeats 5); eff_sizes=1248,512; vig_sizes=1024
+  eff_args=(--run-timeout 45)
   models=("vim_tiny_patch16_224 pallas bfloat16" "vim_tiny_patch16_224 pallas float32"
           "vim_tiny_patch16_224 reference float32")
 fi
@@ -84,11 +86,11 @@ echo '{}' > "$VIM_JAX_SCAN_TUNED"
 suite_t0=$SECONDS
 
 stage smoke 70 python3 benchmarks/scan_bench.py --check --ptxas "${tiny[@]}" --json "$out/smoke.jsonl"
-stage sweep 90 python3 benchmarks/scan_bench.py --sweep --budget 75 --repeats 5 "${tiny[@]}" \
+stage sweep 80 python3 benchmarks/scan_bench.py --sweep --budget 75 --repeats 5 "${tiny[@]}" \
   --tuned-out "$VIM_JAX_SCAN_TUNED" --json "$out/sweep.jsonl"
 # Each model run under its own timeout, inside the stage's (stage runs a command, not a function).
 export SUITE_MODELS="$(printf '%s\n' "${models[@]}")" SUITE_MODEL_ARGS="${model_args[*]}" SUITE_OUT="$out"
-stage model 130 bash -c '
+stage model 120 bash -c '
   rc=0
   while read -r name backend dtype; do
     [ -n "$name" ] || continue
@@ -97,8 +99,10 @@ stage model 130 bash -c '
       || { rc=1; echo "model run $name $backend $dtype failed or timed out (exit $?)"; }
   done <<< "$SUITE_MODELS"
   exit $rc'
-stage efficiency 100 python3 benchmarks/efficiency.py --models vim_tiny,deit_tiny --sizes "$eff_sizes" \
+stage efficiency 90 python3 benchmarks/efficiency.py --models vim_tiny,deit_tiny --sizes "$eff_sizes" \
   --train-sizes "" "${eff_args[@]}" --out "$out"
+stage vig 40 python3 benchmarks/efficiency.py --models vig_tiny,deit_tiny --sizes "$vig_sizes" \
+  --train-sizes "" "${eff_args[@]}" --out "$out/vig"
 # Nsight Compute over the first kernels --check launches (the segmented (2, 197, 384) forward's
 # two and its backward), if the 400 s have room for it.
 if [ "$rehearsal" = 0 ] && command -v ncu > /dev/null && [ $((SECONDS - suite_t0)) -lt 340 ]; then

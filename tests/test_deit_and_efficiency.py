@@ -55,3 +55,9 @@ def test_measure_and_ratios():
     assert ratio["speed_ratio"] == round(rows[0]["img_s"] / rows[1]["img_s"], 2)
     oom = dict(rows[1], status="OOM")
     assert "OOM" in bench.ratios([rows[0], oom], "infer")[0]["note"]
+    # ViG-T (no class token) beside them, and a train step (whose state is donated) timed twice.
+    vig = bench.measure("vig_tiny", 32, "infer", 1, 1, "float32", 1)
+    assert vig["status"] == "ok" and vig["tokens"] == 4
+    assert [r["pair"] for r in bench.ratios(rows + [vig], "infer")] == ["vim_tiny/deit_tiny", "vig_tiny/deit_tiny"]
+    train = bench.measure("vig_tiny", 32, "train", 2, 2, "float32", 1)
+    assert train["status"] == "ok" and train["img_s"] > 0, train

@@ -218,7 +218,8 @@ def setup_run(config, workdir: str, devices=None) -> Run:
         write_model_config(workdir, model)
     model.train()
     backbone = getattr(model, "backbone", model)
-    tx = make_optimizer(o, nnx.state(model, nnx.Param), schedule, depth=backbone.depth)
+    # Layer-wise lr decay counts Vim's stacked blocks; ViG-H's stages have no single depth.
+    tx = make_optimizer(o, nnx.state(model, nnx.Param), schedule, depth=getattr(backbone, "depth", None))
     seg = config.get("seg") or {}
     opts = StepOptions(mixup=d.mixup, cutmix=d.cutmix, mix_switch_prob=d.mix_switch_prob,
                        label_smoothing=d.label_smoothing, ema_decay=o.ema_decay, seed=config.seed,
