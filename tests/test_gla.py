@@ -1,4 +1,4 @@
-"""Gated linear attention (vim_jax.gla, vim_jax.mixers.bigla) against the official kernels' numbers
+"""Gated linear attention (vim_jax.gla, vim_jax.mixers.gla.bigla) against the official kernels' numbers
 (../shared/fixtures/vig/gla_ref.npz): outputs, final states and every gradient, for normal
 and harsh gates, on both backends."""
 

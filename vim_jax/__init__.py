@@ -5,7 +5,8 @@ pipeline is imported lazily by the training code).
 """
 
 from vim_jax.models import VisionMamba, create_model, list_models
-from vim_jax.mixers import gla, selective_scan
+from vim_jax.mixers.gla import gla
+from vim_jax.mixers.selective_scan import selective_scan
 
 __all__ = ["VisionMamba", "create_model", "list_models", "gla", "load_exported", "selective_scan"]
 

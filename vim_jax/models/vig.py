@@ -97,7 +97,7 @@ class BiGLA(nnx.Module):
     """ViG's token mixer on a (batch, H, W, D) grid -> (batch, H*W, D) tokens.
 
     Depthwise 3x3 conv -> q, k, v (one projection) and rank-16 per-direction log-gates ->
-    gated linear attention both ways (``vim_jax.mixers.bigla``) -> per-head RMSNorm ->
+    gated linear attention both ways (``vim_jax.mixers.gla.bigla``) -> per-head RMSNorm ->
     a sigmoid gate mixes it with the per-head-normed conv output -> o_proj.
     """
 
