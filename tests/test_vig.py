@@ -131,10 +131,10 @@ def test_saved_weights_load_back(name, plain, hier, tmp_path):
     if name == PLAIN:
         save_safetensors(model, tmp_path / "own.safetensors", names="vim_jax")
         save_hf_dir(model, tmp_path / "hf")
-    save_pretrained(model, tmp_path / "ckpt")
-    # Every route for plain ViG; the two kinds of mapping (official names, own) for ViG-H.
+        save_pretrained(model, tmp_path / "ckpt")
+    # Every route for plain ViG; ViG-H's own key mapping through the official-name file.
     routes = ("official.safetensors", "own.safetensors", "hf", "ckpt") if name == PLAIN else \
-        ("official.safetensors", "ckpt")
+        ("official.safetensors",)
     for source in routes:
         back = create_model(name, pretrained=str(tmp_path / source))
         assert _err(back(x), want) < 1e-6, source
@@ -165,12 +165,13 @@ def test_training_path_gradients_and_remat():
 
         return jax.jit(jax.grad(loss))(params)
 
-    for name, kw in ((PLAIN, dict(depth=2)), (HIER, dict(depths=(2,), dims=32, num_heads=(1,)))):
-        g = grads(name, **kw)
-        g_remat = grads(name, remat="full", **kw)
-        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_remat)):
-            assert np.all(np.isfinite(a))
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    g, g_remat = grads(PLAIN, depth=1), grads(PLAIN, depth=1, remat="full")
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_remat)):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # ViG-H's blocks take the same remat path; its gradients are finite (CI budget: one compile).
+    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(
+        grads(HIER, depths=(2,), dims=32, num_heads=(1,), remat="full")))
     model = create_model(PLAIN, img_size=32, depth=2, drop_path_rate=0.5)
     model.train()
     a, b = model(x), model(x)
@@ -189,16 +190,25 @@ def test_bad_arguments():
         model(jnp.zeros((1, 16, 16, 3)))
 
 
-def test_features_and_dense_outputs():
-    plain = create_model(PLAIN, img_size=64, depth=2, num_classes=0)
-    x = jnp.zeros((1, 64, 64, 3))
-    assert plain(x).shape == (1, 192)
-    maps = plain.forward_intermediates(x, (0, -1), norm=True)
-    assert [m.shape for m in maps] == [(1, 4, 4, 192)] * 3
-    hier = create_model(HIER, img_size=64, dims=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
-                        num_classes=0, out_norms=True)
-    assert hier(x).shape == (1, 256)
-    outs = nnx.jit(lambda m, x: m.forward_intermediates(x))(hier, jnp.ones((1, 128, 96, 3)))
-    assert [o.shape for o in outs] == [(1, 32, 24, 32), (1, 16, 12, 64), (1, 8, 6, 128), (1, 4, 3, 256)]
+def test_features_and_dense_outputs(plain):
+    """Shapes by tracing (no compilation); the out_norms' normalisation on a one-stage model."""
+    x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+
+    def shapes(name, fn, **kw):
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: create_model(name, **kw)))
+        out = jax.eval_shape(lambda s, x: fn(nnx.merge(graphdef, s), x), state, x)
+        return jax.tree.map(lambda a: a.shape, out)
+
+    assert shapes(PLAIN, lambda m, x: m(x), img_size=64, depth=2, num_classes=0) == (1, 192)
+    maps = shapes(PLAIN, lambda m, x: m.forward_intermediates(x, (0, -1), norm=True), img_size=64, depth=2)
+    assert maps == [(1, 4, 4, 192)] * 3
+    kw = dict(img_size=64, dims=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), num_classes=0, out_norms=True)
+    assert shapes(HIER, lambda m, x: m(x), **kw) == (1, 256)
+    x = jax.ShapeDtypeStruct((1, 128, 96, 3), jnp.float32)
+    assert shapes(HIER, lambda m, x: m.forward_intermediates(x), **kw) == [
+        (1, 32, 24, 32), (1, 16, 12, 64), (1, 8, 6, 128), (1, 4, 3, 256)]
+    one = create_model(HIER, img_size=32, dims=16, depths=(1,), num_heads=(1,), num_classes=0, out_norms=True)
+    (out,) = one.forward_intermediates(jnp.ones((1, 32, 32, 3)))
     # Normed per position over channels (out_norms start as the identity LayerNorm).
-    np.testing.assert_allclose(np.asarray(outs[0]).mean(-1), 0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out).mean(-1), 0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out).std(-1), 1, atol=1e-2)

@@ -51,13 +51,13 @@ def test_training_evaluation_and_loading_a_workdir(trained):
 
 
 def test_hierarchical_vig_trains_through_the_same_loop(data, tmp_path):
-    """ViG-H (two one-block stages, bfloat16 as its recipe) through train_and_evaluate."""
+    """ViG-H (one one-block stage, bfloat16 as its recipe) through train_and_evaluate."""
     c = vig_config(data, model__dtype="bfloat16", optim__epochs=2)
     c.model.name = "vig_h_tiny_224"
-    c.model.overrides = dict(dims=16, depths=(1, 1), num_heads=(1, 1))
+    c.model.overrides = dict(dims=16, depths=(1,), num_heads=(1,))
     metrics = train_and_evaluate(c, str(tmp_path / "h"))
     assert metrics["step"] == 6 and metrics["nonfinite_steps"] == 0
-    assert create_model(pretrained=str(tmp_path / "h")).depths == (1, 1)
+    assert create_model(pretrained=str(tmp_path / "h")).depths == (1,)
 
 
 def test_fine_tuning_a_vig_workdir_with_a_new_head(data, trained):
