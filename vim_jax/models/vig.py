@@ -13,8 +13,7 @@ logits. RMSNorm follows, so the factor only moves its epsilon's share.
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,13 @@ LN_EPS = 1e-5  # LayerNorm2d (torch's default)
 GATE_LOGIT_NORMALIZER = 16
 GATE_RANK = 16
 REMAT = ("none", "full")
+
+
+def check_remat(remat: str) -> None:
+    """Raises ValueError unless ``remat`` is one of ``REMAT`` (both ViG families' choices)."""
+    if remat not in REMAT:
+        raise ValueError(f"remat={remat!r} is not one of {REMAT} (\"full\": each block "
+                         "recomputed in the backward pass)")
 
 
 def xavier_uniform(gain: float):
@@ -188,8 +194,7 @@ class PatchEmbed(nnx.Module):
     """Conv(k9, s8, p1) -> LayerNorm -> SiLU -> Conv(k3, s2, p1) -> LayerNorm: stride 16."""
 
     def __init__(self, in_chans: int, dim: int, *, dtype, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(in_chans, dim // 2, (9, 9), strides=8, padding=((1, 1), (1, 1)),
-                              kernel_init=torch_default_init, dtype=dtype, rngs=rngs)
+        self.conv1 = _conv(in_chans, dim // 2, 9, 8, dtype=dtype, rngs=rngs)
         self.norm1 = layer_norm(dim // 2, rngs)
         self.conv2 = _conv(dim // 2, dim, 3, 2, dtype=dtype, rngs=rngs)
         self.norm2 = layer_norm(dim, rngs)
@@ -228,9 +233,7 @@ class ViG(nnx.Module):
         if img_size < 16:
             raise ValueError(f"img_size={img_size} is smaller than the stem's stride 16")
         self.embed_dim, self.depth, self.num_classes, self.dtype = embed_dim, depth, num_classes, dtype
-        if remat not in REMAT:
-            raise ValueError(f"remat={remat!r} is not one of {REMAT} (\"full\": each block "
-                             "recomputed in the backward pass)")
+        check_remat(remat)
         self.in_chans, self.drop_path_rate, self.remat = in_chans, drop_path_rate, remat == "full"
         self.grid = (self.grid_len(img_size),) * 2
         self.deterministic = True

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vim_jax.models.vig import REMAT, BiGLA, SwiGLU, _conv, layer_norm, swiglu_hidden
+from vim_jax.models.vig import BiGLA, SwiGLU, _conv, check_remat, layer_norm, swiglu_hidden
 from vim_jax.models.vim import check_images, drop_path
 
 _TRUNC = nnx.initializers.truncated_normal(0.02)  # the official init of every Linear
@@ -101,9 +101,7 @@ class HierViG(nnx.Module):
         if img_size < 32:
             raise ValueError(f"img_size={img_size} is smaller than ViG-H's total stride 32")
         self.dims, self.depths, self.num_classes, self.dtype = dims, depths, num_classes, dtype
-        if remat not in REMAT:
-            raise ValueError(f"remat={remat!r} is not one of {REMAT} (\"full\": each block "
-                             "recomputed in the backward pass)")
+        check_remat(remat)
         self.in_chans, self.drop_path_rate, self.remat = in_chans, drop_path_rate, remat == "full"
         self.deterministic = True
         self.portable = False
