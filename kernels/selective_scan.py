@@ -103,18 +103,20 @@ def spill_free(kernel: str, cfg: Config, d_state: int = 16) -> bool:
 
 
 def default_config(batch: int, length: int, d_inner: int, chunk: int, kernel: str = "fwd") -> Config:
-    """Channel blocks of BD = 32, or 16 when the batch alone cannot give the GPU a few
-    hundred programs; then, for the forward, sequence segments of at least 4 chunks.
-    Warps, from ``benchmarks/gpu_compile.py`` (ptxas, sm_80/sm_90): the forward fits a
-    (BD, 16) state at 4 warps in 96 registers; the backward, which holds SUB_BLOCK + 1
-    states, needs 2 state elements a thread (BD / 4 warps) to stay within 128 registers,
-    i.e. 16 resident warps per SM, without spilling."""
-    bd = min(32 if batch * d_inner // 32 >= _PROGRAMS // 2 else 16, pl.next_power_of_2(d_inner))
+    """Channel blocks of BD = 16 at as many state elements a thread as ptxas allows without
+    spilling (``MAX_STATE_PER_THREAD``: 2 warps forward, 4 backward); then, for the forward,
+    sequence segments of at least 4 chunks when the batch alone cannot give the GPU a few
+    hundred programs. The sweep of the GPU suite (H200, jax 0.11.2, commit 36c23d5,
+    2026-11-27, ``benchmarks/results/gpu_h200/``) found this the fastest at every shape it
+    timed: forward 0.48 vs 0.52 ms (batch 128, L 197), 0.50 vs 0.81 ms (32, 1025), 2.47 vs
+    2.54 ms (32, 6085), backward 2.20 vs 2.54 ms (128, 197), against BD 32 at 4 and 8 warps."""
+    bd = min(16, pl.next_power_of_2(d_inner))
+    warps = max(1, bd * 16 // (32 * MAX_STATE_PER_THREAD[kernel]))
     if kernel == "bwd":
-        return Config(bd, max(1, bd * 16 // (32 * MAX_STATE_PER_THREAD["bwd"])), 1, 1)
+        return Config(bd, warps, 1, 1)
     programs = batch * pl.cdiv(d_inner, bd)
     segments = max(1, min(pl.cdiv(_PROGRAMS, programs), pl.cdiv(length, chunk) // 4))
-    return Config(bd, 4, 1, segments if programs < _PROGRAMS // 2 else 1)
+    return Config(bd, warps, 1, segments if programs < _PROGRAMS // 2 else 1)
 
 
 def config_for(kernel: str, batch: int, length: int, d_inner: int, chunk: int) -> Config:
