@@ -11,11 +11,13 @@ so it stays out of the test venv; .ci/run builds it):
 Every kernel the programs users run would launch (the selective scan's inference forward,
 and its training forward and backward, both directions, at Vim-Ti/S widths for 224 and
 1248 px, batch 8 to 128, float32 and bfloat16, with the launch configuration
-``config_for`` picks) is compiled by XLA's own Triton for a compile-only sm_80 (A100) and
+``config_for`` picks; the GLA kernels, both directions in one launch, at ViG-T's head sizes
+(dk 32, dv 64) for 224 and 1024 px and ViG-H's (16, 32) for its first and last stage at
+224 px, inference and training, float32 and bfloat16) is compiled by XLA's own Triton for a compile-only sm_80 (A100) and
 sm_90 (H100) device, as on a GPU; ``ptxas -v`` then reads the PTX. One row per kernel:
 launch configuration, registers per thread, spill bytes, shared memory, and the warps an
 SM keeps resident. Exits non-zero on a compile failure, a spill, or fewer resident warps
-per SM than ``--min-warps``.
+per SM than the kernel's minimum (``MIN_WARPS``; ``--min-warps`` sets the scan's).
 """
 
 from __future__ import annotations
@@ -89,6 +91,31 @@ class Kernel:
     reverse: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class GlaKernel:
+    """One GLA kernel compilation (both directions in one launch, as the models run it)."""
+    stage: str
+    dtype: str
+    length: int
+    dk: int
+    dv: int
+    heads: int
+    batch: int = 8  # the grid only: one compilation serves every batch
+    reverse: bool = False  # (both directions run in every launch)
+
+
+# (name, dk, dv, heads, {image size: length}) of the ViG models' GLA calls.
+GLA_MODELS = (("ViG-T", 32, 64, 3, {"224px": 196, "1024px": 4096}),
+              ("ViG-H-T", 16, 32, 3, {"224px stage 1": 3136, "224px stage 4": 49}))
+
+
+def gla_cases(quick: bool):
+    for model, dk, dv, heads, lengths in GLA_MODELS[:1] if quick else GLA_MODELS:
+        for (size, length), dtype, stage in itertools.product(
+                list(lengths.items())[:1] if quick else lengths.items(), DTYPES, ("inference", "training")):
+            yield model, size, GlaKernel(stage, dtype, length, dk, dv, heads)
+
+
 def cases(quick: bool):
     """Every (model, size, batch, dtype, stage, direction) a user runs, per arch."""
     models = MODELS[:1] if quick else MODELS
@@ -114,6 +141,8 @@ def compile_kernels(arch: str, k: Kernel, dump: str):
                                         topology="1x1x1")
     rep = NamedSharding(jax.sharding.Mesh(np.array(topo.devices), ("x",)), P())
     dt = jnp.dtype(k.dtype)
+    if isinstance(k, GlaKernel):
+        return _compile_gla(k, rep, dt, dump)
     b, l, d, n, chunk = k.batch, k.length, k.d_inner, D_STATE, scan.STATE_CHUNK
     spec = lambda *shape, dtype=dt: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
     f32 = jnp.float32
@@ -131,12 +160,46 @@ def compile_kernels(arch: str, k: Kernel, dump: str):
     jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump})
 
 
+def _compile_gla(k: GlaKernel, rep, dt, dump: str):
+    import jax
+    import jax.numpy as jnp
+
+    from vim_jax.kernels import gla
+
+    spec = lambda *shape, dtype=dt: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+    b, l, h = k.batch, k.length, k.heads
+    ins = (spec(b, l, h, k.dk), spec(b, l, h, k.dk), spec(b, l, h, k.dv), spec(b, l, 2, h, k.dk, dtype=jnp.float32))
+    flags = dict(scale=k.dk ** -0.5, directions=(False, True), interpret=False)
+    if k.stage == "inference":
+        fn = lambda *a: gla.forward(*a, save_states=False, **flags)
+        args = ins
+    else:
+        def fn(*a):
+            o, last, states = gla.forward(*a[:4], save_states=True, **flags)
+            return o, gla.backward(*a[:4], states, last, a[4], a[5], **flags)
+        args = ins + (spec(b, l, 2, h, k.dv), spec(b, 2, h, k.dk, k.dv, dtype=jnp.float32))
+    jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump})
+
+
+KERNEL_NAMES = r"(?:selective_scan|gla_)\w*"
+
+# Resident warps per SM a kernel needs. The scan is a latency-bound walk of scalar steps:
+# it needs many warps to hide latency. A GLA program's work is matrix products on (16, dk)
+# tiles with three (16, 16, dk) tiles live in its backward; it runs at the occupancy of
+# matrix-unit kernels (flash attention's are 4 to 8 warps an SM).
+MIN_WARPS = {"selective_scan": 16, "gla": 8}
+
+
+def min_warps(kernel: str, scan_min: int) -> int:
+    return scan_min if kernel.startswith("selective_scan") else MIN_WARPS["gla"]
+
+
 def ptxas_report(ptxas: str, ptxas_arch: str, dump: pathlib.Path):
     """{kernel name: (registers, spill stores + loads in bytes)} of the scan kernels in the
     PTX files under ``dump``, compiled by ptxas for ``ptxas_arch`` (e.g. sm_90a)."""
     report = {}
     for ptx in dump.glob("*.ptx"):
-        if not re.search(r"\.entry\s+selective_scan", ptx.read_text()):
+        if not re.search(r"\.entry\s+" + KERNEL_NAMES, ptx.read_text()):
             continue
         res = subprocess.run([ptxas, "-v", f"-arch={ptxas_arch}", str(ptx), "-o", os.devnull],
                              capture_output=True, text=True)
@@ -144,7 +207,7 @@ def ptxas_report(ptxas: str, ptxas_arch: str, dump: pathlib.Path):
             raise RuntimeError(f"ptxas failed on {ptx.name}: {res.stderr[-2000:]}")
         for m in re.finditer(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores, (\d+) bytes "
                              r"spill loads.*?Used (\d+) registers", res.stderr, re.S):
-            if m.group(1).startswith("selective_scan"):
+            if re.fullmatch(KERNEL_NAMES, m.group(1)):
                 report[m.group(1)] = (int(m.group(4)), int(m.group(2)) + int(m.group(3)))
     return report
 
@@ -153,7 +216,7 @@ def launches(dump: pathlib.Path):
     """{kernel name: (grid, threads per block, shared memory bytes)} from XLA's thunks."""
     out = {}
     for f in dump.glob("*thunk_sequence.txt"):
-        for m in re.finditer(r"kCustomKernel .*? (selective_scan\w*) grid: \[([\d, ]+)\] "
+        for m in re.finditer(r"kCustomKernel .*? (" + KERNEL_NAMES + r") grid: \[([\d, ]+)\] "
                              r"threads: \[(\d+), 1, 1\]\s+shared_memory: (\d+) bytes", f.read_text()):
             out[m.group(1)] = (tuple(int(x) for x in m.group(2).split(",")), int(m.group(3)), int(m.group(4)))
     return out
@@ -207,7 +270,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", default="sm_80,sm_90", help=f"comma-separated, of {sorted(ARCHS)}")
     p.add_argument("--quick", action="store_true", help="Vim-Ti at 224 px, batch 8 and 128 only")
-    p.add_argument("--min-warps", type=int, default=16, help="fail below this many resident warps per SM")
+    p.add_argument("--min-warps", type=int, default=MIN_WARPS["selective_scan"],
+                   help="fail a scan kernel below this many resident warps per SM")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--json", help="write every row to this file")
     args = p.parse_args()
@@ -225,6 +289,7 @@ def main():
     ptxas = find_ptxas()
 
     from vim_jax.mixers import selective_scan as scan
+    from vim_jax.kernels import gla as gla_kernels
     from vim_jax.kernels import selective_scan as kernels
 
     # A kernel's code depends on its launch configuration and the array shapes (Triton
@@ -238,10 +303,16 @@ def main():
             key = (arch, k.stage, k.dtype, k.length, k.d_inner, k.reverse, cfgs)
             users.setdefault(key, []).append((model, size, k.batch))
             jobs.setdefault(key, (arch, k, ptxas))
+        for model, size, k in gla_cases(args.quick):
+            cfgs = tuple(gla_kernels.default_config(k.dk, k.dv, s)
+                         for s in (("fwd",) if k.stage == "inference" else ("fwd", "bwd")))
+            key = (arch, k.stage, k.dtype, k.length, (k.dk, k.dv), False, cfgs)
+            users.setdefault(key, []).append((model, size, None))
+            jobs.setdefault(key, (arch, k, ptxas))
     print(f"{len(jobs)} distinct compilations for {sum(map(len, users.values()))} uses, "
           f"{args.workers} at a time", flush=True)
 
-    header = (f"{'arch':6} {'stage':9} {'dtype':8} {'L':>5} {'dir':3} {'kernel':28} {'BD':>3} {'warps':>5} "
+    header = (f"{'arch':6} {'stage':9} {'dtype':8} {'L':>5} {'dir':4} {'kernel':28} {'BD':>3} {'warps':>5} "
               f"{'seg':>3} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8}  used by")
     rows, failures = [], 0
     with futures.ProcessPoolExecutor(args.workers) as pool:
@@ -249,28 +320,30 @@ def main():
         print(header, flush=True)
         for key, res in zip(jobs, results):
             arch, stage, dtype, length, _, reverse, cfgs = key
-            used_by = ", ".join(f"{m} {s}px b{b}" for m, s, b in users[key])
+            used_by = ", ".join(f"{m} {s}px b{b}" if b else f"{m} {s}" for m, s, b in users[key])
             if not res["ok"]:
                 failures += 1
-                print(f"{arch:6} {stage:9} {dtype:8} {length:5} {'rev' if reverse else 'fwd':3} "
+                print(f"{arch:6} {stage:9} {dtype:8} {length:5} {'rev' if reverse else 'fwd':4} "
                       f"COMPILE FAILED: {res['error']}", flush=True)
                 continue
             for r in res["rows"]:
                 cfg = cfgs[1] if "bwd" in r["kernel"] else cfgs[0]
-                bad = r["spill_bytes"] > 0 or r["warps_per_sm"] < args.min_warps
+                bad = r["spill_bytes"] > 0 or r["warps_per_sm"] < min_warps(r["kernel"], args.min_warps)
                 failures += bad
-                print(f"{arch:6} {stage:9} {dtype:8} {length:5} {'rev' if reverse else 'fwd':3} "
-                      f"{r['kernel']:28} {cfg.block_d:3} {cfg.num_warps:5} {cfg.segments:3} {r['regs']:4} "
+                bd, seg = getattr(cfg, "block_d", "-"), getattr(cfg, "segments", "-")
+                direction = "both" if r["kernel"].startswith("gla") else "rev" if reverse else "fwd"
+                print(f"{arch:6} {stage:9} {dtype:8} {length:5} {direction:4} "
+                      f"{r['kernel']:28} {bd:>3} {cfg.num_warps:5} {seg:>3} {r['regs']:4} "
                       f"{r['spill_bytes']:5} {r['smem']:6} {r['warps_per_sm']:8}  {used_by}"
                       + ("   <-- FAILS" if bad else ""), flush=True)
-                rows.append(dict(arch=arch, stage=stage, dtype=dtype, length=length, reverse=reverse,
+                rows.append(dict(arch=arch, stage=stage, dtype=dtype, length=length, direction=direction,
                                  config=cfg._asdict(), used_by=users[key], **r))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
     worst = max((r["regs"] for r in rows), default=0)
     print(f"{len(rows)} kernels: {sum(r['spill_bytes'] > 0 for r in rows)} spill, most registers {worst}, "
           f"fewest resident warps/SM {min((r['warps_per_sm'] for r in rows), default=0)} "
-          f"(target >= {args.min_warps}); {failures} failing")
+          f"(target >= {args.min_warps} for the scan, {MIN_WARPS['gla']} for GLA); {failures} failing")
     sys.exit(1 if failures else 0)
 
 

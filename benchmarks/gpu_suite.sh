@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite in one device call (stages capped at 430 s in all, compiles included):
+# The GPU benchmark suite in one device call (stages capped at 450 s in all, compiles included):
 #   bash benchmarks/gpu_suite.sh              results in ${OUT:-benchmarks/results}/gpu_suite/
 #   bash benchmarks/gpu_suite.sh --rehearsal  the same stages on the CPU at tiny shapes in interpret
 #                                             mode (CI runs it in a venv like the GPU machine's)
@@ -7,12 +7,14 @@
 #   1 smoke       output and all eight gradients against the reference backend (segmented
 #                 float32 at (2, 197, 384) reversed, bfloat16 at an odd size), an eager call, a NaN
 #                 check, and ptxas -v of the kernels this GPU's XLA compiled
-#   2 sweep       spill-free launch candidates at the shapes stages 3 and 4 run, winners written to
-#                 tuned.json as found, which stages 3 and 4 then use ($VIM_JAX_SCAN_TUNED)
-#   3 model       Vim-Ti batch 128 forward and train-step img/s and peak memory: Pallas bfloat16,
+#   2 gla         the GLA kernels (both directions in one launch) against the chunked XLA form on the
+#                 GPU: outputs and gradients, then their times at ViG-T's shapes for 224 and 1024 px
+#   3 sweep       spill-free launch candidates at the shapes stages 4 and 5 run, winners written to
+#                 tuned.json as found, which stages 4 and 5 then use ($VIM_JAX_SCAN_TUNED)
+#   4 model       Vim-Ti batch 128 forward and train-step img/s and peak memory: Pallas bfloat16,
 #                 Pallas float32, then the reference backend (each run under its own timeout)
-#   4 efficiency  Vim-Ti vs DeiT-Ti at 1248 and 512 px (img/s, peak memory, OOM)
-#   5 vig         ViG-T vs DeiT-T at 1024 px, the ViG paper's claim (4.8x faster, 10% of the memory)
+#   5 efficiency  Vim-Ti vs DeiT-Ti at 1248 and 512 px (img/s, peak memory, OOM)
+#   6 vig         ViG-T vs DeiT-T at 1024 px, the ViG paper's claim (4.8x faster, 10% of the memory)
 # STAGES=smoke,vig (a comma-separated list) runs only those stages.
 # Writes suite.log (everything printed), suite.json (each stage's status and seconds, rewritten
 # as each stage ends, so a cut-off run still returns what finished) and the stages' own JSON
@@ -87,11 +89,12 @@ echo '{}' > "$VIM_JAX_SCAN_TUNED"
 suite_t0=$SECONDS
 
 stage smoke 60 python3 benchmarks/scan_bench.py --check --ptxas "${tiny[@]}" --json "$out/smoke.jsonl"
+stage gla 60 python3 benchmarks/gla_bench.py --check "${tiny[@]}" --json "$out/gla.jsonl"
 stage sweep 60 python3 benchmarks/scan_bench.py --sweep --budget 55 --repeats 5 "${tiny[@]}" \
   --tuned-out "$VIM_JAX_SCAN_TUNED" --json "$out/sweep.jsonl"
 # Each model run under its own timeout, inside the stage's (stage runs a command, not a function).
 export SUITE_MODELS="$(printf '%s\n' "${models[@]}")" SUITE_MODEL_ARGS="${model_args[*]}" SUITE_OUT="$out"
-stage model 120 bash -c '
+stage model 100 bash -c '
   rc=0
   while read -r name backend dtype; do
     [ -n "$name" ] || continue
@@ -100,7 +103,7 @@ stage model 120 bash -c '
       || { rc=1; echo "model run $name $backend $dtype failed or timed out (exit $?)"; }
   done <<< "$SUITE_MODELS"
   exit $rc'
-stage efficiency 90 python3 benchmarks/efficiency.py --models vim_tiny,deit_tiny --sizes "$eff_sizes" \
+stage efficiency 70 python3 benchmarks/efficiency.py --models vim_tiny,deit_tiny --sizes "$eff_sizes" \
   --train-sizes "" "${eff_args[@]}" --out "$out"
 stage vig 100 python3 benchmarks/efficiency.py --models vig_tiny,deit_tiny --sizes "$vig_sizes" \
   --train-sizes "" "${eff_args[@]}" --out "$out/vig"

@@ -24,6 +24,7 @@ from conftest import NO_GPU_INFO, lower_for_cuda, triton_calls
 from test_selective_scan import NAMES, channels_last, random_inputs, rel_err
 from vim_jax import create_model
 from vim_jax.mixers import selective_scan as ss
+from vim_jax.mixers.platform import lowered_only_for
 from vim_jax.train_step import make_train_step
 
 
@@ -258,6 +259,7 @@ _MESH_SCRIPT = textwrap.dedent("""
     from test_selective_scan import random_inputs, rel_err
     from vim_jax import create_model, sharding as shd
     from vim_jax.mixers import selective_scan as ss
+from vim_jax.mixers.platform import lowered_only_for
     from vim_jax.train_step import TrainState, train_step_fn
 
     assert jax.device_count() == 8
@@ -363,7 +365,8 @@ class _KernelPrimitiveOnThisHost:
     def __getattr__(self, stage):
         platform = jax.default_backend()
         impl = getattr(ss._REFERENCE, stage)
-        return lambda spec, *args: ss._lowered_only_for(platform, functools.partial(impl, spec), *args)
+        return lambda spec, *args: lowered_only_for(platform, functools.partial(impl, spec), *args,
+                                                    op="selective_scan")
 
 
 def test_eager_call_binds_the_kernel_primitive(monkeypatch):

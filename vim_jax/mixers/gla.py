@@ -22,12 +22,18 @@ Equations and the official code's conventions: ../shared/design/vig.md.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-BACKENDS = ("auto", "reference", "chunked")
+from vim_jax.mixers import platform
+
+BACKENDS = ("auto", "reference", "chunked", "pallas")
 CHUNK = 16
 _HI = jax.lax.Precision.HIGHEST
+_OP = "gla"
 
 
 def gla(q, k, v, g, *, reverse: bool = False, scale=None, return_final_state: bool = False,
@@ -41,30 +47,14 @@ def gla(q, k, v, g, *, reverse: bool = False, scale=None, return_final_state: bo
       scale: multiplies q; default dk ** -0.5.
       return_final_state: also return the state after the last step, (batch, heads, dk, dv)
         float32.
-      backend: "auto" (the chunked form), "reference" or "chunked".
+      backend: "auto", "reference", "chunked" or "pallas" (see the module docstring).
 
     Returns:
       o: (batch, length, heads, dv) in q's dtype; and the final state if asked for.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    if q.ndim != 4:
-        raise ValueError(f"q must be (batch, length, heads, dk), got shape {q.shape}")
-    for name, x in (("k", k), ("g", g)):
-        if x.shape != q.shape:
-            raise ValueError(f"{name} has shape {x.shape}; it must be q's, {q.shape}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v has shape {v.shape}; it must be (batch, length, heads) = "
-                         f"{q.shape[:3]} followed by dv")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    fn = _recurrent if backend == "reference" else _chunked
-    if reverse:
-        flip = lambda x: jnp.flip(x, 1)
-        o, state = fn(flip(q), flip(k), flip(v), flip(g), scale)
-        o = flip(o)
-    else:
-        o, state = fn(q, k, v, g, scale)
-    o = o.astype(q.dtype)
+    _check(q, k, v, backend, g=g)
+    o, state = _directions(q, k, v, g[:, :, None], (reverse,), _scale(q, scale), backend)
+    o, state = o[:, :, 0], state[:, 0]
     return (o, state) if return_final_state else o
 
 
@@ -79,16 +69,102 @@ def bigla(q, k, v, g_fwd, g_bwd, *, scale=None, backend: str = "auto"):
 
     Returns:
       (o_fwd, o_bwd), each (batch, length, heads, dv) in q's dtype: ``gla(q, k, v, g_fwd)``
-      and ``gla(q, k, v, g_bwd, reverse=True)``, computed as one batch of twice the size
-      (the reverse direction on flipped copies), so one launch serves both.
+      and ``gla(q, k, v, g_bwd, reverse=True)``. The Pallas kernel runs both in one launch;
+      the XLA forms run them as one batch of twice the size (the reverse on flipped copies).
     """
+    _check(q, k, v, backend, g=g_fwd)
     if g_bwd.shape != g_fwd.shape:
         raise ValueError(f"g_bwd has shape {g_bwd.shape}; it must be g_fwd's, {g_fwd.shape}")
-    flip = lambda x: jnp.flip(x, 1)
-    both = lambda a, b: jnp.concatenate([a, flip(b)], axis=0)
-    o = gla(both(q, q), both(k, k), both(v, v), both(g_fwd, g_bwd), scale=scale, backend=backend)
-    o_fwd, o_bwd = jnp.split(o, 2, axis=0)
-    return o_fwd, flip(o_bwd)
+    o, _ = _directions(q, k, v, jnp.stack([g_fwd, g_bwd], 2), (False, True), _scale(q, scale), backend)
+    return o[:, :, 0], o[:, :, 1]
+
+
+def _scale(q, scale):
+    return float(q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def _check(q, k, v, backend, g):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if q.ndim != 4:
+        raise ValueError(f"q must be (batch, length, heads, dk), got shape {q.shape}")
+    for name, x in (("k", k), ("g", g)):
+        if x.shape != q.shape:
+            raise ValueError(f"{name} has shape {x.shape}; it must be q's, {q.shape}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v has shape {v.shape}; it must be (batch, length, heads) = "
+                         f"{q.shape[:3]} followed by dv")
+    if backend == "pallas" and not _kernels().supported(q.shape[-1], v.shape[-1]):
+        raise ValueError(f"the pallas GLA kernel needs dk and dv to be powers of two >= 16, got dk "
+                         f"{q.shape[-1]}, dv {v.shape[-1]}; use backend='auto' or 'chunked'")
+
+
+def _kernels():
+    from vim_jax.kernels import gla as kernels
+    return kernels
+
+
+def _directions(q, k, v, g, directions, scale, backend):
+    """o (b, L, R, h, dv) in q's dtype and final states (b, R, h, dk, dv) of the R
+    directions, g (b, L, R, h, dk) holding each direction's gates."""
+    if backend == "pallas":
+        return _kernel(q, k, v, g, (scale, directions, True))
+    xla = functools.partial(_xla, fn=_recurrent if backend == "reference" else _chunked,
+                            directions=directions, scale=scale)
+    if backend == "auto" and _kernels().supported(q.shape[-1], v.shape[-1]):
+        return platform.dispatch(dict(cuda=lambda *a: _kernel(*a, (scale, directions, False)), default=xla),
+                                 q, k, v, g)
+    return xla(q, k, v, g)
+
+
+def _xla(q, k, v, g, *, fn, directions, scale):
+    """The XLA forms: every reverse direction on flipped copies, all directions as one batch."""
+    r = len(directions)
+    flip = lambda x, rev: jnp.flip(x, 1) if rev else x
+    cat = lambda x: jnp.concatenate([flip(x if x.ndim == 4 else x[:, :, i], rev)
+                                     for i, rev in enumerate(directions)], 0)
+    o, state = fn(cat(q), cat(k), cat(v), cat(g), scale)
+    o = jnp.stack([flip(x, rev) for x, rev in zip(jnp.split(o, r, 0), directions)], 2)
+    return o.astype(q.dtype), jnp.stack(jnp.split(state, r, 0), 1)
+
+
+# ----------------------------------------------------------------------------
+# The Pallas kernels under one custom VJP: Triton on CUDA, interpret mode on the CPU (only
+# when asked for by name), an error elsewhere. spec = (scale, directions, by_name).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _kernel(q, k, v, g, spec):
+    return _stage("forward", spec, q, k, v, g, save_states=False)
+
+
+def _kernel_fwd(q, k, v, g, spec):
+    o, last, states = _stage("forward", spec, q, k, v, g, save_states=True)
+    # Named for remat policies (the models' remat="mixer"): the backward never reruns the
+    # forward kernel when these are kept.
+    o, states = checkpoint_name(o, "gla"), checkpoint_name(states, "gla_states")
+    return (o, last), (q, k, v, g, states, last)
+
+
+def _kernel_bwd(spec, res, cts):
+    return _stage("backward", spec, *res, *cts)
+
+
+_kernel.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+def _stage(stage, spec, *args, **kw):
+    scale, directions, by_name = spec
+    kernels = _kernels()
+    fn = lambda interpret: functools.partial(getattr(kernels, stage), scale=scale, directions=directions,
+                                             interpret=interpret, **kw)
+    triton = lambda *a: platform.lowered_only_for("cuda", fn(False), *a, op=_OP)
+    branches = dict(cuda=triton)
+    if by_name:  # backend="pallas": interpret mode on the CPU, an error where no kernel exists
+        branches.update(cpu=fn(True), default=lambda *a: platform.lowered_only_for(None, fn(False), *a, op=_OP))
+    else:  # inside "auto"'s CUDA branch: never selected elsewhere
+        branches.update(default=lambda *a: platform.lowered_only_for("cuda", fn(False), *a, op=_OP))
+    return platform.per_shard(lambda *a: platform.dispatch(branches, *a), args)
 
 
 def _recurrent(q, k, v, g, scale):

@@ -45,12 +45,9 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-from jax.extend import core as jex_core
-from jax.interpreters import batching, mlir
-from jax.sharding import PartitionSpec as P
 
 from vim_jax import ops
-from vim_jax.sharding import AXIS
+from vim_jax.mixers import platform
 
 BACKENDS = ("auto", "reference", "pallas", "portable")
 
@@ -187,25 +184,9 @@ def _run(spec, stage, *args):
     """``stage`` of the backend each platform runs, per shard of the batch under a mesh."""
     branches = {platform: functools.partial(getattr(impl, stage), spec)
                 for platform, impl in _BACKENDS[spec.backend].items()}
-    call = lambda *a: jax.lax.platform_dependent(*a, **branches)
-    mesh = jax.sharding.get_abstract_mesh()
-    shards = 1 if mesh.empty or AXIS not in mesh.axis_names or AXIS in mesh.manual_axes \
-        else mesh.shape[AXIS]
-    if shards == 1 or args[0].shape[0] % shards:
-        return call(*args)
-    in_specs = tuple(P() if i in _PARAM_ARGS else P(AXIS) for i in range(len(args)))
-    backward = stage == "backward"
-
-    def per_shard(*a):
-        out = call(*a)
-        # A, D and bias gradients are per-shard sums: stacked here, summed below.
-        return out[:5] + tuple(g[None] for g in out[5:]) if backward else out
-
-    n_out = 8 if backward else (2 if stage == "primal" else 3)
-    # check_vma=False: a pallas_call's outputs carry no varying-axes type.
-    out = jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs, out_specs=(P(AXIS),) * n_out,
-                        check_vma=False)(*args)
-    return out[:5] + tuple(g.sum(0) for g in out[5:]) if backward else out
+    # A, D and bias gradients are per-shard sums.
+    return platform.per_shard(lambda *a: platform.dispatch(branches, *a), args, replicated=_PARAM_ARGS,
+                              summed=(5, 6, 7) if stage == "backward" else ())
 
 
 # ----------------------------------------------------------------------------
@@ -487,7 +468,7 @@ class _Pallas:
 
         fn = functools.partial(getattr(kernels, name), softplus=spec.softplus, reverse=spec.reverse,
                                has_z=spec.has_z, chunk=STATE_CHUNK, interpret=self.interpret, **kw)
-        return fn(*args) if self.interpret else _lowered_only_for("cuda", fn, *args)
+        return fn(*args) if self.interpret else platform.lowered_only_for("cuda", fn, *args, op=_OP)
 
 
 class _NoKernel:
@@ -495,84 +476,11 @@ class _NoKernel:
     the platform and the backends that do run there."""
 
     def __getattr__(self, stage):
-        return lambda spec, *args: _lowered_only_for(
-            None, functools.partial(getattr(_REFERENCE, stage), spec), *args)
+        return lambda spec, *args: platform.lowered_only_for(
+            None, functools.partial(getattr(_REFERENCE, stage), spec), *args, op=_OP)
 
 
-def _lowered_only_for(platform: str | None, fn, *args):
-    """fn(*args) as one primitive that lowers fn only for ``platform``.
-
-    A Triton pallas_call cannot be lowered for the CPU, yet a program lowered for
-    ("cpu", "cuda") (``jax.export``) lowers every platform's branch of a
-    platform_dependent for every platform. Elsewhere this lowers to zeros, which the
-    platform_dependent around it never selects; with platform None it is an error.
-    """
-    flat, in_tree = jax.tree.flatten(args)
-    out = jax.eval_shape(fn, *args)
-    flat_out, out_tree = jax.tree.flatten(out)
-
-    def flat_fn(*flat):
-        return jax.tree.leaves(fn(*jax.tree.unflatten(in_tree, flat)))
-
-    outs = _platform_kernel_p.bind(*flat, fn=flat_fn, platform=platform,
-                                   avals=tuple(jax.core.ShapedArray(a.shape, a.dtype) for a in flat_out))
-    return jax.tree.unflatten(out_tree, outs)
-
-
-_platform_kernel_p = jex_core.Primitive("selective_scan_platform_kernel")
-_platform_kernel_p.multiple_results = True
-_platform_kernel_p.def_abstract_eval(lambda *args, fn, platform, avals: avals)
-
-
-def _lowering_for(target: str | None):
-    """The primitive's lowering rule on ``target`` (None: any platform not named): ``fn``
-    where it is the kernel's platform; elsewhere zeros (never selected by the
-    platform_dependent around it) or, for a call made for no platform, an error naming
-    the platform."""
-
-    def rule(ctx, *args, fn, platform, avals):
-        if target is not None and platform == target:
-            return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
-        if platform is None:
-            where = target or ", ".join(ctx.module_context.platforms)
-            raise NotImplementedError(
-                f"selective_scan(backend='pallas') has no kernel for platform {where}: the Pallas "
-                "kernels are written for CUDA GPUs (Triton) and run on the CPU in interpret mode. "
-                "Use backend='auto' (the reference scan there) or backend='reference'.")
-        zeros = lambda *_: [jnp.zeros(a.shape, a.dtype) for a in avals]
-        return mlir.lower_fun(zeros, multiple_results=True)(ctx, *args)
-
-    return rule
-
-
-for _target in ("cpu", "cuda", "rocm", "tpu"):
-    mlir.register_lowering(_platform_kernel_p, _lowering_for(_target), platform=_target)
-mlir.register_lowering(_platform_kernel_p, _lowering_for(None))
-
-
-def _eager(*args, fn, platform, avals):
-    # Outside jit, platform_dependent runs the chosen branch eagerly: compile the primitive
-    # for the devices the arguments are on, as any eager jax op is (under disable_jit,
-    # where that jit would bind this primitive again, run the kernel's function itself).
-    if jax.config.jax_disable_jit:
-        return fn(*args)
-    return jax.jit(lambda *a: _platform_kernel_p.bind(*a, fn=fn, platform=platform, avals=avals))(*args)
-
-
-_platform_kernel_p.def_impl(_eager)
-
-
-def _kernel_batching(args, dims, *, fn, platform, avals):
-    # vmap of a scan (every platform's branch is traced, this one included): vmap fn.
-    vfn = jax.vmap(lambda *a: list(fn(*a)), in_axes=tuple(dims))
-    out = jax.eval_shape(vfn, *args)
-    outs = _platform_kernel_p.bind(*args, fn=vfn, platform=platform,
-                                   avals=tuple(jax.core.ShapedArray(o.shape, o.dtype) for o in out))
-    return outs, [0] * len(outs)
-
-
-batching.primitive_batchers[_platform_kernel_p] = _kernel_batching
-
+_OP = "selective_scan"
 _REFERENCE = _Reference(jnp.exp)
 _REFERENCE_CPU = _Reference(ops.poly_exp)
 _BACKENDS = {
