@@ -70,7 +70,7 @@ stage() {  # stage NAME SECONDS COMMAND...  (a rehearsal gets 3x the seconds: in
 
 {
   date -u
-  git rev-parse HEAD 2>/dev/null || cat COMMIT 2>/dev/null || true
+  cat COMMIT 2>/dev/null || git rev-parse HEAD 2>/dev/null || true
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 } 2>&1 | tee -a "$log"

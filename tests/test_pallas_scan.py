@@ -259,7 +259,7 @@ _MESH_SCRIPT = textwrap.dedent("""
     from test_selective_scan import random_inputs, rel_err
     from vim_jax import create_model, sharding as shd
     from vim_jax.mixers import selective_scan as ss
-from vim_jax.mixers.platform import lowered_only_for
+    from vim_jax.mixers.gla import bigla
     from vim_jax.train_step import TrainState, train_step_fn
 
     assert jax.device_count() == 8
@@ -292,6 +292,22 @@ from vim_jax.mixers.platform import lowered_only_for
     dims = batch_dims(lower_for_cuda(traced, mesh).as_text())
     out["scan_dims"] = sorted(dims)
 
+    # The GLA kernels (both directions in one launch) the same way: batch 24, 70 tokens.
+    ks = jax.random.split(jax.random.key(2), 5)
+    gla_args = [jax.random.normal(ks[i], (24, 70, 2, 32 if i == 2 else 16)) for i in range(3)]
+    gla_args += [jax.nn.log_sigmoid(jax.random.normal(ks[i], (24, 70, 2, 16))) for i in (3, 4)]
+    gsh = NamedSharding(mesh, P("data"))
+    gla_loss = lambda *a: sum(jnp.sum(o ** 2) for o in bigla(*a, backend="pallas"))
+    gla_grad = jax.value_and_grad(gla_loss, argnums=range(5))
+    one = jax.jit(gla_grad)(*gla_args)
+    eight = shd.jit_on_mesh(mesh, gla_grad, in_shardings=(gsh,) * 5)(*jax.device_put(gla_args, gsh))
+    out["gla"] = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(eight), jax.tree.leaves(one)))
+    with jax.set_mesh(mesh):
+        traced = jax.jit(jax.grad(gla_loss, argnums=range(5)), in_shardings=(gsh,) * 5).trace(*gla_args)
+    text = lower_for_cuda(traced, mesh).as_text()
+    out["gla_dims"] = sorted(batch_dims(text))
+    out["gla_calls"] = len(triton_calls(text))
+
     # The trainer's step, data parallel and FSDP: every kernel on the per-device batch.
     for fsdp in (False, True):
         model = create_model("vim_tiny_patch16_224", img_size=32, depth=2, num_classes=5,
@@ -316,7 +332,8 @@ def test_kernels_run_per_device_under_a_mesh():
     """8 simulated CPU devices with the trainer's mesh: the sharded scan (Pallas in
     interpret mode, and the reference) equals one device, values and gradients; lowered
     for CUDA, every Triton call takes the per-device batch (24 / 8 = 3, 40 / 8 = 5), never
-    the global one, for the scan alone and for the data-parallel and FSDP train steps."""
+    the global one, for the scan alone and for the data-parallel and FSDP train steps; the
+    GLA kernels the same way (values, gradients, per-device batch 3 of 24)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)
@@ -326,6 +343,8 @@ def test_kernels_run_per_device_under_a_mesh():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["pallas"] < 1e-5 and out["reference"] < 1e-5, out
     assert 3 in out["scan_dims"] and 24 not in out["scan_dims"], out["scan_dims"]
+    assert out["gla"] < 1e-5 and out["gla_calls"] == 2, out
+    assert 3 in out["gla_dims"] and 24 not in out["gla_dims"], out["gla_dims"]
     for name in ("dp", "fsdp"):
         assert out[name]["calls"] >= 2 and 5 in out[name]["dims"] and 40 not in out[name]["dims"], out
 

@@ -181,8 +181,8 @@ def test_training_path_gradients_and_remat():
 def test_bad_arguments():
     with pytest.raises(TypeError, match=r"unknown argument\(s\) \['scan_backend'\] for vig_tiny_patch16_224"):
         create_model(PLAIN, scan_backend="auto")
-    with pytest.raises(ValueError, match=r"remat='mixer' is not one of \('none', 'full'\)"):
-        create_model(HIER, img_size=64, depths=(1, 1), remat="mixer")
+    with pytest.raises(ValueError, match=r"remat='layer' is not one of \('none', 'mixer', 'full'\)"):
+        create_model(HIER, img_size=64, depths=(1, 1), remat="layer")
     with pytest.raises(ValueError, match="gla_backend='fast' is not one of"):
         create_model(PLAIN, img_size=64, depth=1, gla_backend="fast")
     model = create_model(HIER, img_size=64, depths=(1, 1))

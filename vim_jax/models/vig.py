@@ -27,14 +27,26 @@ RMS_EPS = 1e-6  # every RMSNorm of both ViG families
 LN_EPS = 1e-5  # LayerNorm2d (torch's default)
 GATE_LOGIT_NORMALIZER = 16
 GATE_RANK = 16
-REMAT = ("none", "full")
+REMAT = ("none", "mixer", "full")
 
 
 def check_remat(remat: str) -> None:
     """Raises ValueError unless ``remat`` is one of ``REMAT`` (both ViG families' choices)."""
     if remat not in REMAT:
         raise ValueError(f"remat={remat!r} is not one of {REMAT} (\"full\": each block "
-                         "recomputed in the backward pass)")
+                         "recomputed in the backward pass; \"mixer\": the same, but the GLA "
+                         "kernel's output and saved states kept)")
+
+
+def remat_block(call, remat: str):
+    """``call`` (a block's forward) with the block's activations recomputed in the backward
+    pass: all of them ("full"), all but the Pallas GLA kernel's named residuals ("mixer",
+    so the backward never reruns the forward kernel), or none ("none")."""
+    if remat == "none":
+        return call
+    policy = (jax.checkpoint_policies.save_only_these_names("gla", "gla_states")
+              if remat == "mixer" else None)
+    return nnx.remat(call, policy=policy)
 
 
 def xavier_uniform(gain: float):
@@ -234,7 +246,7 @@ class ViG(nnx.Module):
             raise ValueError(f"img_size={img_size} is smaller than the stem's stride 16")
         self.embed_dim, self.depth, self.num_classes, self.dtype = embed_dim, depth, num_classes, dtype
         check_remat(remat)
-        self.in_chans, self.drop_path_rate, self.remat = in_chans, drop_path_rate, remat == "full"
+        self.in_chans, self.drop_path_rate, self.remat = in_chans, drop_path_rate, remat
         self.grid = (self.grid_len(img_size),) * 2
         self.deterministic = True
         self.portable = False
@@ -268,8 +280,7 @@ class ViG(nnx.Module):
                 else [(None, None)] * self.depth)
         outs = []
         for blk, rate, key in zip(self.blocks, rates, keys):
-            call = (nnx.remat(lambda m, x, k: m(x, grid, rate, k, deterministic))
-                    if self.remat else (lambda m, x, k: m(x, grid, rate, k, deterministic)))
+            call = remat_block(lambda m, x, k: m(x, grid, rate, k, deterministic), self.remat)
             x = call(blk, x, key)
             outs.append(x)
         return x, outs

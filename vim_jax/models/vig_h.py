@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vim_jax.models.vig import BiGLA, SwiGLU, _conv, check_remat, layer_norm, swiglu_hidden
+from vim_jax.models.vig import BiGLA, SwiGLU, _conv, check_remat, layer_norm, remat_block, swiglu_hidden
 from vim_jax.models.vim import check_images, drop_path
 
 _TRUNC = nnx.initializers.truncated_normal(0.02)  # the official init of every Linear
@@ -102,7 +102,7 @@ class HierViG(nnx.Module):
             raise ValueError(f"img_size={img_size} is smaller than ViG-H's total stride 32")
         self.dims, self.depths, self.num_classes, self.dtype = dims, depths, num_classes, dtype
         check_remat(remat)
-        self.in_chans, self.drop_path_rate, self.remat = in_chans, drop_path_rate, remat == "full"
+        self.in_chans, self.drop_path_rate, self.remat = in_chans, drop_path_rate, remat
         self.deterministic = True
         self.portable = False
         self.rngs = nnx.Rngs(dropout=rngs.dropout()) if drop_path_rate > 0 else None
@@ -129,7 +129,7 @@ class HierViG(nnx.Module):
             for blk in stage.blocks:
                 rate, key = next(rates), (next(keys) if keys is not None else (None, None))
                 call = lambda m, x, k, rate=rate: m(x, rate, k, deterministic)
-                x = (nnx.remat(call) if self.remat else call)(blk, x, key)
+                x = remat_block(call, self.remat)(blk, x, key)
             outs.append(x)
             if stage.downsample is not None:
                 x = stage.downsample(x).astype(jnp.float32)

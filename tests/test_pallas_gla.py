@@ -1,0 +1,118 @@
+"""The Pallas GLA kernels beyond their values (tests/test_gla.py checks those against the official
+numbers): what a GPU would run, read from programs lowered for CUDA on this CPU host, the
+models on the kernels, remat, block shapes and the Triton IR. The mesh test is in
+tests/test_pallas_scan.py, one 8-device process for both mixers' kernels."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import lower_for_cuda, triton_calls, triton_kernels
+from test_pallas_scan import _pallas_calls
+from test_selective_scan import rel_err
+from vim_jax import create_model
+from vim_jax.kernels import gla as kernels
+from vim_jax.mixers.gla import bigla, gla
+from vim_jax.train_step import make_train_step
+
+
+def _names(text):
+    return [re.search(r'name = "(\w+)"', c).group(1) for c in triton_calls(text)]
+
+
+def _inputs(b=2, length=21, heads=2, dk=16, dv=32, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    q, k = (jax.random.normal(x, (b, length, heads, dk)) for x in keys[:2])
+    v = jax.random.normal(keys[2], (b, length, heads, dv))
+    g_f, g_b = (jax.nn.log_sigmoid(jax.random.normal(x, (b, length, heads, dk))) for x in keys[3:])
+    return q, k, v, g_f, g_b
+
+
+def test_vig_train_step_gets_each_platforms_kernels_and_remat_keeps_them():
+    """A ViG-T train step (gla_backend "auto", nothing else set) traced once on this CPU host:
+    lowered for CUDA, one forward and one backward GLA kernel per block, both directions in
+    each; lowered for the CPU, none. Differentiated under remat="mixer" the backward keeps
+    the forward kernel's named residuals (as many forward kernels as blocks); under
+    remat="full" it reruns them."""
+    x = jnp.zeros((2, 64, 64, 3))
+    model = create_model("vig_tiny_patch16_224", depth=2, img_size=64, num_classes=3)
+    model.train()
+    step, state = make_train_step(model, optax.adamw(1e-3))
+    traced = step.trace(state, x, jnp.zeros((2,), jnp.int32))
+    cuda = _names(lower_for_cuda(traced).as_text())
+    assert sorted(cuda) == ["gla_bwd"] * 2 + ["gla_fwd"] * 2, cuda
+    assert not triton_calls(traced.lower(lowering_platforms=("cpu",)).as_text())
+
+    counts = {}
+    for remat in ("mixer", "full"):
+        model = create_model("vig_tiny_patch16_224", depth=2, img_size=64, num_classes=3, remat=remat)
+        model.train()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        loss = lambda p: jnp.sum(nnx.merge(graphdef, p, rest, copy=True)(x) ** 2)
+        counts[remat] = _names(lower_for_cuda(jax.jit(jax.grad(loss)).trace(params)).as_text()).count("gla_fwd")
+    assert counts == {"mixer": 2, "full": 4}, counts
+
+
+def test_models_on_the_kernels_match_the_xla_form():
+    """ViG and ViG-H with gla_backend="pallas" (interpret mode here): the logits and
+    gradients of the chunked XLA form, on the train path."""
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    for name, kw in (("vig_tiny_patch16_224", dict(depth=1)),
+                     ("vig_h_tiny_224", dict(depths=(1,), dims=32, num_heads=(1,)))):
+        out = {}
+        for backend in ("chunked", "pallas"):
+            model = create_model(name, img_size=64, num_classes=3, gla_backend=backend, **kw)
+            model.train()
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            loss = lambda p: jnp.sum(nnx.merge(graphdef, p, rest, copy=True)(x) ** 2)
+            out[backend] = jax.jit(jax.value_and_grad(loss))(params)
+        for a, b in zip(jax.tree.leaves(out["pallas"]), jax.tree.leaves(out["chunked"])):
+            assert rel_err(a, b) < 1e-4, name
+
+
+def test_no_block_overhangs_and_no_nan_dropping_min_or_max():
+    """At a length off the chunk grid (21) and below one chunk (5): every block of every
+    launch, forward and backward, divides its array (Triton would not mask an overhang);
+    and the kernels' Triton IR has no minnumf/maxnumf (they return the other operand for a
+    NaN)."""
+    for length in (21, 5):
+        args = _inputs(length=length)
+        loss = lambda *a: sum(jnp.sum(o) for o in bigla(*a, backend="pallas"))
+        grad = jax.grad(loss, argnums=range(5))
+        calls = list(_pallas_calls(jax.make_jaxpr(grad)(*args).jaxpr))
+        assert sorted(e.params["name"] for e in calls) == ["gla_bwd", "gla_fwd"]
+        for eqn in calls:
+            for bm in eqn.params["grid_mapping"].block_mappings:
+                block = [getattr(dim, "block_size", 1) for dim in bm.block_shape]
+                assert all(n % k == 0 for n, k in zip(bm.array_aval.shape, block)), \
+                    (eqn.params["name"], bm.origin, block, bm.array_aval.shape)
+    ir = triton_kernels(lower_for_cuda(jax.jit(grad).trace(*_inputs())))
+    assert set(ir) == {"gla_fwd", "gla_bwd"}, set(ir)
+    for name, text in ir.items():
+        for op in ("minnumf", "maxnumf"):
+            assert op not in text, (name, op)
+
+
+def test_backends_per_platform_and_bad_head_sizes():
+    """backend="pallas" lowered for a TPU is an error naming the platform and what to use;
+    "auto" lowers there with the XLA form. Head sizes the kernels cannot tile: "pallas"
+    refuses them by value, "auto" runs the XLA form even where CUDA is lowered for."""
+    q, k, v, g_f, _ = _inputs()
+    for backend in ("pallas", "auto"):
+        traced = jax.jit(lambda *a: gla(*a, backend=backend)).trace(q, k, v, g_f)
+        if backend == "pallas":
+            with pytest.raises(NotImplementedError, match="gla.*no kernel for platform tpu.*backend='auto'"):
+                traced.lower(lowering_platforms=("tpu",))
+        else:
+            assert not triton_calls(traced.lower(lowering_platforms=("tpu",)).as_text())
+    small = [x[..., :8] for x in (q, k, v, g_f)]
+    assert not kernels.supported(8, 8)
+    with pytest.raises(ValueError, match="powers of two >= 16, got dk 8, dv 8"):
+        gla(*small, backend="pallas")
+    assert not triton_calls(lower_for_cuda(jax.jit(lambda *a: gla(*a)).trace(*small)).as_text())
+    np.testing.assert_allclose(gla(*small), gla(*small, backend="reference"), atol=1e-5)
