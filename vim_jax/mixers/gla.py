@@ -135,6 +135,9 @@ def _xla(q, k, v, g, *, fn, directions, scale):
     """The XLA forms: every reverse direction on flipped copies, all directions as one batch."""
     r = len(directions)
     flip = lambda x, rev: jnp.flip(x, 1) if rev else x
+    if r == 1:  # no batch concatenation: converters cannot split a symbolic batch
+        o, state = fn(*(flip(x if x.ndim == 4 else x[:, :, 0], directions[0]) for x in (q, k, v, g)), scale)
+        return flip(o, directions[0]).astype(q.dtype)[:, :, None], state[:, None]
     cat = lambda x: jnp.concatenate([flip(x if x.ndim == 4 else x[:, :, i], rev)
                                      for i, rev in enumerate(directions)], 0)
     o, state = fn(cat(q), cat(k), cat(v), cat(g), scale)

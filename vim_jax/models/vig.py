@@ -155,9 +155,10 @@ class BiGLA(nnx.Module):
         gates = jax.nn.log_sigmoid(self.gk_up(self.gk_down(xs)).astype(jnp.float32)) / GATE_LOGIT_NORMALIZER
         g_fwd, g_bwd = jnp.split(gates, 2, axis=-1)
         q, k, v, g_fwd, g_bwd = map(heads, (q, k, v, g_fwd, g_bwd))
-        if self.portable:  # converters such as jax2onnx cannot split a symbolic batch
-            o_fwd = gla(q, k, v, g_fwd, backend=self.gla_backend)
-            o_bwd = gla(q, k, v, g_bwd, reverse=True, backend=self.gla_backend)
+        if self.portable:  # converters such as jax2onnx read plain XLA, one direction a call
+            backend = "reference" if self.gla_backend == "reference" else "chunked"
+            o_fwd = gla(q, k, v, g_fwd, backend=backend)
+            o_bwd = gla(q, k, v, g_bwd, reverse=True, backend=backend)
         else:
             o_fwd, o_bwd = bigla(q, k, v, g_fwd, g_bwd, backend=self.gla_backend)
         halve = 0.25 if (self.deterministic and self.eval_halves) else 0.5
