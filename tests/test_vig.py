@@ -128,13 +128,14 @@ def test_saved_weights_load_back(name, plain, hier, tmp_path):
     _, x = _io("vig_tiny_d2" if name == PLAIN else "vig_h_tiny_small")
     want = np.asarray(model(x))
     save_safetensors(model, tmp_path / "official.safetensors")
+    save_pretrained(model, tmp_path / "ckpt")
     if name == PLAIN:
         save_safetensors(model, tmp_path / "own.safetensors", names="vim_jax")
         save_hf_dir(model, tmp_path / "hf")
-        save_pretrained(model, tmp_path / "ckpt")
-    # Every route for plain ViG; ViG-H's own key mapping through the official-name file.
+    # Every route for plain ViG; for ViG-H its own key mapping (the official-name file) and
+    # the checkpoint directory (its stage list and config).
     routes = ("official.safetensors", "own.safetensors", "hf", "ckpt") if name == PLAIN else \
-        ("official.safetensors",)
+        ("official.safetensors", "ckpt")
     for source in routes:
         back = create_model(name, pretrained=str(tmp_path / source))
         assert _err(back(x), want) < 1e-6, source
