@@ -177,11 +177,12 @@ def _stage(stage, spec, *args, **kw):
     fn = lambda interpret: functools.partial(getattr(kernels, stage), scale=scale, directions=directions,
                                              interpret=interpret, **kw)
     triton = lambda *a: platform.lowered_only_for("cuda", fn(False), *a, op=_OP)
-    branches = dict(cuda=triton)
-    if by_name:  # backend="pallas": interpret mode on the CPU, an error where no kernel exists
+    # Inside "auto"'s CUDA branch, other platforms never select this: the Triton call (zeros
+    # there) serves. By name (backend="pallas"): interpret mode on the CPU, an error where
+    # no kernel exists.
+    branches = dict(cuda=triton, default=triton)
+    if by_name:
         branches.update(cpu=fn(True), default=lambda *a: platform.lowered_only_for(None, fn(False), *a, op=_OP))
-    else:  # inside "auto"'s CUDA branch: never selected elsewhere
-        branches.update(default=lambda *a: platform.lowered_only_for("cuda", fn(False), *a, op=_OP))
     return platform.per_shard(lambda *a: platform.dispatch(branches, *a), args)
 
 

@@ -39,10 +39,9 @@ def per_shard(fn, args, *, replicated=(), summed=()):
     def body(*a):
         return tuple(o[None] if i in summed else o for i, o in enumerate(fn(*a)))
 
-    n_out = len(jax.eval_shape(fn, *args))
-    # check_vma=False: a pallas_call's outputs carry no varying-axes type.
-    out = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(P(AXIS),) * n_out,
-                        check_vma=False)(*args)
+    # One spec for every output (a prefix of the output tuple); check_vma=False: a
+    # pallas_call's outputs carry no varying-axes type.
+    out = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=P(AXIS), check_vma=False)(*args)
     return tuple(o.sum(0) if i in summed else o for i, o in enumerate(out))
 
 
