@@ -2,11 +2,43 @@
 
 import os
 import pathlib
+import shutil
+import sys
+import tempfile
 
 import numpy as np
 import pytest
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def pytest_configure(config):
+    """One XLA compilation cache for the test run, shared by the xdist workers and the
+    subprocesses tests start (they inherit the environment): many tests build and step the
+    same small models, whose programs then compile once per run. A fresh directory each
+    run, removed at its end, so no run depends on an earlier one; a JAX_COMPILATION_CACHE_DIR
+    already set is used as it is."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    cache = tempfile.mkdtemp(prefix="vim_jax_test_xla_cache_")
+    config.stash[_CACHE_KEY] = cache
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    if "jax" in sys.modules:  # already imported: it has read its environment
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+def pytest_unconfigure(config):
+    cache = config.stash.get(_CACHE_KEY, None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+_CACHE_KEY = pytest.StashKey[str]()
 
 
 def fixture_path(name: str) -> pathlib.Path:

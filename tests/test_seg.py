@@ -102,3 +102,73 @@ def test_classification_checkpoint_loads_into_the_segmenter(vim_weights_path):
     for part in ("neck", "decode", "aux"):
         for kind in (nnx.Param, nnx.BatchStat):
             same(nnx.state(getattr(seg, part), kind), nnx.state(getattr(fresh, part), kind))
+
+
+# ----------------------------------------------------------------------------- ViG-H's segmenter
+
+_VIG_H = dict(dims=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), channels=16, aux_channels=8)
+
+
+def test_vig_h_upernet_takes_the_four_stage_outputs_without_a_neck():
+    """upernet_vig_h_tiny: ViG-H's four normed stage outputs (widths 16..128, strides 4..32)
+    go straight to UperNet (one lateral per width) and the stride-16 one to the FCN head;
+    logits at the input size, square or not; sizes off the stride 32 are refused."""
+    from vim_jax.models.seg import ViGHUperNet
+
+    model = create_model("upernet_vig_h_tiny", num_classes=5, img_size=64, **_VIG_H)
+    assert isinstance(model, ViGHUperNet) and not hasattr(model, "neck")
+    assert model.backbone.norm is None and len(model.backbone.outnorms) == 4  # the dense backbone
+    assert [m.conv.in_features for m in model.decode.lateral] == [16, 32, 64]
+    assert model.decode.ppm[0].conv.in_features == 128 and model.aux.conv.conv.in_features == 64
+    assert model.decode.fuse.bn.use_running_average and model.backbone.deterministic
+    both = nnx.jit(lambda m, x: m.logits_and_aux(x))
+    levels = nnx.jit(lambda m, x: m._levels(x))
+    for h, w in ((64, 64), (64, 96)):
+        images = jax.random.normal(jax.random.key(1), (2, h, w, 3))
+        logits, aux = both(model, images)
+        assert logits.shape == aux.shape == (2, h, w, 5) and logits.dtype == jnp.float32
+    maps = levels(model, images)
+    assert [m.shape for m in maps] == [(2, 16 // 2 ** i, 24 // 2 ** i, 16 * 2 ** i) for i in range(4)]
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(model, images)), np.asarray(logits),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="multiples of the backbone stride 32"):
+        model(jnp.zeros((1, 48, 64, 3)))
+    with pytest.raises(ValueError, match=r"depths=\(1, 1\): UperNet takes ViG-H's four stages"):
+        create_model("upernet_vig_h_tiny", num_classes=5, img_size=64, **{**_VIG_H, "depths": (1, 1)})
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['embed_dim'\] for upernet_vig_h_tiny"):
+        create_model("upernet_vig_h_tiny", embed_dim=32)
+
+
+def test_vig_h_classification_checkpoint_loads_into_the_segmenter(tmp_path):
+    """A ViG-H classifier saved under the official names (four stages, 3 classes) into
+    upernet_vig_h_tiny at another size: stem and stages are the checkpoint's; the classifier
+    (norm and head) is dropped, as the official dense backbone deletes it; out norms and heads
+    are a fresh initialisation. A Vim checkpoint is refused by name."""
+    from vim_jax.pretrained import save_pretrained, save_safetensors
+
+    arch = dict(dims=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    cls = create_model("vig_h_tiny_224", num_classes=3, img_size=64, seed=3, **arch)
+    path = save_safetensors(cls, tmp_path / "vig_h.safetensors", names="official")
+    small = dict(channels=16, aux_channels=8)
+    seg = create_model("upernet_vig_h_tiny", num_classes=7, pretrained=str(path), img_size=96, **small)
+    fresh = create_model("upernet_vig_h_tiny", num_classes=7, img_size=96, **small, **arch)
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in seg.config.items() if k in arch} == arch
+    got, want = nnx.state(seg.backbone, nnx.Param), nnx.state(cls, nnx.Param)
+
+    def same(x, y):
+        x, y = jax.tree.leaves(x), jax.tree.leaves(y)
+        assert len(x) == len(y) > 0
+        for a, b in zip(x, y):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    for key in ("stem", "layers"):
+        same(got[key], want[key])
+    same(got["outnorms"], nnx.state(fresh.backbone, nnx.Param)["outnorms"])
+    for part in ("decode", "aux"):
+        for kind in (nnx.Param, nnx.BatchStat):
+            same(nnx.state(getattr(seg, part), kind), nnx.state(getattr(fresh, part), kind))
+
+    vim = save_pretrained(create_model("vim_tiny_patch16_224", depth=1, embed_dim=32, img_size=32),
+                          tmp_path / "vim")
+    with pytest.raises(ValueError, match="holds a 'vim_tiny_patch16_224'.*not upernet_vig_h_tiny's backbone"):
+        create_model("upernet_vig_h_tiny", pretrained=str(vim), img_size=64, **small)

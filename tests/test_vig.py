@@ -204,8 +204,13 @@ def test_features_and_dense_outputs(plain):
     assert shapes(PLAIN, lambda m, x: m(x), img_size=64, depth=2, num_classes=0) == (1, 192)
     maps = shapes(PLAIN, lambda m, x: m.forward_intermediates(x, (0, -1), norm=True), img_size=64, depth=2)
     assert maps == [(1, 4, 4, 192)] * 3
-    kw = dict(img_size=64, dims=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), num_classes=0, out_norms=True)
+    kw = dict(img_size=64, dims=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), num_classes=0)
     assert shapes(HIER, lambda m, x: m(x), **kw) == (1, 256)
+    kw["out_norms"] = True  # the dense backbone: out norms in place of the classifier
+    with pytest.raises(ValueError, match="dense backbone.*call forward_intermediates"):
+        shapes(HIER, lambda m, x: m(x), **kw)
+    with pytest.raises(ValueError, match="pass num_classes=0, not 10"):
+        create_model(HIER, **{**kw, "num_classes": 10})
     x = jax.ShapeDtypeStruct((1, 128, 96, 3), jnp.float32)
     assert shapes(HIER, lambda m, x: m.forward_intermediates(x), **kw) == [
         (1, 32, 24, 32), (1, 16, 12, 64), (1, 8, 6, 128), (1, 4, 3, 256)]

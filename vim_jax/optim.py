@@ -86,7 +86,7 @@ def lr_schedule(*, peak_lr: float, warmup_lr: float, min_lr: float, warmup_steps
     return poly
 
 
-def make_optimizer(cfg, params, schedule: optax.Schedule, *, depth: int = 0) -> optax.GradientTransformation:
+def make_optimizer(cfg, params, schedule: optax.Schedule, *, depth: int | None = None) -> optax.GradientTransformation:
     """AdamW per ``cfg`` (the config's ``optim`` section); with ``cfg.layer_decay`` > 0 the
     updates are scaled by ``layer_lr_scales`` of a ``depth``-block backbone (per block too
     with ``cfg.layer_decay_blocks``). ``min_lr`` is scaled with the rest (mmcv does not: the
@@ -97,8 +97,10 @@ def make_optimizer(cfg, params, schedule: optax.Schedule, *, depth: int = 0) -> 
                      mask=decay_mask(params, cfg.get("decay_rule", "vim")))
     rate = cfg.get("layer_decay", 0.0)
     if rate:
-        if depth <= 0:
-            raise ValueError(f"optim.layer_decay={rate} needs the backbone depth, got {depth}")
+        if not depth or depth <= 0:
+            raise ValueError(f"optim.layer_decay={rate} needs a backbone that is one stack of "
+                             f"blocks (Vim's depth), got depth={depth}: set optim.layer_decay=0 "
+                             "for this model")
         scales = layer_lr_scales(params, depth, rate, blocks=cfg.get("layer_decay_blocks", False))
         tx = optax.chain(tx, optax.stateless(
             lambda updates, _: jax.tree.map(lambda u, s: u * s.astype(u.dtype), updates, scales)))

@@ -70,12 +70,19 @@ ALIASES = {
 def _model_args(cls) -> list[str]:
     return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "rngs")]
 
-# Segmenters (official seg/configs/vim/upernet): UperNet channels = the backbone width,
-# FCN auxiliary head 256 channels, 512 crops. (The official small segmenter adds rotary
+# Segmenters, FCN auxiliary head 256 channels, 512 crops. Vim (official seg/configs/vim/
+# upernet): UperNet channels = the backbone width. (The official small segmenter adds rotary
 # position embeddings to its backbone, which this port does not have: not registered.)
+# ViG has no official segmenter: mmseg's UperNet for hierarchical backbones of its size
+# (Swin-T), 512 channels.
 SEG_VARIANTS: dict[str, dict] = {
     "upernet_vim_tiny": dict(backbone="vim_tiny_patch16_224", channels=192),
+    "upernet_vig_h_tiny": dict(backbone="vig_h_tiny_224", channels=512),
 }
+# The segmenter arguments that describe its backbone, per backbone family: taken from the
+# backbone's variant, or from the classification checkpoint loaded into it.
+_SEG_BACKBONE_ARGS = {"vim": ("patch_size", "stride", "embed_dim", "depth"),
+                      "vig_h": ("dims", "depths", "num_heads")}
 
 
 def list_models(pretrained: bool = False) -> list[str]:
@@ -204,18 +211,21 @@ def create_model(name: Optional[str] = None, *, pretrained: str | bool | None = 
 
 
 def _create_segmenter(name: str, *, pretrained=None, seed: int = 0, **overrides):
-    """A ``VimUperNet`` (``SEG_VARIANTS``) in eval mode; ``pretrained`` is a classification checkpoint (any
-    form ``create_model`` takes) loaded into the backbone as the official code does: the head,
-    the class token and its position entry dropped, the position embedding resized to the
-    crop size; neck and heads freshly initialised."""
-    from vim_jax.models.seg import VimUperNet
+    """A ``VimUperNet`` or ``ViGHUperNet`` (``SEG_VARIANTS``) in eval mode; ``pretrained`` is a
+    classification checkpoint (any form ``create_model`` takes) loaded into the backbone as
+    the official code does: the head dropped; for Vim the class token and its position entry
+    dropped and the position embedding resized to the crop size; for ViG-H the classifier's
+    norm dropped. Neck, out norms and heads freshly initialised."""
+    from vim_jax.models.seg import ViGHUperNet, VimUperNet
     from vim_jax.models.vim import split_pos_embed
 
     spec = SEG_VARIANTS[name]
+    family = family_of(spec["backbone"])
+    cls, backbone_args = {"vim": VimUperNet, "vig_h": ViGHUperNet}[family], _SEG_BACKBONE_ARGS[family]
     bb = VARIANTS[spec["backbone"]]
-    kwargs = dict(num_classes=150, img_size=512, patch_size=bb["patch_size"], stride=bb["stride"],
-                  embed_dim=bb["embed_dim"], depth=bb["depth"], channels=spec["channels"])
-    allowed = set(inspect.signature(VimUperNet.__init__).parameters) - {"self", "rngs"}
+    kwargs = dict(num_classes=150, img_size=512, channels=spec["channels"],
+                  **{k: bb[k] for k in backbone_args})
+    allowed = set(_model_args(cls))
     bad = sorted(set(overrides) - allowed)
     if bad:
         raise TypeError(f"unknown argument(s) {bad} for {name}; allowed: {sorted(allowed)}")
@@ -224,17 +234,23 @@ def _create_segmenter(name: str, *, pretrained=None, seed: int = 0, **overrides)
         img = overrides.get("img_size", kwargs["img_size"])
         source = create_model(spec["backbone"] if not os.path.isdir(str(pretrained)) else None,
                               pretrained=pretrained, img_size=img, seed=seed)
-        kwargs.update(depth=source.depth, embed_dim=source.embed_dim, patch_size=source.patch_size,
-                      stride=source.stride)
+        if family_of(source.config["name"]) != family:
+            raise ValueError(f"{pretrained} holds a {source.config['name']!r}, whose architecture "
+                             f"is not {name}'s backbone ({spec['backbone']!r} family)")
+        kwargs.update({k: source.config[k] for k in backbone_args})
     kwargs.update(overrides)
     kwargs["dtype"] = jnp.dtype(kwargs.get("dtype") or "float32")
-    model = nnx.jit(lambda: VimUperNet(**kwargs, rngs=nnx.Rngs(seed)))()
+    model = nnx.jit(lambda: cls(**kwargs, rngs=nnx.Rngs(seed)))()
     if source is not None:
         body = nnx.to_pure_dict(nnx.state(source, nnx.Param))
-        for key in ("head", "cls_token"):
-            body.pop(key, None)
-        n = source.grid[0] * source.grid[1]
-        body["pos_embed"] = split_pos_embed(body["pos_embed"], source.cls_position, n)[0]
+        body.pop("head", None)
+        if family == "vim":
+            body.pop("cls_token", None)
+            n = source.grid[0] * source.grid[1]
+            body["pos_embed"] = split_pos_embed(body["pos_embed"], source.cls_position, n)[0]
+        else:  # the dense backbone's out norms replace the classifier's norm
+            body.pop("norm")
+            body["outnorms"] = nnx.to_pure_dict(nnx.state(model.backbone.outnorms, nnx.Param))
         io.load_params_into(model.backbone, body, source=str(pretrained))
     model.config = {"name": name, **{k: (v.name if k == "dtype" else v) for k, v in kwargs.items()}}
     return model

@@ -1,13 +1,17 @@
-"""Vim for semantic segmentation: the official multi-scale neck, UperNet and its FCN
-auxiliary head (hustvl/Vim ``seg/``: ``backbone/vim.py``, ``configs/_base_/models/upernet_vim.py``).
+"""Semantic segmentation on either backbone family: UperNet and its FCN auxiliary head
+(mmseg's ``UPerHead``, ``FCNHead``) on four feature maps at strides 4, 8, 16, 32.
 
-Images NHWC (batch, H, W, 3) of any size divisible by the patch size; logits NHWC
+Images NHWC (batch, H, W, 3) of any size divisible by the backbone's stride; logits NHWC
 (batch, H, W, num_classes) float32, at the input size.
 
-The backbone is a Vim without class token or head (the official ``VisionMambaSeg`` drops
-both); the last block of each quarter of its depth (5, 11, 17, 23 of 24) gives one map at
-stride 16, which the neck turns into
-strides 4, 8, 16, 32. Normalisation layers are BatchNorm (the official SyncBN: under jit on
+- ``VimUperNet`` (hustvl/Vim ``seg/``: ``backbone/vim.py``, ``configs/_base_/models/
+  upernet_vim.py``): a Vim without class token or head (the official ``VisionMambaSeg`` drops
+  both); the last block of each quarter of its depth (5, 11, 17, 23 of 24) gives one map at
+  stride 16, which the official multi-scale neck turns into strides 4, 8, 16, 32.
+- ``ViGHUperNet``: ViG-H's four normed stage outputs (the official ``Backbone_HierViG``)
+  are already at strides 4, 8, 16, 32, one width each, and go to the head without a neck.
+
+Normalisation layers in the neck and heads are BatchNorm (the official SyncBN: under jit on
 a mesh the batch statistics are over the global batch).
 """
 
@@ -19,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vim_jax.models.vig_h import HierViG
 from vim_jax.models.vim import VisionMamba
 
 # mmseg's BatchNorm: eps 1e-5, running averages updated with torch momentum 0.1.
@@ -79,14 +84,20 @@ class MultiScaleNeck(nnx.Module):
 
 class UperNetHead(nnx.Module):
     """UPerHead (Xiao et al. 2018, as mmseg): pyramid pooling on the coarsest level, FPN
-    top-down fusion, 3x3 convs, all levels fused at stride 4, classifier."""
+    top-down fusion, 3x3 convs, all levels fused at stride 4, classifier.
 
-    def __init__(self, cin: int, channels: int, num_classes: int, *, pool_scales=(1, 2, 3, 6),
-                 dropout: float = 0.1, rngs: nnx.Rngs):
+    in_dims: the four levels' widths (finest first), or one width for all four.
+    """
+
+    def __init__(self, in_dims: int | Sequence[int], channels: int, num_classes: int, *,
+                 pool_scales=(1, 2, 3, 6), dropout: float = 0.1, rngs: nnx.Rngs):
+        dims = (in_dims,) * 4 if isinstance(in_dims, int) else tuple(in_dims)
+        if len(dims) != 4:
+            raise ValueError(f"in_dims={in_dims}: UperNet takes four levels (strides 4, 8, 16, 32)")
         self.pool_scales = tuple(pool_scales)
-        self.ppm = nnx.List([ConvModule(cin, channels, 1, rngs=rngs) for _ in self.pool_scales])
-        self.bottleneck = ConvModule(cin + len(self.pool_scales) * channels, channels, 3, rngs=rngs)
-        self.lateral = nnx.List([ConvModule(cin, channels, 1, rngs=rngs) for _ in range(3)])
+        self.ppm = nnx.List([ConvModule(dims[3], channels, 1, rngs=rngs) for _ in self.pool_scales])
+        self.bottleneck = ConvModule(dims[3] + len(self.pool_scales) * channels, channels, 3, rngs=rngs)
+        self.lateral = nnx.List([ConvModule(d, channels, 1, rngs=rngs) for d in dims[:3]])
         self.fpn = nnx.List([ConvModule(channels, channels, 3, rngs=rngs) for _ in range(3)])
         self.fuse = ConvModule(4 * channels, channels, 3, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
@@ -118,13 +129,40 @@ class FCNHead(nnx.Module):
         return self.classifier(self.dropout(self.conv(x)))
 
 
-class VimUperNet(nnx.Module):
-    """Vim backbone + multi-scale neck + UperNet head (+ FCN auxiliary head on level 3).
+class UperNet(nnx.Module):
+    """What both segmenters share: ``self.decode`` (UperNet) and ``self.aux`` (FCN, on the
+    stride-16 level) on the four levels ``self._levels(images)`` gives.
 
     ``model(images)`` -> logits (batch, H, W, num_classes) float32 at the input size;
     ``model.logits_and_aux(images)`` -> (logits, auxiliary logits), both at the input size,
     for the training loss (the official weights: 1 and 0.4).
     """
+
+    stride: int  # the input's height and width must be multiples of it
+
+    def _levels(self, images) -> list[jax.Array]:
+        raise NotImplementedError
+
+    def _checked_levels(self, images):
+        s = self.stride
+        if images.ndim != 4 or images.shape[1] % s or images.shape[2] % s:
+            raise ValueError(f"images must be NHWC with height and width multiples of the "
+                             f"backbone stride {s}, got shape {tuple(images.shape)}")
+        return self._levels(images)
+
+    def logits_and_aux(self, images):
+        levels = self._checked_levels(images)
+        size = images.shape[1:3]
+        return (resize_bilinear(self.decode(levels), size).astype(jnp.float32),
+                resize_bilinear(self.aux(levels[2]), size).astype(jnp.float32))
+
+    def __call__(self, images):
+        return resize_bilinear(self.decode(self._checked_levels(images)),
+                               images.shape[1:3]).astype(jnp.float32)
+
+
+class VimUperNet(UperNet):
+    """Vim backbone + multi-scale neck + UperNet head (+ FCN auxiliary head on level 3)."""
 
     def __init__(self, *, num_classes: int, img_size: int = 512, patch_size: int = 16,
                  stride: int | None = None, embed_dim: int = 192, depth: int = 24,
@@ -141,23 +179,38 @@ class VimUperNet(nnx.Module):
                                     embed_dim=embed_dim, depth=depth, num_classes=0,
                                     cls_position="none", drop_path_rate=drop_path_rate, dtype=dtype,
                                     scan_backend=scan_backend, remat=remat, rngs=rngs)
+        self.stride = self.backbone.stride
         self.neck = MultiScaleNeck(embed_dim, self.backbone.stride, rngs=rngs)
         self.decode = UperNetHead(embed_dim, channels, num_classes, rngs=rngs)
         self.aux = FCNHead(embed_dim, aux_channels, num_classes, rngs=rngs)
         self.eval()  # BatchNorm on running statistics, no dropout, like the backbone; .train()
 
     def _levels(self, images):
-        s = self.backbone.stride
-        if images.ndim != 4 or images.shape[1] % s or images.shape[2] % s:
-            raise ValueError(f"images must be NHWC with height and width multiples of the "
-                             f"backbone stride {s}, got shape {tuple(images.shape)}")
         return self.neck(self.backbone.forward_intermediates(images, self.layers))
 
-    def logits_and_aux(self, images):
-        levels = self._levels(images)
-        size = images.shape[1:3]
-        return (resize_bilinear(self.decode(levels), size).astype(jnp.float32),
-                resize_bilinear(self.aux(levels[2]), size).astype(jnp.float32))
 
-    def __call__(self, images):
-        return resize_bilinear(self.decode(self._levels(images)), images.shape[1:3]).astype(jnp.float32)
+class ViGHUperNet(UperNet):
+    """ViG-H backbone (its four normed stage outputs, widths dims[0..3]) + UperNet head
+    (+ FCN auxiliary head on the stride-16 stage). Arguments as ``HierViG``'s, plus the
+    heads' widths."""
+
+    stride = 32
+
+    def __init__(self, *, num_classes: int, img_size: int = 512, dims: int | Sequence[int] = 96,
+                 depths: Sequence[int] = (2, 2, 5, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
+                 channels: int = 512, aux_channels: int = 256, drop_path_rate: float = 0.2,
+                 dtype=jnp.float32, gla_backend: str = "auto", remat: str = "mixer",
+                 rngs: nnx.Rngs):
+        if len(tuple(depths)) != 4:
+            raise ValueError(f"depths={tuple(depths)}: UperNet takes ViG-H's four stages")
+        self.num_classes = num_classes
+        self.backbone = HierViG(img_size=img_size, dims=dims, depths=depths, num_heads=num_heads,
+                                num_classes=0, drop_path_rate=drop_path_rate, dtype=dtype,
+                                gla_backend=gla_backend, remat=remat, out_norms=True, rngs=rngs)
+        widths = self.backbone.dims
+        self.decode = UperNetHead(widths, channels, num_classes, rngs=rngs)
+        self.aux = FCNHead(widths[2], aux_channels, num_classes, rngs=rngs)
+        self.eval()
+
+    def _levels(self, images):
+        return self.backbone.forward_intermediates(images)

@@ -81,9 +81,11 @@ class HierViG(nnx.Module):
     num_classes) float32, or pooled features (batch, dims[-1]) with ``num_classes=0``.
     Starts in eval mode; ``model.train()`` turns on drop path.
 
-    dims: the stage widths, or the first one (doubled per stage). out_norms: add the four
-    LayerNorms the official dense backbone puts on the stage outputs (``forward_intermediates``
-    then returns them normed); classification checkpoints do not hold them.
+    dims: the stage widths, or the first one (doubled per stage). out_norms: the official
+    dense backbone (``Backbone_HierViG``): four LayerNorms on the stage outputs
+    (``forward_intermediates`` returns them normed) in place of the classifier (final norm
+    and head), so ``num_classes`` must be 0 and only ``forward_intermediates`` runs.
+    Classification checkpoints hold no out norms.
     """
 
     family = "vig_h"  # which official state-dict layout its weights follow
@@ -98,6 +100,9 @@ class HierViG(nnx.Module):
         if not (len(dims) == len(depths) <= len(num_heads)):
             raise ValueError(f"dims {dims}, depths {depths} and num_heads {tuple(num_heads)}: need one "
                              "width and one depth per stage, and at least as many head counts")
+        if out_norms and num_classes:
+            raise ValueError(f"out_norms=True builds the dense backbone, which has no classifier: "
+                             f"pass num_classes=0, not {num_classes}")
         if img_size < 32:
             raise ValueError(f"img_size={img_size} is smaller than ViG-H's total stride 32")
         self.dims, self.depths, self.num_classes, self.dtype = dims, depths, num_classes, dtype
@@ -112,7 +117,7 @@ class HierViG(nnx.Module):
                   dtype=dtype, gla_backend=gla_backend, rngs=rngs)
             for i in range(len(dims))])
         self.outnorms = (nnx.List([layer_norm(d, rngs) for d in dims]) if out_norms else None)
-        self.norm = layer_norm(dims[-1], rngs)
+        self.norm = None if out_norms else layer_norm(dims[-1], rngs)
         if num_classes:
             self.head = nnx.Linear(dims[-1], num_classes, kernel_init=_TRUNC, dtype=dtype, rngs=rngs)
 
@@ -137,6 +142,9 @@ class HierViG(nnx.Module):
 
     def forward_features(self, images):
         """(batch, H, W, C) -> pooled features (batch, dims[-1]) float32."""
+        if self.norm is None:
+            raise ValueError("this is ViG-H's dense backbone (out_norms=True), which has no final "
+                             "norm or pooling: call forward_intermediates for its four stage outputs")
         x, _ = self._stages(images)
         return self.norm(x).mean(axis=(1, 2))
 
