@@ -372,6 +372,24 @@ def test_ade20k_recipe_is_the_official_one():
     assert (d.mixup, d.cutmix, d.label_smoothing, d.rand_augment, d.random_erasing) == (0, 0, 0, "", 0)
 
 
+def test_vig_h_ade20k_config_is_mmsegs_swin_tiny_recipe():
+    """configs/upernet_vig_h_tiny.py (hustvl/ViG has no segmentation recipe) against mmseg's
+    upernet_swin_tiny_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K.py; the data,
+    crops and test mode are the Vim segmenter's ADE20K ones."""
+    from configs import upernet_vig_h_tiny
+    from vim_jax.models.registry import SEG_VARIANTS
+    from vim_jax.train_setup import peak_lr
+
+    c = upernet_vig_h_tiny.get_config()
+    o = c.optim
+    assert c.model.name == "upernet_vig_h_tiny" and SEG_VARIANTS[c.model.name]["channels"] == 512
+    assert c.model.require_pretrained and c.model.drop_path_rate == 0.3 and c.model.scan_backend is None
+    assert (o.batch_size, peak_lr(o), o.weight_decay, o.b1, o.b2) == (16, 6e-5, 0.01, 0.9, 0.999)
+    assert (o.schedule, o.warmup_steps, o.min_lr, o.layer_decay, o.decay_rule) == ("poly", 1500, 0.0, 0.0, "mmseg")
+    assert np.isclose(o.warmup_lr / peak_lr(o), 1e-6) and c.train.num_steps == 160_000
+    assert (c.data.name, c.data.image_size, c.seg.eval_mode, c.seg.aux_weight) == ("ade20k", 512, "slide", 0.4)
+
+
 def test_seg_config_errors_name_the_bad_value(seg_data, tmp_path):
     config = _seg_config(seg_data)
     config.seg.class_weight = (1.0, 3.0)
