@@ -24,6 +24,14 @@ def _manual_block_outputs(model: VisionMamba, images):
     return outs, model.norm_f(residual + hidden)
 
 
+def _same(x, y):
+    """Two pytrees hold the same (non-empty) leaves, bit for bit."""
+    x, y = jax.tree.leaves(x), jax.tree.leaves(y)
+    assert len(x) == len(y) > 0
+    for a, b in zip(x, y):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_feature_maps_are_block_outputs_without_the_class_token():
     """At three input sizes (two not square): each map is its block's output tokens, class
     token removed, reshaped to the patch grid; the removed token is the one pooled."""
@@ -91,17 +99,11 @@ def test_classification_checkpoint_loads_into_the_segmenter(vim_weights_path):
     got, want = nnx.state(seg.backbone, nnx.Param), nnx.state(cls, nnx.Param)
     np.testing.assert_array_equal(np.asarray(got["pos_embed"][...]),
                                   np.delete(np.asarray(want["pos_embed"][...]), 8, axis=1))  # 16 patches
-    def same(x, y):
-        x, y = jax.tree.leaves(x), jax.tree.leaves(y)
-        assert len(x) == len(y) > 0
-        for a, b in zip(x, y):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
     for key in ("layers", "patch_embed", "norm_f"):
-        same(got[key], want[key])
+        _same(got[key], want[key])
     for part in ("neck", "decode", "aux"):
         for kind in (nnx.Param, nnx.BatchStat):
-            same(nnx.state(getattr(seg, part), kind), nnx.state(getattr(fresh, part), kind))
+            _same(nnx.state(getattr(seg, part), kind), nnx.state(getattr(fresh, part), kind))
 
 
 # ----------------------------------------------------------------------------- ViG-H's segmenter
@@ -161,18 +163,12 @@ def test_vig_h_classification_checkpoint_loads_into_the_segmenter(tmp_path):
     assert {k: tuple(v) if isinstance(v, list) else v for k, v in seg.config.items() if k in arch} == arch
     got, want = nnx.state(seg.backbone, nnx.Param), nnx.state(cls, nnx.Param)
 
-    def same(x, y):
-        x, y = jax.tree.leaves(x), jax.tree.leaves(y)
-        assert len(x) == len(y) > 0
-        for a, b in zip(x, y):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
     for key in ("stem", "layers"):
-        same(got[key], want[key])
-    same(got["outnorms"], nnx.state(fresh.backbone, nnx.Param)["outnorms"])
+        _same(got[key], want[key])
+    _same(got["outnorms"], nnx.state(fresh.backbone, nnx.Param)["outnorms"])
     for part in ("decode", "aux"):
         for kind in (nnx.Param, nnx.BatchStat):
-            same(nnx.state(getattr(seg, part), kind), nnx.state(getattr(fresh, part), kind))
+            _same(nnx.state(getattr(seg, part), kind), nnx.state(getattr(fresh, part), kind))
 
     vim = save_pretrained(create_model("vim_tiny_patch16_224", depth=1, embed_dim=32, img_size=32),
                           tmp_path / "vim")

@@ -305,7 +305,7 @@ def test_eval_cli_on_a_segmentation_run_writes_metrics_and_a_picture(seg_trained
 
 
 def test_vig_h_segmenter_trains_through_the_same_loop(seg_data, tmp_path):
-    """upernet_vig_h_tiny (configs/digits_seg_vig_h.py, smaller and on 64x64 canvases) through
+    """upernet_vig_h_tiny (configs/digits_seg_vig_h.py, smaller and on 32x32 canvases) through
     train_and_evaluate: it trains, evaluates on every held-out canvas, checkpoints its
     BatchNorm statistics, and its workdir loads back with create_model as the segmenter it
     trained."""
