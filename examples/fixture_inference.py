@@ -1,6 +1,6 @@
 """Runs a converted checkpoint on the official fixture images and compares with PyTorch.
 
-    python examples/fixture_inference.py CKPT_DIR [--fixtures ../shared/fixtures]
+    python examples/fixture_inference.py CKPT_DIR [--fixtures tests/fixtures]
 """
 
 import argparse
@@ -15,7 +15,8 @@ from vim_jax import create_model
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt_dir", help="directory written by python -m vim_jax.convert")
-    p.add_argument("--fixtures", default=str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
+    p.add_argument("--fixtures", default=str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures"),
+                   help="the golden fixtures of the official code (default: the repository's)")
     args = p.parse_args()
 
     io = np.load(pathlib.Path(args.fixtures) / "vim_tiny_d4_io.npz")

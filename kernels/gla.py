@@ -2,7 +2,7 @@
 
 Imported as ``vim_jax.kernels.gla``; ``vim_jax.mixers.gla`` chooses them for the platforms
 they are written for. Semantics and layout are ``vim_jax.mixers.gla``'s; the chunked
-equations are in ../shared/design/vig.md.
+equations are in docs/mixers.md.
 
 One program per (batch entry, head, direction) keeps the (dk, dv) float32 state in
 registers and walks the sequence in chunks of ``CHUNK`` rows: within a chunk, matrix

@@ -2,7 +2,7 @@
 
 Imported as ``vim_jax.kernels.selective_scan``; ``vim_jax.mixers.selective_scan`` chooses these kernels
 for the platforms they are written for. Same layout and semantics as ``vim_jax.mixers.selective_scan``
-(channels-last; ../shared/design/selective_scan.md).
+(channels-last; the equations are in docs/mixers.md).
 
 One program per (batch element, block of BD channels) keeps its (BD, d_state) state in
 registers and walks the sequence: u, delta, z, B, C are read once and the output written

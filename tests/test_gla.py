@@ -1,5 +1,5 @@
 """Gated linear attention (vim_jax.gla, vim_jax.mixers.gla.bigla) against the official kernels' numbers
-(../shared/fixtures/vig/gla_ref.npz): outputs, final states and every gradient, for normal
+(tests/fixtures/vig/gla_ref.npz): outputs, final states and every gradient, for normal
 and harsh gates, on every backend (the Pallas kernels in interpret mode)."""
 
 import functools

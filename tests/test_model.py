@@ -32,8 +32,8 @@ def check_fixture(model, io):
     assert_close(model.layer(0)(residual), io["layer0_hidden"])
 
 
-def test_fixture_from_npz(vim_weights_path, vim_io):
-    model = create_model("vim_tiny_patch16_224", pretrained=str(vim_weights_path))
+def test_fixture_from_npz(vim_weights_npz, vim_io):
+    model = create_model("vim_tiny_patch16_224", pretrained=str(vim_weights_npz))
     assert (model.depth, model.num_classes, model.grid) == (4, 10, (4, 4))
     check_fixture(model, vim_io)
 

@@ -16,13 +16,23 @@ from conftest import fixture_path
 from vim_jax import pth
 
 
-def test_official_fixture_equals_its_npz():
+def test_official_fixture_reads_as_the_official_state_dict(vim_io):
+    """Every key the official model has, float32, in PyTorch's shapes; the model built from
+    it reproduces the official logits (so every tensor's values were read right)."""
+    import vim_jax
+    from vim_jax.state_dict import params_to_state_dict
+    from vim_jax.pretrained import _str_keys
+    from flax import nnx
+
     sd = pth.load(fixture_path("vim_tiny_d4.pth"))["model"]
-    with np.load(fixture_path("vim_tiny_d4_weights.npz")) as ref:
-        assert set(sd) == set(ref.files)
-        for k in ref.files:
-            assert sd[k].dtype == np.float32
-            np.testing.assert_array_equal(sd[k], ref[k])
+    model = vim_jax.create_model("vim_tiny_patch16_224", depth=4, num_classes=10, img_size=64)
+    pure = _str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    want = params_to_state_dict(pure, cls_position=model.cls_position)
+    assert {k: v.shape for k, v in sd.items()} == {k: tuple(v.shape) for k, v in want.items()}
+    assert all(v.dtype == np.float32 for v in sd.values())
+    loaded = vim_jax.create_model("vim_tiny_patch16_224", pretrained=str(fixture_path("vim_tiny_d4.pth")))
+    x = vim_io["input_nchw"].transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(loaded(x), vim_io["logits"], atol=1e-4)
 
 
 def _write_archive(path, pkl: bytes, storages=(), prefix="archive"):
@@ -172,8 +182,7 @@ def test_a_deit_style_training_checkpoint_is_read(tmp_path, vim_io):
 
     import vim_jax
 
-    with np.load(fixture_path("vim_tiny_d4_weights.npz")) as f:
-        sd = {k: f[k] for k in f.files}
+    sd = pth.load(fixture_path("vim_tiny_d4.pth"))["model"]
     ema = {k: v * 0.5 if v.dtype.kind == "f" else v for k, v in sd.items()}
     pkl, storages = _torch_like_pickle(
         _flat_tensors(sd), model_ema=_flat_tensors(ema),

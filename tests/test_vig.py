@@ -1,4 +1,4 @@
-"""ViG and ViG-H against the official code's outputs (../shared/fixtures/vig/), on the eval
+"""ViG and ViG-H against the official code's outputs (tests/fixtures/vig/), on the eval
 path (official weights -> official logits) and the training path; loading, saving and the
 position-embedding resize."""
 
@@ -11,7 +11,7 @@ from flax import nnx
 from conftest import fixture_path
 from vim_jax import create_model
 from vim_jax.models.vig import resize_pos_embed, torch_bicubic_matrix
-from vim_jax.pretrained import save_hf_dir, save_pretrained, save_safetensors
+from vim_jax.pretrained import load_state_dict, save_hf_dir, save_pretrained, save_safetensors
 from vim_jax.state_dict import CheckpointMismatch
 
 TOL = 1e-4  # max abs, the fixtures' README
@@ -106,8 +106,8 @@ def test_any_input_size_resizes_the_position_embedding(plain, tmp_path):
 
 
 def test_the_loader_is_strict():
-    sd = dict(np.load(fixture_path("vig/vig_tiny_d2_weights.npz")))
-    path = fixture_path("vig/vig_tiny_d2_weights.npz")
+    path = fixture_path("vig/vig_tiny_d2.pth")
+    sd = load_state_dict(path)
     with pytest.raises(CheckpointMismatch, match=r"35 mis-shaped keys[\s\S]*g_proj\.bias': checkpoint \(192,\), "
                        r"model expects \(384,\)"):
         create_model("vig_small_patch16_224", pretrained=path)
@@ -140,11 +140,9 @@ def test_saved_weights_load_back(name, plain, hier, tmp_path):
         back = create_model(name, pretrained=str(tmp_path / source))
         assert _err(back(x), want) < 1e-6, source
     # The official-name file is the official state dict.
-    from vim_jax.pretrained import load_state_dict
-
     if name == PLAIN:
         sd = load_state_dict(tmp_path / "official.safetensors")
-        ref = dict(np.load(fixture_path("vig/vig_tiny_d2_weights.npz")))
+        ref = load_state_dict(fixture_path("vig/vig_tiny_d2.pth"))
         assert sorted(sd) == sorted(ref)
         assert max(_err(sd[k], ref[k]) for k in ref) == 0
 

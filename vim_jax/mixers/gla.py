@@ -31,7 +31,7 @@ runs the chunked form elsewhere. On an NVIDIA H200 (commit 250aff8, 2026-11-27) 
 0.53 ms forward and 1.67 ms forward + backward at ViG-T's shapes, batch 128 at 224 px,
 against the chunked form's 1.07 and 4.08 ms; 1.94 and 8.8 ms against 5.96 and 26.2 ms at
 1024 px, batch 32.
-Equations and the official code's conventions: ../shared/design/vig.md.
+Equations and the official code's conventions: docs/mixers.md.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ Pallas backend share one custom VJP (the "portable" one has none: JAX differenti
 ``STATE_CHUNK`` steps, (batch, length/STATE_CHUNK, d_inner, d_state) float32, named
 "scan_states" for remat policies, and the backward recomputes the states chunk by chunk
 from it: O(B*D*N*L/chunk) saved, never the O(B*L*D*N) of all states. Equations:
-../shared/design/selective_scan.md.
+docs/mixers.md.
 
 Under a mesh with a ``data`` axis (``jax.set_mesh``), each device scans its own share
 of the batch (``jax.shard_map``): a Pallas kernel is opaque to XLA's partitioner.

@@ -3,7 +3,7 @@ its hierarchical sibling (``vig_h.py``) shares.
 
 Shapes: images NHWC; tokens (batch, L, D) row-major over the patch grid, no class token.
 The residual stream is float32 whatever the compute dtype. The architecture, the
-per-variant switches and the official code's conventions: ../shared/design/vig.md.
+per-variant switches and the official code's conventions: docs/vig.md.
 
 Train and eval differ as in the official code: in training the mixer averages the two
 directions, (o_f + o_b) / 2; in eval mode plain ViG divides by 4 (the official evaluation

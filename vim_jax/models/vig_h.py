@@ -5,7 +5,7 @@ Stem Conv(k3, s2) -> LayerNorm -> GELU -> Conv(k3, s2) -> LayerNorm; each stage'
 ``x + drop_path(BiGLA(LN(x)))`` then ``x + drop_path(SwiGLU(LN(x)))``; a Conv(k3, s2) ->
 LayerNorm between stages; LayerNorm -> average pool -> head. The token mixer is plain
 ViG's (``vig.BiGLA``) without its SiLUs, and its eval path equals its training path.
-Facts: ../shared/design/vig.md.
+The architecture and the official conventions: docs/vig.md.
 """
 
 from __future__ import annotations
