@@ -19,7 +19,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from vim_jax import cli, distributed
+from vim_jax.train import cli
+from vim_jax.parallel import distributed
 
 config_flags.DEFINE_config_file("config", "configs/vim_tiny.py",
                                 "Dataset and model settings for --pretrained.", lock_config=True)
@@ -41,12 +42,12 @@ def main(argv):
     except distributed.DistributedError as e:
         sys.exit(f"error: {e}")
     import jax
-    from vim_jax.checkpoints import CheckpointError
+    from vim_jax.weights.checkpoints import CheckpointError
     from vim_jax.data.sources import DataError
-    from vim_jax.evaluation import draw_predictions, evaluate_pretrained, evaluate_workdir, summary
-    from vim_jax.run_config import load_config
-    from vim_jax.train_setup import task_of
-    from vim_jax.trainer import TrainingError
+    from vim_jax.train.evaluation import draw_predictions, evaluate_pretrained, evaluate_workdir, summary
+    from vim_jax.train.config import load_config
+    from vim_jax.train.setup import task_of
+    from vim_jax.train.loop import TrainingError
 
     if bool(FLAGS.workdir) == bool(FLAGS.pretrained):
         raise app.UsageError("give exactly one of --workdir or --pretrained")

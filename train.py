@@ -2,7 +2,7 @@
 
 Any config value can be overridden: --config.optim.batch_size=256. Rerunning the same
 command resumes from the latest checkpoint in --workdir. Several processes (hosts): see
-vim_jax/distributed.py (flags, environment, --distributed) and vim_jax/launch.py.
+vim_jax/parallel/distributed.py (flags, environment, --distributed) and vim_jax/launch.py.
 """
 
 import logging
@@ -11,7 +11,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from vim_jax import cli, distributed
+from vim_jax.train import cli
+from vim_jax.parallel import distributed
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file (optionally file.py:arg).",
                                 lock_config=True)
@@ -27,9 +28,9 @@ def main(argv):
         distributed.initialize_from_flags(flags.FLAGS)
     except distributed.DistributedError as e:
         sys.exit(f"error: {e}")
-    from vim_jax.checkpoints import CheckpointError
+    from vim_jax.weights.checkpoints import CheckpointError
     from vim_jax.data.sources import DataError
-    from vim_jax.trainer import TrainingError, train_and_evaluate
+    from vim_jax.train.loop import TrainingError, train_and_evaluate
 
     try:
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)

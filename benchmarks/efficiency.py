@@ -72,7 +72,7 @@ def measure(model: str, size: int, mode: str, batch: int, repeats: int, dtype: s
             fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward_features(x))
             args = (state, images)
         else:
-            from vim_jax.train_step import make_train_step
+            from vim_jax.train.step import make_train_step
 
             m.train()
             step, state = make_train_step(m, optax.adamw(1e-4))

@@ -65,8 +65,8 @@ def main():
     from flax import nnx
 
     from vim_jax import create_model
-    from vim_jax.sharding import batch_sharding, make_mesh, state_shardings
-    from vim_jax.train_step import train_step_fn
+    from vim_jax.parallel.sharding import batch_sharding, make_mesh, state_shardings
+    from vim_jax.train.step import train_step_fn
 
     mesh = make_mesh()
     # Under the mesh, the scan kernels run per device shard (vim_jax.mixers.selective_scan).

@@ -19,7 +19,7 @@ def imagenet_recipe(model: str, *, batch_size: int, base_lr: float, weight_decay
     c.model.num_classes = 1000
     c.model.drop_path_rate = drop_path_rate
     c.model.dtype = "float32"         # compute dtype; params, residual and scan state stay float32
-    c.model.scan_backend = "auto"
+    c.model.mixer_backend = "auto"    # the sequence mixer's: Vim's scan_backend, ViG's gla_backend
     c.model.remat = "mixer"
     c.model.overrides = ml_collections.ConfigDict()  # any other create_model argument
 
@@ -58,7 +58,7 @@ def imagenet_recipe(model: str, *, batch_size: int, base_lr: float, weight_decay
     c.optim.min_lr = 1e-5
     c.optim.schedule = "cosine"       # cosine | poly (mmseg's, power 1)
     c.optim.decay_rule = "vim"        # which params decay: vim (named) | mmseg (not 1-D, not bias)
-    c.optim.layer_decay = 0.0         # layer-wise lr decay rate (vim_jax.optim.layer_lr_scales); 0 = off
+    c.optim.layer_decay = 0.0         # layer-wise lr decay rate (vim_jax.train.optim.layer_lr_scales); 0 = off
     c.optim.layer_decay_blocks = False  # decay per block too (the official runs do not: see there)
     c.optim.grad_clip = 0.0           # global-norm clip; 0 = off
     c.optim.ema_decay = 0.99996       # per step; 0 = no EMA
@@ -84,7 +84,6 @@ def vig_recipe(model: str, *, base_lr: float, weight_decay: float, drop_path_rat
     c = imagenet_recipe(model, batch_size=batch_size, base_lr=base_lr, weight_decay=weight_decay,
                         drop_path_rate=drop_path_rate)
     c.model.dtype = dtype             # plain ViG trains in float32, ViG-H with half precision
-    c.model.scan_backend = None       # Vim's; ViG's mixer is gla_backend (model.overrides)
     c.model.remat = "none"            # or "full": each block recomputed in the backward pass
     c.data.repeated_aug = 1
     c.optim.warmup_epochs = 20

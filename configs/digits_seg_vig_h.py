@@ -13,7 +13,6 @@ from configs import digits_seg
 def get_config():
     c = digits_seg.get_config()
     c.model.name = "upernet_vig_h_tiny"
-    c.model.scan_backend = None       # Vim's; ViG's mixer is model.overrides.gla_backend
     c.model.remat = "none"
     # One block per stage, widths 32 to 256 in heads of ViG-H's size (dk 16, dv 32).
     c.model.overrides = dict(dims=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),

@@ -12,7 +12,6 @@ from configs import digits
 def get_config():
     c = digits.get_config()
     c.model.name = "vig_tiny_patch16_224"
-    c.model.scan_backend = None       # Vim's; ViG's mixer is model.overrides.gla_backend
     c.model.remat = "none"
     # Width 128 in 2 heads (dk 32, dv 64), 4 blocks: 16 tokens, 1.2M parameters.
     c.model.overrides = dict(embed_dim=128, num_heads=2, depth=4)

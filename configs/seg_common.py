@@ -5,7 +5,7 @@ hustvl/Vim ``seg/configs/vim/upernet/upernet_vim_tiny_24_512_slide_60k.py`` with
 as run by ``seg/scripts/ft_vim_tiny_upernet.sh`` (which overrides lr to 2e-4 and weight
 decay to 0.1): AdamW lr 2e-4, betas (0.9, 0.999), weight decay 0.1 (not on biases and 1-D
 parameters), mmseg's LayerDecayOptimizerConstructor with rate 0.92 over 24 layers (which,
-as Vim names its blocks, scales only the embeddings: ``vim_jax.optim.layer_lr_scales``),
+as Vim names its blocks, scales only the embeddings: ``vim_jax.train.optim.layer_lr_scales``),
 poly (power 1, min 0) after 1,500 linear warm-up iterations from 1e-6 of the lr, 60k
 iterations of batch 32 per node (4 GPUs x 8), 512x512 crops, auxiliary FCN loss weight
 0.4, sliding-window test (crop 512, stride 341).

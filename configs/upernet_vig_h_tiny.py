@@ -22,7 +22,6 @@ _LR, _BATCH = 6e-5, 16
 def get_config():
     c = ade20k_recipe("upernet_vig_h_tiny", batch_size=_BATCH, drop_path_rate=0.3)
     c.model.require_pretrained = True
-    c.model.scan_backend = None       # Vim's; ViG's mixer is model.overrides.gla_backend
     c.model.remat = "mixer"           # keeps the GLA outputs, recomputes the rest of each block
 
     o = c.optim

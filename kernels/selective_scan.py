@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from vim_jax.ops import sigmoid, softplus_formula
+from vim_jax.kernels.activations import sigmoid, softplus_formula
 
 
 class Config(NamedTuple):

@@ -71,7 +71,7 @@ def vim_weights_path():
 @pytest.fixture(scope="session")
 def vim_weights_npz(tmp_path_factory):
     """The same state dict as an ``.npz`` of official names (a format create_model reads)."""
-    from vim_jax.pretrained import load_state_dict
+    from vim_jax.weights.formats import load_state_dict
 
     path = tmp_path_factory.mktemp("npz") / "vim_tiny_d4_weights.npz"
     np.savez(path, **load_state_dict(fixture_path("vim_tiny_d4.pth")))

@@ -12,7 +12,7 @@ from PIL import Image
 
 from vim_jax import create_model, export, predict
 from vim_jax.models.deit import create_deit
-from vim_jax.run_config import TrainingError, check_choices
+from vim_jax.train.config import TrainingError, check_choices
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +38,20 @@ def test_model_inputs_name_the_shape_expected_and_given(models, images, message)
 def test_config_values_with_choices_list_them():
     import ml_collections
 
-    config = ml_collections.ConfigDict({"model": {"dtype": "bf16", "scan_backend": "auto",
-                                                  "remat": "mixer"}})
+    config = ml_collections.ConfigDict({"model": {"dtype": "bf16", "mixer_backend": "auto",
+                                                  "remat": "mixer", "name": "vig_tiny_patch16_224"}})
     with pytest.raises(TrainingError, match=r"model.dtype='bf16' is not one of \('float32', 'bfloat16'\)"):
         check_choices(config)
     config.model.dtype, config.model.remat = "bfloat16", "some"
     with pytest.raises(TrainingError, match=r"model.remat='some' is not one of \('mixer'"):
         check_choices(config)
+    # The mixer's backend: each family's own choices, named with the argument it sets.
+    config.model.remat, config.model.mixer_backend = "full", "portable"
+    with pytest.raises(TrainingError, match=r"model.mixer_backend='portable' is not one of \('auto', "
+                       r"'reference', 'chunked', 'pallas'\) \(the gla_backend of vig_tiny_patch16_224\)"):
+        check_choices(config)
+    config.model.name = "vim_tiny_patch16_224"
+    check_choices(config)  # "portable" is one of Vim's scan backends
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -123,7 +130,7 @@ def test_folders_refuse_empty_classes_and_list_only_decodable_types(tmp_path):
 def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     from conftest import tiny_config
-    from vim_jax.train_setup import setup_run
+    from vim_jax.train.setup import setup_run
 
     path = tmp_path / "file"
     path.write_text("x")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from vim_jax import create_model
-from vim_jax.state_dict import CheckpointMismatch, params_to_state_dict
-from vim_jax.pretrained import load_state_dict
+from vim_jax.weights.names import CheckpointMismatch, params_to_state_dict
+from vim_jax.weights.formats import load_state_dict
 
 
 def test_cli_converts_and_directory_reloads(tmp_path, vim_weights_path, vim_io):

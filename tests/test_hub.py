@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 _SCRIPT = textwrap.dedent("""
     import json, numpy as np
     from vim_jax import create_model, list_models
-    from vim_jax.hub import WeightsUnavailableError
+    from vim_jax.weights.hub import WeightsUnavailableError
     out = {"with_weights": list_models(pretrained=True), "all": len(list_models())}
     io = np.load(IO)
     model = create_model("vim_tiny_patch16_224", pretrained=True)

@@ -55,8 +55,8 @@ def _note_pid(line: str, pids: dict) -> None:
 
 def _params(workdir):
     from flax import nnx
-    from vim_jax.checkpoints import Checkpoints
-    from vim_jax.run_config import build_model, load_config
+    from vim_jax.weights.checkpoints import Checkpoints
+    from vim_jax.train.config import build_model, load_config
 
     model = build_model(load_config(str(workdir)), 10)
     return Checkpoints(str(workdir)).restore_params(nnx.state(model, nnx.Param), ema=False)
@@ -116,7 +116,7 @@ def test_sigterm_to_one_process_saves_and_resumes_bit_identically(two_process_ru
             os.kill(pids[1], signal.SIGTERM)
     assert p.wait(timeout=60) == 0, "".join(lines[-40:])
     out = "".join(lines)
-    from vim_jax.checkpoints import Checkpoints
+    from vim_jax.weights.checkpoints import Checkpoints
     saved = Checkpoints(str(workdir)).steps()[-1]
     assert 8 <= saved < STEPS, saved  # agreed at the log step 8 or a later one
     for p in (0, 1):  # both processes stopped at the same step (warnings print on every process)
@@ -160,7 +160,7 @@ def test_vig_trains_over_two_processes_and_one_process_evaluates_the_same(data_d
     assert "vig_tiny_patch16_224 (classification) on 2 device(s) x 2 process(es)" in r.stdout
     metrics = json.loads((w / "metrics.json").read_text())
     assert metrics["step"] == 8 and metrics["eval"]["count"] == 359
-    from vim_jax.evaluation import evaluate_workdir  # what eval.py runs, in this one process
+    from vim_jax.train.evaluation import evaluate_workdir  # what eval.py runs, in this one process
 
     one = evaluate_workdir(str(w))
     assert (one["count"], one["top1"]) == (359, metrics["eval"]["top1"])

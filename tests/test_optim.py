@@ -16,9 +16,9 @@ from flax import nnx
 from conftest import bf16_logit_tolerance
 from vim_jax import create_model
 from vim_jax.data.mixing import mix_batch, smooth_one_hot
-from vim_jax.optim import decay_mask, lr_schedule, make_optimizer
-from vim_jax.state_dict import params_to_state_dict
-from vim_jax.train_step import StepOptions, train_step_fn
+from vim_jax.train.optim import decay_mask, lr_schedule, make_optimizer
+from vim_jax.weights.names import params_to_state_dict
+from vim_jax.train.step import StepOptions, train_step_fn
 
 
 def _small_model(dtype="float32"):
@@ -49,7 +49,7 @@ def test_weight_decay_follows_vigs_rule(name, kw):
     """ViG's code (Swin's set_weight_decay) decays a tensor unless it is 1-D or a bias;
     pos_embed decays. Checked on the official names for plain ViG and ViG-H (whose
     ``layers`` are stages, not Vim's stacked blocks)."""
-    from vim_jax.state_dict import vig_params_to_state_dict
+    from vim_jax.weights.names import vig_params_to_state_dict
 
     model = nnx.eval_shape(lambda: create_model(name, img_size=64, num_classes=3, **kw))
     params = nnx.state(model, nnx.Param)

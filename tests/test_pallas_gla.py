@@ -18,7 +18,7 @@ from test_selective_scan import rel_err
 from vim_jax import create_model
 from vim_jax.kernels import gla as kernels
 from vim_jax.mixers.gla import bigla, gla
-from vim_jax.train_step import make_train_step
+from vim_jax.train.step import make_train_step
 
 
 def _names(text):

@@ -25,7 +25,7 @@ from test_selective_scan import NAMES, channels_last, random_inputs, rel_err
 from vim_jax import create_model
 from vim_jax.mixers import selective_scan as ss
 from vim_jax.mixers.platform import lowered_only_for
-from vim_jax.train_step import make_train_step
+from vim_jax.train.step import make_train_step
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -257,10 +257,11 @@ _MESH_SCRIPT = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
     from conftest import lower_for_cuda, triton_calls
     from test_selective_scan import random_inputs, rel_err
-    from vim_jax import create_model, sharding as shd
+    from vim_jax import create_model
+    from vim_jax.parallel import sharding as shd
     from vim_jax.mixers import selective_scan as ss
     from vim_jax.mixers.gla import bigla
-    from vim_jax.train_step import TrainState, train_step_fn
+    from vim_jax.train.step import TrainState, train_step_fn
 
     assert jax.device_count() == 8
     mesh = shd.make_mesh()

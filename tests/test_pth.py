@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from conftest import fixture_path
-from vim_jax import pth
+from vim_jax.weights import pth
 
 
 def test_official_fixture_reads_as_the_official_state_dict(vim_io):
     """Every key the official model has, float32, in PyTorch's shapes; the model built from
     it reproduces the official logits (so every tensor's values were read right)."""
     import vim_jax
-    from vim_jax.state_dict import params_to_state_dict
-    from vim_jax.pretrained import _str_keys
+    from vim_jax.weights.names import params_to_state_dict
+    from vim_jax.weights.formats import _str_keys
     from flax import nnx
 
     sd = pth.load(fixture_path("vim_tiny_d4.pth"))["model"]

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from conftest import fixture_path
 from vim_jax import create_model
-from vim_jax.pretrained import load_state_dict, save_safetensors
+from vim_jax.weights.formats import load_state_dict, save_safetensors
 
 
 def _images(vim_io):

@@ -148,7 +148,7 @@ def test_vig_h_classification_checkpoint_loads_into_the_segmenter(tmp_path):
     upernet_vig_h_tiny at another size: stem and stages are the checkpoint's; the classifier
     (norm and head) is dropped, as the official dense backbone deletes it; out norms and heads
     are a fresh initialisation. A Vim checkpoint is refused by name."""
-    from vim_jax.pretrained import save_pretrained, save_safetensors
+    from vim_jax.weights.formats import save_pretrained, save_safetensors
 
     arch = dict(dims=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
     # One seed throughout: the segmenter's own copy of the classifier is the same program

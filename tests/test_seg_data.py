@@ -14,7 +14,7 @@ from vim_jax.data import seg_augment  # noqa: E402
 from vim_jax.data.pipeline import CorruptImages, eval_batches, train_batches  # noqa: E402
 from vim_jax.data.sources import ADE20K_URL, DataError, make_source  # noqa: E402
 from vim_jax.data.tf_setup import tf  # noqa: E402
-from vim_jax.segmentation import IGNORE  # noqa: E402
+from vim_jax.train.segmentation import IGNORE  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

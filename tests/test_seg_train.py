@@ -16,19 +16,18 @@ from flax import nnx
 
 pytest.importorskip("tensorflow_datasets")
 
-from vim_jax.checkpoints import Checkpoints  # noqa: E402
-from vim_jax.models.registry import create_model  # noqa: E402
-from vim_jax.optim import decay_mask, layer_lr_scales, lr_schedule  # noqa: E402
-from vim_jax.pytree import path_name  # noqa: E402
-from vim_jax.segmentation import IGNORE, pixel_cross_entropy  # noqa: E402
-from vim_jax.trainer import TrainingError, train_and_evaluate  # noqa: E402
+from vim_jax.weights.checkpoints import Checkpoints  # noqa: E402
+from vim_jax.weights.create import create_model  # noqa: E402
+from vim_jax.train.optim import decay_mask, layer_lr_scales, lr_schedule  # noqa: E402
+from vim_jax.train.segmentation import IGNORE, pixel_cross_entropy  # noqa: E402
+from vim_jax.train.loop import TrainingError, train_and_evaluate  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
 def _leaves(tree) -> dict:
-    return {path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {jax.tree_util.keystr(p, simple=True, separator="."): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +63,7 @@ def test_layer_decay_scales_the_adamw_update(segmenter):
     multiplied by its scale."""
     import ml_collections
     import optax
-    from vim_jax.optim import make_optimizer
+    from vim_jax.train.optim import make_optimizer
 
     params = nnx.state(segmenter, nnx.Param)
     grads = jax.tree.map(jnp.ones_like, params)
@@ -129,8 +128,9 @@ _DP_SCRIPT = textwrap.dedent("""
     import json, jax, numpy as np, optax
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from vim_jax import create_model, sharding as shd
-    from vim_jax.train_step import StepOptions, TrainState, train_step_fn
+    from vim_jax import create_model
+    from vim_jax.parallel import sharding as shd
+    from vim_jax.train.step import StepOptions, TrainState, train_step_fn
 
     assert jax.device_count() == 8, jax.devices()
     rng = np.random.default_rng(1)
@@ -212,7 +212,7 @@ def seg_trained(seg_data, tmp_path_factory):
 
 
 def _restore(workdir):
-    from vim_jax.run_config import build_model, load_config
+    from vim_jax.train.config import build_model, load_config
 
     model = build_model(load_config(workdir), 11)
     return model, Checkpoints(str(workdir)).restore_params(
@@ -241,7 +241,7 @@ def test_segmentation_eval_equals_numpy_confusion(seg_data, seg_trained):
     canvas (other batches, no mesh, no eval step)."""
     from vim_jax.data.pipeline import eval_batches
     from vim_jax.data.sources import make_source
-    from vim_jax.run_config import load_config
+    from vim_jax.train.config import load_config
 
     workdir, metrics = seg_trained
     model = create_model(pretrained=str(workdir))
@@ -355,7 +355,7 @@ def test_ade20k_recipe_is_the_official_one():
     """configs/upernet_vim_tiny.py against hustvl/Vim seg/configs/vim/upernet/
     upernet_vim_tiny_24_512_slide_60k.py and its bases."""
     from configs import upernet_vim_tiny
-    from vim_jax.train_setup import peak_lr
+    from vim_jax.train.setup import peak_lr
 
     c = upernet_vim_tiny.get_config()
     o, d = c.optim, c.data
@@ -378,12 +378,12 @@ def test_vig_h_ade20k_config_is_mmsegs_swin_tiny_recipe():
     crops and test mode are the Vim segmenter's ADE20K ones."""
     from configs import upernet_vig_h_tiny
     from vim_jax.models.registry import SEG_VARIANTS
-    from vim_jax.train_setup import peak_lr
+    from vim_jax.train.setup import peak_lr
 
     c = upernet_vig_h_tiny.get_config()
     o = c.optim
     assert c.model.name == "upernet_vig_h_tiny" and SEG_VARIANTS[c.model.name]["channels"] == 512
-    assert c.model.require_pretrained and c.model.drop_path_rate == 0.3 and c.model.scan_backend is None
+    assert c.model.require_pretrained and c.model.drop_path_rate == 0.3 and c.model.mixer_backend == "auto"
     assert (o.batch_size, peak_lr(o), o.weight_decay, o.b1, o.b2) == (16, 6e-5, 0.01, 0.9, 0.999)
     assert (o.schedule, o.warmup_steps, o.min_lr, o.layer_decay, o.decay_rule) == ("poly", 1500, 0.0, 0.0, "mmseg")
     assert np.isclose(o.warmup_lr / peak_lr(o), 1e-6) and c.train.num_steps == 160_000
@@ -404,7 +404,7 @@ def test_seg_config_errors_name_the_bad_value(seg_data, tmp_path):
 def test_a_checkpoint_without_batch_statistics_is_refused_not_moved_aside(tmp_path):
     """A classifier's checkpoint asked for a segmenter's BatchNorm statistics: an error
     naming the missing item; the step stays where it is (it is not corrupt)."""
-    from vim_jax.checkpoints import CheckpointError
+    from vim_jax.weights.checkpoints import CheckpointError
 
     params = {"w": jnp.ones((3, 2))}
     ckpt = Checkpoints(str(tmp_path))

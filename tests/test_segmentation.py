@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vim_jax.segmentation import (IGNORE, check_labels, confusion_matrix, metrics_from_confusion,
+from vim_jax.train.segmentation import (IGNORE, check_labels, confusion_matrix, metrics_from_confusion,
                                   pixel_cross_entropy, sliding_window_logits, windows)
 
 

@@ -17,9 +17,9 @@ import pytest
 pytest.importorskip("tensorflow_datasets")
 
 from conftest import tiny_config, write_image_folder  # noqa: E402
-from vim_jax.checkpoints import CheckpointError, Checkpoints  # noqa: E402
-from vim_jax.evaluation import evaluate_workdir  # noqa: E402
-from vim_jax.trainer import TrainingError, train_and_evaluate, validate_config  # noqa: E402
+from vim_jax.weights.checkpoints import CheckpointError, Checkpoints  # noqa: E402
+from vim_jax.train.evaluation import evaluate_workdir  # noqa: E402
+from vim_jax.train.loop import TrainingError, train_and_evaluate, validate_config  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def _config(data, **over):
 
 def _final_params(workdir):
     from flax import nnx
-    from vim_jax.run_config import build_model, load_config
+    from vim_jax.train.config import build_model, load_config
 
     config = load_config(workdir)
     model = build_model(config, 3)
@@ -72,7 +72,7 @@ def test_kill_and_resume_gives_identical_parameters(data, trained, tmp_path):
             if record.getMessage().startswith("step 6/"):
                 os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C; SIGTERM takes the same path
 
-    logger = logging.getLogger("vim_jax.train_log")
+    logger = logging.getLogger("vim_jax.train.log")
     handler, level = KillAtStep6(), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -104,7 +104,7 @@ def test_kill_and_resume_gives_identical_parameters(data, trained, tmp_path):
 def test_metrics_file_keeps_whole_run_totals(tmp_path):
     """Totals add up over resumes, a finished run rerun keeps them, a fresh start does not
     inherit an old file's."""
-    from vim_jax.train_log import MetricsFile
+    from vim_jax.train.log import MetricsFile
 
     path = str(tmp_path / "metrics.json")
     first = dict(train_wall_s=100.0, nonfinite_steps=2, corrupt_images=1, corrupt_image_ids=["a"],
@@ -131,7 +131,7 @@ def _strict_json(path):
 
 
 def test_second_ctrl_c_aborts():
-    from vim_jax.train_log import Preemption
+    from vim_jax.train.log import Preemption
 
     old = signal.getsignal(signal.SIGINT)
     with Preemption() as preempt:
@@ -171,7 +171,7 @@ def _assert_same_eval(got: dict, want: dict):
 def test_final_eval_equals_numpy_over_the_models_logits(data, trained):
     from flax import nnx
     from vim_jax.data.sources import make_source
-    from vim_jax.run_config import build_model, load_config
+    from vim_jax.train.config import build_model, load_config
 
     workdir, metrics = trained
     config = load_config(workdir)
@@ -311,7 +311,7 @@ def test_recipe_configs():
                 c.optim.ema_decay, c.data.repeated_aug) == (300, 20, 5.0, "mmseg", 0.9999, 1)
         # 5e-7 and 5e-6 at batch 512, scaled with the batch like the peak.
         assert (c.optim.batch_size, c.optim.warmup_lr, c.optim.min_lr) == (1024, 1e-6, 1e-5)
-        assert c.model.scan_backend is None and c.model.remat == "none"
+        assert c.model.mixer_backend == "auto" and c.model.remat == "none"
     assert digits_vig.get_config().model.name == "vig_tiny_patch16_224"
     ft = vim_finetune_stride8.get_config("small")
     assert ft.model.name == "vim_small_patch16_stride8_224" and ft.optim.epochs == 30
@@ -323,9 +323,10 @@ _DP_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, optax
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from vim_jax import create_model, sharding as shd
-    from vim_jax.optim import make_optimizer, lr_schedule
-    from vim_jax.train_step import StepOptions, TrainState, train_step_fn
+    from vim_jax import create_model
+    from vim_jax.parallel import sharding as shd
+    from vim_jax.train.optim import make_optimizer, lr_schedule
+    from vim_jax.train.step import StepOptions, TrainState, train_step_fn
     import ml_collections
 
     assert jax.device_count() == 8, jax.devices()
@@ -378,7 +379,7 @@ def test_eight_device_step_equals_one_device_step():
 def test_eval_of_official_weights_on_a_folder(data, vim_weights_path):
     """eval.py --pretrained path: official-format weights (10 classes, 224 px) evaluated
     on a folder at 32 px (position embedding resized on load)."""
-    from vim_jax.evaluation import evaluate_pretrained
+    from vim_jax.train.evaluation import evaluate_pretrained
 
     config = _config(data, model__num_classes=10, data__image_size=32)
     config.model.overrides = {}
@@ -407,7 +408,7 @@ def test_fine_tuning_with_a_new_head(data, vim_weights_path):
     import jax
     from flax import nnx
     from vim_jax import create_model
-    from vim_jax.run_config import build_model
+    from vim_jax.train.config import build_model
 
     config = _config(data, model__pretrained=str(vim_weights_path), model__reset_head=True,
                      data__image_size=32)
@@ -429,7 +430,7 @@ def test_a_training_workdir_loads_with_create_model(trained):
     its model.json), at the latest step, at an earlier step=, and its EMA weights."""
     from flax import nnx
     from vim_jax import create_model
-    from vim_jax.run_config import build_model, load_config
+    from vim_jax.train.config import build_model, load_config
 
     workdir, _ = trained
     target = nnx.state(build_model(load_config(workdir), 3), nnx.Param)
@@ -465,6 +466,25 @@ def test_finetune_folder_recipe(data, vim_weights_path, tmp_path):
                         "--workdir", str(tmp_path / "w2"), f"--config.data.data_dir={data}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "--config.model.pretrained=True" in r.stderr
+
+
+@pytest.mark.slow  # about 30 s on the 2-core CI machine
+def test_finetune_folder_recipe_takes_a_vig_checkpoint(data, tmp_path):
+    """The same recipe and command line with an official-format ViG checkpoint: the recipe's
+    mixer backend reaches ViG as its gla_backend, and no Vim-only argument is passed to it."""
+    from conftest import fixture_path
+
+    r = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/finetune_folder.py", "--workdir", str(tmp_path / "w"),
+         f"--config.data.data_dir={data}", "--config.model.name=vig_tiny_patch16_224",
+         f"--config.model.pretrained={fixture_path('vig/vig_tiny_d2.pth')}",
+         "--config.data.image_size=32", "--config.optim.batch_size=8", "--config.train.num_steps=2",
+         "--config.train.eval_batch_size=8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.loads((tmp_path / "w" / "model.json").read_text())
+    assert saved["name"] == "vig_tiny_patch16_224" and saved["depth"] == 2 and saved["num_classes"] == 3
+    assert saved["gla_backend"] == "auto" and "scan_backend" not in saved
 
 
 def test_predict_on_a_workdir_uses_its_preprocessing_and_class_names(data, trained, capsys):

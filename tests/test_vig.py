@@ -11,8 +11,8 @@ from flax import nnx
 from conftest import fixture_path
 from vim_jax import create_model
 from vim_jax.models.vig import resize_pos_embed, torch_bicubic_matrix
-from vim_jax.pretrained import load_state_dict, save_hf_dir, save_pretrained, save_safetensors
-from vim_jax.state_dict import CheckpointMismatch
+from vim_jax.weights.formats import load_state_dict, save_hf_dir, save_pretrained, save_safetensors
+from vim_jax.weights.names import CheckpointMismatch
 
 TOL = 1e-4  # max abs, the fixtures' README
 PLAIN, HIER = "vig_tiny_patch16_224", "vig_h_tiny_224"
@@ -111,7 +111,7 @@ def test_the_loader_is_strict():
     with pytest.raises(CheckpointMismatch, match=r"35 mis-shaped keys[\s\S]*g_proj\.bias': checkpoint \(192,\), "
                        r"model expects \(384,\)"):
         create_model("vig_small_patch16_224", pretrained=path)
-    from vim_jax.pretrained import load_state_dict_into
+    from vim_jax.weights.formats import load_state_dict_into
 
     model = create_model(PLAIN, img_size=64, depth=2, num_classes=10)
     extra = {**{k: v for k, v in sd.items() if k != "blocks.1.attn.g_norm.weight"}, "blocks.1.dirpe": sd["norm.weight"]}

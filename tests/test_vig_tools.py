@@ -12,15 +12,14 @@ pytest.importorskip("tensorflow_datasets")
 
 from conftest import tiny_config, write_image_folder  # noqa: E402
 from vim_jax import create_model  # noqa: E402
-from vim_jax.evaluation import evaluate_workdir  # noqa: E402
-from vim_jax.trainer import train_and_evaluate  # noqa: E402
+from vim_jax.train.evaluation import evaluate_workdir  # noqa: E402
+from vim_jax.train.loop import train_and_evaluate  # noqa: E402
 
 
 def vig_config(data, **over):
     """tiny_config with a one-block ViG (width 32, one head) at 32 px: a 2x2 token grid."""
     c = tiny_config(data, **{"optim__epochs": 4, "optim__base_lr": 0.3, "data__image_size": 32, **over})
     c.model.name = "vig_tiny_patch16_224"
-    c.model.scan_backend = None
     c.model.remat = "none"
     c.model.overrides = dict(embed_dim=32, num_heads=1, depth=1)
     c.optim.decay_rule = "mmseg"
@@ -61,7 +60,7 @@ def test_hierarchical_vig_trains_through_the_same_loop(data, tmp_path):
 
 
 def test_fine_tuning_a_vig_workdir_with_a_new_head(data, trained):
-    from vim_jax.run_config import build_model
+    from vim_jax.train.config import build_model
 
     workdir, _ = trained
     config = vig_config(data, model__pretrained=str(workdir), model__reset_head=True)

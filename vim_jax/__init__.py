@@ -1,12 +1,13 @@
-"""vim-jax: Vision Mamba in JAX/Flax NNX.
+"""vim-jax: Vision Mamba and ViG in JAX/Flax NNX.
 
-The model and selective scan import without TensorFlow or ml_collections (the data
-pipeline is imported lazily by the training code).
+The model and the mixers import without TensorFlow or ml_collections (the data pipeline is
+imported by the training code only).
 """
 
-from vim_jax.models import VisionMamba, create_model, list_models
 from vim_jax.mixers.gla import gla
 from vim_jax.mixers.selective_scan import selective_scan
+from vim_jax.models.vim import VisionMamba
+from vim_jax.weights.create import create_model, list_models
 
 __all__ = ["VisionMamba", "create_model", "list_models", "gla", "load_exported", "selective_scan"]
 

@@ -13,23 +13,22 @@ weights in any form ``create_model`` reads (an official ``.pth``, an ``.npz`` or
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 
-from vim_jax.models.registry import create_model
-from vim_jax.pretrained import NAMES, num_params, save_hf_dir, save_pretrained
+from vim_jax.train.cli import ArgumentParser, one_line_errors
+from vim_jax.weights.create import create_model
+from vim_jax.weights.formats import NAMES, num_params, save_hf_dir, save_pretrained
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m vim_jax.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="official .pth ({'model': state_dict}), .npz or "
                                            ".safetensors state dict, or a checkpoint directory")
     parser.add_argument("out", help="directory to write")
     parser.add_argument("--model", default=None,
                         help="variant name (short or official long name); default: the name a "
-                             "checkpoint directory records, else vim_tiny_patch16_224. Depth, "
-                             "classes and grid are read off the checkpoint")
+                             "checkpoint directory records, else the family and size an official "
+                             "state dict's keys show. Depth, classes and grid are read off it")
     parser.add_argument("--to", default="checkpoint", choices=("checkpoint", "safetensors"),
                         help="checkpoint: this project's directory; safetensors: model.safetensors "
                              "and config.json (default: checkpoint)")
@@ -42,13 +41,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.names != "official" and args.to != "safetensors":
         parser.error("--names applies to --to safetensors")
-    name = args.model or (None if os.path.isdir(args.checkpoint) else "vim_tiny_patch16_224")
-    model = create_model(name, pretrained=args.checkpoint, step=args.step, ema=args.ema)
-    start = time.perf_counter()
-    if args.to == "checkpoint":
-        path = save_pretrained(model, args.out)
-    else:
-        path = save_hf_dir(model, args.out, names=args.names)
+    with one_line_errors(parser):
+        model = create_model(args.model, pretrained=args.checkpoint, step=args.step, ema=args.ema)
+        start = time.perf_counter()
+        if args.to == "checkpoint":
+            path = save_pretrained(model, args.out)
+        else:
+            path = save_hf_dir(model, args.out, names=args.names)
     print(f"converted {args.checkpoint} ({num_params(model):,} parameters, "
           f"{model.config['name']}) -> {path} [{args.to}] in {time.perf_counter() - start:.2f} s")
 

@@ -19,7 +19,6 @@ it in ONNX Runtime on ``--batch`` images and prints the largest difference from 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import pathlib
@@ -29,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vim_jax.files import atomic_write
+from vim_jax.weights.files import atomic_write
 
 PLATFORMS = ("cpu", "cuda", "tpu", "rocm")
 FORMATS = ("jax", "onnx")
@@ -116,14 +115,16 @@ def load_exported(path):
 
 
 def main(argv=None):
-    from vim_jax import create_model
-    from vim_jax.cli import positive
+    from vim_jax.weights.create import create_model
+    from vim_jax.train.cli import ArgumentParser, one_line_errors, positive
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m vim_jax.export", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="file to write: the jax.export artifact, or the .onnx model")
     p.add_argument("--format", default="jax", choices=FORMATS,
                    help="jax: a jax.export artifact (default); onnx: an ONNX model, batch dynamic")
-    p.add_argument("--model", required=True, help="a name from vim_jax.list_models()")
+    p.add_argument("--model", default=None,
+                   help="a name from vim_jax.list_models() (default: the one --pretrained names: a "
+                        "checkpoint directory's own, or an official state dict's by its keys)")
     p.add_argument("--pretrained", default=None,
                    help="True (official weights), a .pth/.npz/.safetensors file or a checkpoint "
                         "directory")
@@ -134,7 +135,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.format == "onnx" and args.platforms:
         p.error("--platforms applies to --format jax; an ONNX model runs wherever ONNX Runtime does")
-    model = create_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
+    if args.model is None and args.pretrained in (None, "True", "true"):
+        p.error("--model is needed unless --pretrained is a file or directory of weights")
+    with one_line_errors(p):
+        model = create_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
+    args.model = model.config["name"]
     if args.format == "onnx":
         return _main_onnx(model, args)
     exported = export_model(model, batch=args.batch, img_size=args.img_size,

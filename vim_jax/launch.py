@@ -5,7 +5,7 @@
 
 Each process gets the coordinator address (a free local port), the process count and its id
 in ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, which
-``train.py`` and ``eval.py`` read (``vim_jax.distributed``). Their output is forwarded line
+``train.py`` and ``eval.py`` read (``vim_jax.parallel.distributed``). Their output is forwarded line
 by line with a ``[pI]`` prefix. If one process fails, the others are stopped (SIGTERM, then
 SIGKILL after ``--grace`` seconds) and the launcher exits non-zero naming it. SIGTERM, SIGINT
 (Ctrl-C) or SIGHUP to the launcher reaches every process as SIGTERM (training saves a
@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 
-from vim_jax.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from vim_jax.parallel.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 
 
 def _free_port() -> int:

@@ -15,7 +15,6 @@ package) for a 1000-class head. An image that cannot be read is reported and ski
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -86,14 +85,15 @@ def workdir_settings(path) -> dict:
 def main(argv=None):
     import jax
 
-    from vim_jax import create_model
-    from vim_jax.cli import positive
-    from vim_jax.progress import ProgressMeter
+    from vim_jax.weights.create import create_model
+    from vim_jax.train.cli import ArgumentParser, one_line_errors, positive
+    from vim_jax.train.progress import ProgressMeter
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m vim_jax.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
     p.add_argument("--model", default=None,
-                   help="a name from vim_jax.list_models() (default: a checkpoint directory's own)")
+                   help="a name from vim_jax.list_models() (default: the one --pretrained names: a "
+                        "checkpoint directory's own, or an official state dict's by its keys)")
     p.add_argument("--pretrained", default="True",
                    help="True (official weights), a .pth/.npz/.safetensors file or a checkpoint "
                         "directory (a training workdir: its preprocessing and class names too)")
@@ -112,14 +112,15 @@ def main(argv=None):
     if missing:
         raise SystemExit(f"error: no such image file: {', '.join(missing)}")
     is_dir = os.path.isdir(str(args.pretrained))
-    if args.model is None and not is_dir:
-        p.error("--model is needed unless --pretrained is a checkpoint directory")
+    if args.model is None and str(args.pretrained) in ("True", "true"):
+        p.error("--model is needed with the official weights (--pretrained True)")
     settings = {**DEFAULTS, **(workdir_settings(args.pretrained) if is_dir else {})}
     for key in ("img_size", "crop_ratio"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
 
-    model = create_model(args.model, pretrained=args.pretrained, img_size=settings["img_size"])
+    with one_line_errors(p):
+        model = create_model(args.model, pretrained=args.pretrained, img_size=settings["img_size"])
     fn = jax.jit(model.forward_features if args.features else model)
     outs, done = [], []
     with ProgressMeter(len(args.images), "predicting") as progress:

@@ -20,7 +20,7 @@ import numpy as np
 from vim_jax.data import augment, seg_augment
 from vim_jax.data.sources import DataError, Source
 from vim_jax.data.tf_setup import tf
-from vim_jax.segmentation import IGNORE
+from vim_jax.data import IGNORE
 
 log = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE

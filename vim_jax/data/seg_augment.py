@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from vim_jax.data import augment
 from vim_jax.data.tf_setup import tf
-from vim_jax.segmentation import IGNORE
+from vim_jax.data import IGNORE
 
 CROP_TRIES = 10  # mmseg RandomCrop: crops checked against cat_max_ratio before giving up
 

@@ -15,7 +15,7 @@ from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec as P
 
-from vim_jax.sharding import AXIS
+from vim_jax.parallel.sharding import AXIS
 
 
 def dispatch(branches: dict, *args):

@@ -46,7 +46,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from vim_jax import ops
+from vim_jax.kernels.activations import sigmoid, softplus_formula
+from vim_jax.mixers import ops
 from vim_jax.mixers import platform
 
 BACKENDS = ("auto", "reference", "pallas", "portable")
@@ -219,7 +220,7 @@ class _Reference:
         if spec.has_d:
             y = y + D.astype(jnp.float32) * u.astype(jnp.float32)
         if spec.has_z:
-            y = y * z.astype(jnp.float32) * ops.sigmoid(z.astype(jnp.float32), self.exp)
+            y = y * z.astype(jnp.float32) * sigmoid(z.astype(jnp.float32), self.exp)
         return y.astype(u.dtype)
 
     def backward(self, spec, u, delta, z, B, C, A, D, bias, states, g_out, g_last):
@@ -253,7 +254,7 @@ def _dt(delta, delta_bias, softplus, exp):
     x = delta.astype(jnp.float32)
     if delta_bias is not None:
         x = x + delta_bias.astype(jnp.float32)
-    return ops.softplus_formula(x, exp) if softplus else x
+    return softplus_formula(x, exp) if softplus else x
 
 
 def _chunked(x, chunk=STATE_CHUNK):
@@ -374,7 +375,7 @@ def _backward(spec, u, delta, z, B, C, A, D, bias, states, g_out, g_last, exp):
     uf = u.astype(f32)
     if spec.has_z:
         zf = z.astype(f32)
-        sig = ops.sigmoid(zf, exp)
+        sig = sigmoid(zf, exp)
         gy = g * zf * sig
     else:
         gy = g
@@ -437,7 +438,7 @@ def _backward(spec, u, delta, z, B, C, A, D, bias, states, g_out, g_last, exp):
     gD = jnp.sum(gy * uf, axis=(0, 1))
     if spec.softplus:
         pre = delta.astype(f32) + (bias.astype(f32) if spec.has_bias else 0.0)
-        g_dt = g_dt * ops.sigmoid(pre, exp)
+        g_dt = g_dt * sigmoid(pre, exp)
     g_bias = jnp.sum(g_dt, axis=(0, 1))
     return (g_u.astype(u.dtype), g_dt.astype(delta.dtype), gz.astype(z.dtype), g_b.astype(B.dtype),
             g_c.astype(C.dtype), gAt.T.astype(A.dtype), gD.astype(D.dtype), g_bias.astype(bias.dtype))

@@ -1,6 +1,3 @@
-"""Model definitions and the named-variant registry."""
-
-from vim_jax.models.registry import create_model, list_models, resolve_name
-from vim_jax.models.vim import VisionMamba
-
-__all__ = ["VisionMamba", "create_model", "list_models", "resolve_name"]
+"""The architectures: Vim (``vim``), plain ViG (``vig``), hierarchical ViG-H (``vig_h``), the
+UperNet segmenters (``seg``), DeiT for comparisons (``deit``), and the registry of names
+(``registry.build(name)``: fresh parameters; weights are ``vim_jax.weights``)."""

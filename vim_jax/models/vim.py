@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from vim_jax import ops
+from vim_jax.mixers import ops
 from vim_jax.mixers.selective_scan import selective_scan
 
 CLS_POSITIONS = ("middle", "head", "double", "none")

@@ -19,15 +19,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vim_jax.pytree import path_name
-from vim_jax.state_dict import mismatch_report
-from vim_jax.train_step import TrainState
+from vim_jax.weights.names import mismatch_report
 
 log = logging.getLogger(__name__)
 _ITEMS = ("params", "opt_state", "ema", "batch_stats")  # the step is the directory name
 
 
-def _items(state: TrainState) -> tuple:
+def _items(state) -> tuple:
     """The items ``state`` has (an empty tree, such as a classifier's batch_stats, has none)."""
     return tuple(n for n in _ITEMS if jax.tree.leaves(getattr(state, n)))
 
@@ -41,11 +39,13 @@ def _abstract(tree):
 
 
 def _shapes(tree) -> dict:
-    return {path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {jax.tree_util.keystr(p, simple=True, separator="."): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class Checkpoints:
-    """Saves and restores ``TrainState`` under ``workdir/checkpoints``."""
+    """Saves and restores a training state under ``workdir/checkpoints``: any NamedTuple with
+    a ``step`` and the items ``params``, ``opt_state``, ``ema``, ``batch_stats``
+    (``vim_jax.train.step.TrainState``); a model alone as ``params`` and ``ema``."""
 
     def __init__(self, workdir: str, *, keep: int = 3, every_steps: int = 1000):
         self.dir = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -61,7 +61,7 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: TrainState, *, force: bool = False) -> bool:
+    def save(self, step: int, state, *, force: bool = False) -> bool:
         """Saves ``state`` as ``step`` if that step is due (or ``force``); returns whether it
         saved. ``step`` is the host's count (== state.step): asking never waits for the
         device. Asynchronous."""
@@ -142,7 +142,7 @@ class Checkpoints:
                                   "being copied, wait and rerun")
         return None, None
 
-    def restore(self, target: TrainState, step: Optional[int] = None) -> Optional[TrainState]:
+    def restore(self, target, step: Optional[int] = None):
         """The latest step (or ``step``) into ``target``'s structure and shardings; None when
         the workdir holds no checkpoint; CheckpointError when that step cannot be read."""
         targets = {name: getattr(target, name) for name in _items(target)}
@@ -151,7 +151,7 @@ class Checkpoints:
             return None
         step_arr = jax.make_array_from_callback((), target.step.sharding,
                                                 lambda _: np.asarray(s, np.int32))
-        return TrainState(step_arr, *(items.get(name, getattr(target, name)) for name in _ITEMS))
+        return target._replace(step=step_arr, **{name: items[name] for name in targets})
 
     def restore_params(self, params, *, ema: bool, step: Optional[int] = None, batch_stats=None):
         """(step, params) of the latest readable checkpoint (or ``step``); EMA ones if ``ema``.

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-IGNORE = 255
+from vim_jax.data import IGNORE
 
 
 def pixel_cross_entropy(logits, labels, ignore: int = IGNORE, *, avg_non_ignore: bool = False,

@@ -13,8 +13,8 @@ import time
 import jax
 import numpy as np
 
-from vim_jax.files import atomic_write
-from vim_jax.progress import fmt_time
+from vim_jax.weights.files import atomic_write
+from vim_jax.train.progress import fmt_time
 
 log = logging.getLogger(__name__)
 

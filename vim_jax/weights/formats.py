@@ -3,7 +3,7 @@ checkpoint directories.
 
 One directory format for trained and converted models alike, a training workdir's:
 ``model.json`` (the variant name and every model argument) and
-``checkpoints/<step>/{params, ema[, opt_state]}`` (orbax, ``vim_jax.checkpoints``).
+``checkpoints/<step>/{params, ema[, opt_state]}`` (orbax, ``vim_jax.weights.checkpoints``).
 ``python -m vim_jax.convert`` writes step 0 with ``ema`` equal to ``params``.
 
 For publishing and exchanging weights: safetensors, under the official PyTorch names (the
@@ -15,17 +15,19 @@ Hugging Face-style directory of ``model.safetensors`` with ``config.json`` besid
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import jax
 import numpy as np
 from flax import nnx, traverse_util
 
-from vim_jax import pth
-from vim_jax.files import atomic_write
 from vim_jax.models import vig as vig_model
+from vim_jax.models.registry import model_class
 from vim_jax.models.vim import resize_pos_embed
-from vim_jax.state_dict import (CheckpointMismatch, VIG_FAMILIES, mismatch_report,
+from vim_jax.weights import pth
+from vim_jax.weights.files import atomic_write
+from vim_jax.weights.names import (CheckpointMismatch, VIG_FAMILIES, mismatch_report,
                                 params_to_state_dict, state_dict_to_params, vig_params_to_state_dict,
                                 vig_state_dict_to_params)
 
@@ -34,6 +36,28 @@ HF_WEIGHTS, HF_CONFIG = "model.safetensors", "config.json"
 NAMES = ("official", "vim_jax")
 # safetensors metadata: which names a file uses, and the model's config (JSON).
 _NAMES_KEY, _CONFIG_KEY = "vim_jax.names", "vim_jax.config"
+
+
+def read_weights(path, *, step=None, ema: bool = False) -> tuple[dict, dict | None, dict | None]:
+    """Weights in any form ``create_model`` takes -> (saved model config, possibly with
+    "name"; an official state dict or None; this project's nested parameters or None): a
+    checkpoint directory, a ``save_hf_dir`` directory, a ``.safetensors`` file of either
+    naming, or an official ``.pth``/``.npz``."""
+    hf_dir = os.path.isdir(path) and is_hf_dir(path) and not os.path.exists(os.path.join(path, MODEL_FILE))
+    if os.path.isdir(path) and not hf_dir:
+        saved, params, _ = load_dir(path, step=step, ema=ema)
+        return saved, None, params
+    if step is not None:
+        raise ValueError(f"step= applies to checkpoint directories (training workdirs); "
+                         f"{path} holds one set of weights")
+    if hf_dir or str(path).endswith(".safetensors"):
+        if ema:
+            raise ValueError(f"ema=True applies to training workdirs and .pth training "
+                             f"checkpoints; {path} holds one set of weights")
+        names, tensors, saved = read_safetensors(os.path.join(path, HF_WEIGHTS) if hf_dir else path)
+        saved = read_hf_config(path) if hf_dir else saved
+        return (saved, tensors, None) if names == "official" else (saved, None, tensors)
+    return {}, load_state_dict(path, ema=ema), None
 
 
 def load_state_dict(path, *, ema: bool = False) -> dict[str, np.ndarray]:
@@ -207,7 +231,7 @@ def write_model_config(directory, model) -> None:
 
 def save_pretrained(model, out_dir) -> pathlib.Path:
     """Writes ``model`` as a checkpoint directory (step 0); returns its path."""
-    from vim_jax.checkpoints import Checkpoints
+    from vim_jax.weights.checkpoints import Checkpoints
 
     out = pathlib.Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +251,7 @@ def saved_name(path) -> str | None:
 def restore_into(model, path, *, step=None, ema: bool = False) -> int:
     """Loads a checkpoint directory's parameters (and BatchNorm statistics) into ``model``,
     built with the directory's model.json; returns the step."""
-    from vim_jax.checkpoints import Checkpoints
+    from vim_jax.weights.checkpoints import Checkpoints
 
     s, params, stats = Checkpoints(str(path)).restore_params(
         nnx.state(model, nnx.Param), ema=ema, step=step, batch_stats=nnx.state(model, nnx.BatchStat))
@@ -235,11 +259,11 @@ def restore_into(model, path, *, step=None, ema: bool = False) -> int:
     return s
 
 
-def load_dir(path, model_class, *, step=None, ema: bool = False) -> tuple[dict, dict, int]:
+def load_dir(path, *, step=None, ema: bool = False) -> tuple[dict, dict, int]:
     """Reads a checkpoint directory or training workdir -> (model config incl. "name",
     nested param dict, step): the latest step unless ``step``, the EMA weights if ``ema``.
-    model_class(name) is the class of the named model (the registry knows it)."""
-    from vim_jax.checkpoints import Checkpoints
+    The architecture is the one model.json names."""
+    from vim_jax.weights.checkpoints import Checkpoints
 
     path = pathlib.Path(path).resolve()
     cfg_file = path / MODEL_FILE

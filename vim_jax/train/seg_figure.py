@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from vim_jax.segmentation import IGNORE
+from vim_jax.train.segmentation import IGNORE
 
 
 def palette(num_classes: int) -> np.ndarray:

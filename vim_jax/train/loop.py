@@ -5,7 +5,7 @@ checkpoint in ``workdir`` with exactly the data order and randomness of an unint
 run, saves on SIGTERM, skips and counts non-finite steps, logs progress and TensorBoard
 summaries, and keeps ``metrics.json`` (the whole run's history across resumes, strict JSON,
 rewritten at every evaluation, at preemption and at the end). Setup lives in
-``vim_jax.train_setup``, reporting in ``vim_jax.train_log``.
+``vim_jax.train.setup``, reporting in ``vim_jax.train.log``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Optional
 import jax
 import ml_collections
 
-from vim_jax.evaluation import REPORTED, evaluate, summary
-from vim_jax.run_config import TrainingError
-from vim_jax.train_log import MetricsFile, Preemption, Progress, Summaries
-from vim_jax.train_setup import Run, setup_run, validate_config
+from vim_jax.train.evaluation import REPORTED, evaluate, summary
+from vim_jax.train.config import TrainingError
+from vim_jax.train.log import MetricsFile, Preemption, Progress, Summaries
+from vim_jax.train.setup import Run, setup_run, validate_config
 
 __all__ = ["TrainingError", "train_and_evaluate", "validate_config"]
 log = logging.getLogger(__name__)

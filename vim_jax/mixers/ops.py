@@ -31,22 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vim_jax.pytree import path_name
-
-SOFTPLUS_THRESHOLD = 20.0
-
-
-def softplus_formula(x, exp=jnp.exp):
-    """The official softplus: log1p(exp(x)), and x itself above 20 (PyTorch's threshold).
-
-    log1p keeps small values (very negative x, small dt) accurate, where log(1 + exp)
-    rounds 1 + exp(x) first. ``exp`` is the exponential to use; the Pallas kernels call
-    this with ``jnp.exp``. The clamp is a select, not ``jnp.minimum``: Triton lowers a
-    float minimum to the NaN-dropping ``minnumf``, which would turn a NaN into 20 on a GPU.
-    """
-    big = x > SOFTPLUS_THRESHOLD
-    return jnp.where(big, x, jnp.log1p(exp(jnp.where(big, SOFTPLUS_THRESHOLD, x))))
-
+from vim_jax.kernels.activations import sigmoid, softplus_formula
 
 # ----------------------------------------------------------------------------
 # The CPU's polynomial exp and the functions built on it.
@@ -84,11 +69,6 @@ _EXP2_POLY = (0.0018756046476014476, 0.008987467181808206, 0.05583499001952791,
 def _poly_exp_jvp(primals, tangents):
     y = poly_exp(primals[0])
     return y, y * tangents[0]
-
-
-def sigmoid(x, exp=jnp.exp):
-    """1 / (1 + exp(-x)) with the given ``exp`` (the kernels and the scan pick theirs)."""
-    return 1.0 / (1.0 + exp(-x))
 
 
 @jax.custom_jvp
@@ -160,7 +140,7 @@ def dense(x, w, *, portable: bool = False):
 
 
 def _is_matmul_kernel(path) -> bool:
-    return path_name(path).removesuffix(".value").endswith("kernel")
+    return jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value").endswith("kernel")
 
 
 def _select_by_index(stacked, i):

@@ -1,6 +1,6 @@
 """A training run's config: reading it from a workdir, and the model it describes.
 
-Shared by training and evaluation (``vim_jax.trainer``, ``vim_jax.evaluation``).
+Shared by training and evaluation (``vim_jax.train.loop``, ``vim_jax.train.evaluation``).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import os
 import ml_collections
 from flax import nnx
 
-from vim_jax.models.registry import create_model
+from vim_jax.mixers import gla, selective_scan
+from vim_jax.models import registry
 from vim_jax.models.vim import REMAT
-from vim_jax.mixers.selective_scan import BACKENDS
+from vim_jax.weights.create import create_model
 
 CONFIG_FILE = "config.json"
 
@@ -28,21 +29,44 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise TrainingError(f"{workdir} has no {CONFIG_FILE}: not a training workdir")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        body = json.load(f)
+    model = body.get("model", {})
+    if "scan_backend" in model:  # written before model.mixer_backend named both families' choice
+        model.setdefault("mixer_backend", model.pop("scan_backend") or "auto")
+    return ml_collections.ConfigDict(body)
 
 
 # Config values with a fixed set of choices: a near miss such as "bf16" fails by name.
-CHOICES = {"model.dtype": ("float32", "bfloat16"), "model.scan_backend": BACKENDS,
-           "model.remat": REMAT}
+CHOICES = {"model.dtype": ("float32", "bfloat16"), "model.remat": REMAT}
+# model.mixer_backend is the sequence mixer's backend, the model argument of its family.
+MIXER_ARGS = {"scan_backend": selective_scan.BACKENDS, "gla_backend": gla.BACKENDS}
+
+
+def mixer_arg(name: str) -> str:
+    """The argument of model ``name`` that ``model.mixer_backend`` sets: Vim's
+    ``scan_backend``, ViG's ``gla_backend``."""
+    cls = (registry.SEG_CLASSES[registry.segmenter_family(name)] if name in registry.SEG_VARIANTS
+           else registry.model_class(name))
+    return next(a for a in MIXER_ARGS if a in registry.model_args(cls))
 
 
 def check_choices(config) -> None:
-    """Raises TrainingError naming a ``CHOICES`` value that is not allowed, and the allowed."""
+    """Raises TrainingError naming a value of ``CHOICES`` or ``model.mixer_backend`` that is
+    not allowed, and the allowed ones."""
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = config[section].get(name)
         if value is not None and value not in allowed:
             raise TrainingError(f"{key}={value!r} is not one of {allowed}")
+    backend, name = config.model.get("mixer_backend"), config.model.get("name")
+    if backend is not None and name:
+        try:
+            arg = mixer_arg(name)
+        except ValueError as e:  # an unknown model name
+            raise TrainingError(f"model.name: {e}") from None
+        if backend not in MIXER_ARGS[arg]:
+            raise TrainingError(f"model.mixer_backend={backend!r} is not one of {MIXER_ARGS[arg]} "
+                                f"(the {arg} of {name})")
 
 
 def build_model(config, num_classes: int):
@@ -53,9 +77,12 @@ def build_model(config, num_classes: int):
     m = config.model
     kwargs = dict(img_size=config.data.image_size, drop_path_rate=m.drop_path_rate, dtype=m.dtype,
                   **m.overrides.to_dict())
-    # Vim's scan backend (None in ViG configs, whose GLA backend is an override); remat: what
-    # each block keeps for the backward pass (Vim: mixer, full, none; ViG: full, none).
-    kwargs.update({k: m.get(k) for k in ("scan_backend", "remat") if m.get(k) is not None})
+    # The mixer's backend under its family's name; remat: what each block keeps for the
+    # backward pass (every family: mixer, full, none).
+    if m.get("mixer_backend") is not None and m.name:
+        kwargs[mixer_arg(m.name)] = m.mixer_backend
+    if m.get("remat") is not None:
+        kwargs["remat"] = m.remat
     if not (m.reset_head and m.pretrained):
         return create_model(m.name, pretrained=m.pretrained or None, seed=config.seed,
                             num_classes=num_classes, **kwargs)

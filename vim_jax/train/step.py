@@ -54,7 +54,7 @@ def _classification_loss(opts: StepOptions, num_classes: int):
 
 
 def _segmentation_loss(opts: StepOptions):
-    from vim_jax.segmentation import pixel_cross_entropy
+    from vim_jax.train.segmentation import pixel_cross_entropy
 
     weight = jnp.asarray(opts.class_weight, jnp.float32) if opts.class_weight else None
 
@@ -130,7 +130,7 @@ def eval_step_fn(model: nnx.Module, *, task: str = "classification", slide=None)
     pixel count, and the image count; ``slide=(crop, stride)`` infers by sliding windows
     (mmseg's ``slide`` mode), None on the whole image.
     """
-    from vim_jax import segmentation as seg
+    from vim_jax.train import segmentation as seg
 
     graphdef, _, _, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     k_classes = model.num_classes

@@ -17,10 +17,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vim_jax import sharding as shd
-from vim_jax.progress import ProgressMeter
-from vim_jax.run_config import build_model, load_config
-from vim_jax.train_step import eval_step_fn
+from vim_jax.parallel import sharding as shd
+from vim_jax.train.progress import ProgressMeter
+from vim_jax.train.config import build_model, load_config
+from vim_jax.train.step import eval_step_fn
 
 # The numbers logged, summarised and kept in metrics.json's history, per task.
 REPORTED = {"classification": ("top1", "top5", "loss"), "segmentation": ("miou", "pixel_acc", "loss")}
@@ -47,7 +47,7 @@ def evaluate(eval_step, params, source, data_cfg, *, local_batch: int, sharding,
     """The metrics of ``params`` (and BatchNorm ``batch_stats``) on ``source``, with the
     image count and img/s."""
     from vim_jax.data.pipeline import eval_batches
-    from vim_jax.segmentation import metrics_from_confusion
+    from vim_jax.train.segmentation import metrics_from_confusion
 
     batch_stats = nnx.State({}) if batch_stats is None else batch_stats
     sums, pending = None, None
@@ -78,7 +78,7 @@ def _evaluate_config(config, num_classes: int, load=None, after=None) -> tuple:
     batch_stats) -> (info, params, batch_stats)``, and evaluates on ``config.data``'s eval
     split: (info, results). ``after(model, source)`` runs on the loaded model last."""
     from vim_jax.data.sources import make_source
-    from vim_jax.train_setup import slide_of, task_of
+    from vim_jax.train.setup import slide_of, task_of
 
     d = config.data
     source = make_source(d.name, d.data_dir, d.eval_split, process_index=jax.process_index(),
@@ -106,9 +106,9 @@ def evaluate_workdir(workdir: str, *, step: Optional[int] = None, ema: bool = Fa
                      after=None) -> dict:
     """Evaluates checkpoint ``step`` (default latest) of a training workdir with its config;
     ``after(model, source)`` gets the evaluated model (e.g. to draw predictions)."""
-    from vim_jax.checkpoints import Checkpoints
+    from vim_jax.weights.checkpoints import Checkpoints
 
-    from vim_jax.train_setup import task_of
+    from vim_jax.train.setup import task_of
 
     config = load_config(workdir)
     config.model.pretrained = ""  # the weights come from the checkpoint
@@ -136,9 +136,9 @@ def draw_predictions(model, source, config, path: str) -> str:
     """Writes a PNG of the first ``config.seg.plot_images`` eval images of ``source`` with
     their ground truth and ``model``'s predictions (segmentation); returns ``path``."""
     from vim_jax.data.pipeline import eval_batches
-    from vim_jax.seg_figure import save_predictions
-    from vim_jax.segmentation import sliding_window_logits
-    from vim_jax.train_setup import slide_of, task_of
+    from vim_jax.train.seg_figure import save_predictions
+    from vim_jax.train.segmentation import sliding_window_logits
+    from vim_jax.train.setup import slide_of, task_of
 
     n = config.seg.plot_images
     batch = next(eval_batches(source, config.data, local_batch=n))

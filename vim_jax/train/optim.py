@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vim_jax.pytree import path_name
 
 # Parameters without weight decay (official: biases, norms, pos_embed, cls_token, A_log, D).
 NO_DECAY = frozenset({"bias", "conv_bias", "conv_bias_b", "A_log", "A_log_b", "D", "D_b",
@@ -19,7 +18,7 @@ _EMBEDDING = ("patch_embed", "pos_embed", "cls_token")
 
 def _names(path) -> list[str]:
     """A leaf's path without ``value`` and the segmenter's ``backbone.`` prefix."""
-    names = [n for n in path_name(path).split(".") if n != "value"]
+    names = [n for n in jax.tree_util.keystr(path, simple=True, separator=".").split(".") if n != "value"]
     return names[1:] if names[0] == "backbone" else names
 
 

@@ -2,7 +2,7 @@
 
 ``setup_run`` checks the config and the workdir it resumes, resolves the class count,
 writes ``config.json`` and ``model.json``, builds the model, optimiser and jitted steps
-on the mesh, and restores the latest checkpoint: the loop (``vim_jax.trainer``) only steps.
+on the mesh, and restores the latest checkpoint: the loop (``vim_jax.train.loop``) only steps.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vim_jax import sharding as shd
-from vim_jax.checkpoints import Checkpoints
-from vim_jax.optim import lr_schedule, make_optimizer
-from vim_jax.pretrained import write_model_config
-from vim_jax.run_config import CONFIG_FILE, TrainingError, build_model, check_choices, load_config
-from vim_jax.train_step import TASKS, StepOptions, TrainState, eval_step_fn, train_step_fn
+from vim_jax.parallel import sharding as shd
+from vim_jax.weights.checkpoints import Checkpoints
+from vim_jax.train.optim import lr_schedule, make_optimizer
+from vim_jax.weights.formats import write_model_config
+from vim_jax.train.config import CONFIG_FILE, TrainingError, build_model, check_choices, load_config
+from vim_jax.train.step import TASKS, StepOptions, TrainState, eval_step_fn, train_step_fn
 
 log = logging.getLogger(__name__)
 # Config keys that change parameter shapes: a workdir's checkpoints only fit the same values.

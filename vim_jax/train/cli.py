@@ -1,9 +1,10 @@
-"""Command-line checks: config keys (train.py, eval.py; before absl parses the flags) and
-numbers (the ``python -m vim_jax.*`` commands)."""
+"""Command-line checks: config keys (train.py, eval.py; before absl parses the flags), numbers
+and one-line errors (the ``python -m vim_jax.*`` commands)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib.util
 import sys
@@ -88,6 +89,31 @@ def _default_config():
         return flags.FLAGS["config"].default_as_str.strip("'\"") or None
     except (KeyError, AttributeError):
         return None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with its errors on one line, ``PROG: error: ... (see --help)``, not
+    after the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+@contextlib.contextmanager
+def one_line_errors(parser: argparse.ArgumentParser):
+    """What a user's input gets wrong in a command (a missing file, a checkpoint that does not
+    fit, a name or value not allowed, weights that cannot be fetched) ends the command with one
+    line, ``PROG: error: ...`` saying what to do, and exit status 2, as argparse's own errors;
+    a checkpoint mismatch's key list is cut to its first entry."""
+    from vim_jax.weights.checkpoints import CheckpointError
+    from vim_jax.weights.hub import WeightsUnavailableError
+
+    try:
+        yield
+    except (ValueError, FileNotFoundError, CheckpointError, WeightsUnavailableError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        first = lines[0].rstrip(":") + (f" (first: {lines[1]})" if len(lines) > 1 else "")
+        parser.exit(2, f"{parser.prog}: error: {first}\n")
 
 
 def positive(kind):
