@@ -1,7 +1,9 @@
 """The repository stands on its own: nothing in it reads or names a directory outside it,
-and every golden fixture the parity tests read ships with it."""
+every golden fixture the parity tests read ships with it, and the README is a short front
+door whose links lead somewhere."""
 
 import pathlib
+import re
 import subprocess
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -34,3 +36,16 @@ def test_the_golden_fixtures_ship_with_the_repository():
     tracked = subprocess.run(["git", "ls-files", "tests/fixtures"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout.split()
     assert "tests/fixtures/vim_tiny_d4.pth" in tracked, "the fixtures must be committed, not only present"
+
+
+def test_the_readme_is_a_front_door_whose_links_resolve():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250, "the README is a front door: the rest belongs in docs/"
+    targets = re.findall(r"\]\(([^)#]+)\)", text)
+    local = [t for t in targets if not t.startswith(("http://", "https://"))]
+    assert len(local) >= 10, local  # the docs pages, the fixtures' README, the results
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, f"README links to files that do not exist: {missing}"
+    # Every page of the documentation is linked from the README.
+    pages = {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md") if p.name != "index.md"}
+    assert pages <= set(local), sorted(pages - set(local))
