@@ -1,7 +1,9 @@
-"""Exports a Vim classifier, weights included: a ``jax.export`` artifact or an ONNX model.
+"""Exports a classifier (Vim, ViG or ViG-H), weights included: a ``jax.export`` artifact or an
+ONNX model.
 
     python -m vim_jax.export --model vim_tiny_patch16_224 --pretrained True \\
         --batch 8 --img-size 224 --platforms cpu,cuda vim_tiny.jaxexport
+    python -m vim_jax.export --pretrained ckpts/mine --img-size 224 mine.jaxexport   # the name it records
     python -m vim_jax.export --format onnx --model vim_tiny_patch16_224 --pretrained True \\
         --batch 8 --img-size 224 vim_tiny.onnx
 

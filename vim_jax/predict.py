@@ -1,4 +1,4 @@
-"""Classifies images, or writes their pooled features, with a Vim model.
+"""Classifies images, or writes their pooled features, with a Vim, ViG or ViG-H model.
 
     python -m vim_jax.predict cat.jpg dog.png --model vim_tiny_patch16_224 --pretrained True
     python -m vim_jax.predict images/*.jpg --model vim_small_patch16_224 --pretrained W \\
