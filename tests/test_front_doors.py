@@ -64,3 +64,16 @@ def test_command_errors_are_one_line_that_says_what_to_do(tmp_path, capsys):
     assert "nope" in err
     err = _one_line_error(export.main, [str(tmp_path / "x")], capsys)
     assert "--model is needed unless --pretrained is a file or directory of weights" in err
+
+
+def test_predict_takes_the_model_from_an_official_vig_h_file(tmp_path, capsys):
+    from PIL import Image
+
+    from vim_jax import predict
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.full((40, 40, 3), 120, np.uint8)).save(image)
+    predict.main([str(image), "--pretrained", str(fixture_path(FAMILIES["vig_h"][0])), "--img-size", "64",
+                  "--top", "2"])
+    out = capsys.readouterr().out
+    assert str(image) in out and out.count("%") >= 2, out
