@@ -6,7 +6,7 @@ Needs a venv of its own with XLA's CUDA compiler (the CUDA plugin changes how ja
 so it stays out of the test venv; .ci/run builds it):
 
     pip install jax==0.10.2 jaxlib==0.10.2 jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2 \\
-        nvidia-cuda-nvcc-cu12 && pip install --no-deps -e .
+        nvidia-cuda-nvcc-cu12 nvidia-cuda-nvdisasm && pip install --no-deps -e .
 
 Every kernel the programs users run would launch (the selective scan's inference forward,
 and its training forward and backward, both directions, at Vim-Ti/S widths for 224 and
@@ -15,9 +15,18 @@ and its training forward and backward, both directions, at Vim-Ti/S widths for 2
 (dk 32, dv 64) for 224 and 1024 px and ViG-H's (16, 32) for its first and last stage at
 224 px, inference and training, float32 and bfloat16) is compiled by XLA's own Triton for a compile-only sm_80 (A100) and
 sm_90 (H100) device, as on a GPU; ``ptxas -v`` then reads the PTX. One row per kernel:
-launch configuration, registers per thread, spill bytes, shared memory, and the warps an
-SM keeps resident. Exits non-zero on a compile failure, a spill, or fewer resident warps
-per SM than the kernel's minimum (``MIN_WARPS``; ``--min-warps`` sets the scan's).
+launch configuration, programs a launch exposes, registers per thread, spill bytes, shared
+memory, and the warps an SM keeps resident. Exits non-zero on a compile failure, a spill,
+or fewer resident warps per SM than the kernel's minimum (``MIN_WARPS``; ``--min-warps``
+sets the scan's).
+
+What the GPU would execute in the steady state, read off the machine code: ptxas writes the
+cubin, ``nvdisasm`` (pip package ``nvidia-cuda-nvdisasm``) turns it into SASS, and the
+kernel's step loop is found: of the loops (backward branches) that hold ``MUFU.EX2`` (every
+state update needs one exp2 for its decay), the innermost of those holding the most. Its
+instruction count, its ``MUFU.EX2``, ``BAR``, ``SHFL`` and shared-memory instructions,
+**instructions per exp2** and barriers per step (a trip of the scan's loop is
+``SUB_BLOCK`` steps, of the GLA kernels' one chunk of ``CHUNK`` tokens) are in the row.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import concurrent.futures as futures
 import dataclasses
 import itertools
 import json
+import math
 import os
 import pathlib
 import re
@@ -194,22 +204,89 @@ def min_warps(kernel: str, scan_min: int) -> int:
     return scan_min if kernel.startswith("selective_scan") else MIN_WARPS["gla"]
 
 
-def ptxas_report(ptxas: str, ptxas_arch: str, dump: pathlib.Path):
-    """{kernel name: (registers, spill stores + loads in bytes)} of the scan kernels in the
-    PTX files under ``dump``, compiled by ptxas for ``ptxas_arch`` (e.g. sm_90a)."""
+def ptxas_report(ptxas: str, ptxas_arch: str, dump: pathlib.Path, nvdisasm: str | None = None):
+    """{kernel name: (registers, spill stores + loads in bytes, step loop or None)} of the
+    kernels in the PTX files under ``dump``, compiled by ptxas for ``ptxas_arch`` (e.g.
+    sm_90a); the step loop (``step_loop``) is read off the cubin's SASS when ``nvdisasm``
+    is given."""
     report = {}
     for ptx in dump.glob("*.ptx"):
         if not re.search(r"\.entry\s+" + KERNEL_NAMES, ptx.read_text()):
             continue
-        res = subprocess.run([ptxas, "-v", f"-arch={ptxas_arch}", str(ptx), "-o", os.devnull],
+        cubin = ptx.with_suffix(".cubin")
+        res = subprocess.run([ptxas, "-v", f"-arch={ptxas_arch}", str(ptx), "-o", str(cubin)],
                              capture_output=True, text=True)
         if res.returncode:
             raise RuntimeError(f"ptxas failed on {ptx.name}: {res.stderr[-2000:]}")
+        loops = {}
+        if nvdisasm:
+            sass = subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True)
+            if sass.returncode:
+                raise RuntimeError(f"nvdisasm failed on {cubin.name}: {sass.stderr[-2000:]}")
+            loops = {name: step_loop(f) for name, f in parse_sass(sass.stdout).items()}
         for m in re.finditer(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores, (\d+) bytes "
                              r"spill loads.*?Used (\d+) registers", res.stderr, re.S):
             if re.fullmatch(KERNEL_NAMES, m.group(1)):
-                report[m.group(1)] = (int(m.group(4)), int(m.group(2)) + int(m.group(3)))
+                report[m.group(1)] = (int(m.group(4)), int(m.group(2)) + int(m.group(3)), loops.get(m.group(1)))
     return report
+
+
+_SASS_FUNCTION = re.compile(r"^\.text\.(\w+):")
+_SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
+_SASS_BRANCH = re.compile(r"\bBRA(?:\.\w+)*\s+`?\(?(\.L_x_\d+)")
+
+
+def parse_sass(text: str) -> dict[str, tuple[list[str], dict[str, int]]]:
+    """``nvdisasm -c`` output -> {function: (its instructions, {label: instruction index})}."""
+    functions, current, pending = {}, None, []
+    for line in text.splitlines():
+        if m := _SASS_FUNCTION.match(line):
+            current = functions.setdefault(m.group(1), ([], {}))
+        elif current is not None and (m := _SASS_LABEL.match(line)):
+            pending.append(m.group(1))
+        elif current is not None and (m := _SASS_INSTRUCTION.match(line)):
+            current[1].update({label: len(current[0]) for label in pending})
+            pending = []
+            current[0].append(m.group(1))
+    return functions
+
+
+def _opcode(instruction: str) -> str:
+    words = instruction.split()
+    return words[1] if words[0].startswith("@") else words[0]  # "@!P0 BRA ..." -> "BRA"
+
+
+def step_loop(function) -> dict | None:
+    """The step loop of a function (``parse_sass``): of its loops (a backward branch to a label
+    before it) holding ``MUFU.EX2``, the smallest of those holding the most; its counts, or
+    None when no loop holds an exp2."""
+    instructions, labels = function
+    best = None
+    for end, instruction in enumerate(instructions):
+        m = _SASS_BRANCH.search(instruction)
+        if not (m and labels.get(m.group(1), end + 1) <= end):
+            continue
+        body = [_opcode(i) for i in instructions[labels[m.group(1)]:end + 1]]
+        counts = dict(instructions=len(body), ex2=sum(o.startswith("MUFU.EX2") for o in body),
+                      bar=sum(o.startswith("BAR") for o in body), shfl=sum(o.startswith("SHFL") for o in body),
+                      shared=sum(o.startswith(("LDS", "STS", "ATOMS", "LDSM", "STSM")) for o in body))
+        if counts["ex2"] and (best is None or (counts["ex2"], -counts["instructions"])
+                              > (best["ex2"], -best["instructions"])):
+            best = counts
+    return best
+
+
+def find_nvdisasm() -> str | None:
+    """nvdisasm from the ``nvidia-cuda-nvdisasm`` pip package (or PATH); None without it."""
+    try:
+        import nvidia
+        for root in nvidia.__path__:
+            for candidate in sorted(pathlib.Path(root).glob("*/bin/nvdisasm")):
+                return str(candidate)
+    except ImportError:
+        pass
+    return shutil.which("nvdisasm")
 
 
 def launches(dump: pathlib.Path):
@@ -234,17 +311,19 @@ def resident_warps(arch: str, regs: int, threads: int, smem: int) -> int:
 
 
 def run_one(job):
-    arch, k, ptxas = job
+    arch, k, ptxas, nvdisasm = job
     dump = pathlib.Path(tempfile.mkdtemp(prefix="gpu_compile_"))
     try:
         t0 = time.time()
         compile_kernels(arch, k, str(dump))
-        regs, sizes = ptxas_report(ptxas, ptxas_arch(f"{ARCHS[arch]['major']}.{ARCHS[arch]['minor']}"), dump), launches(dump)
+        regs = ptxas_report(ptxas, ptxas_arch(f"{ARCHS[arch]['major']}.{ARCHS[arch]['minor']}"), dump, nvdisasm)
+        sizes = launches(dump)
         rows = []
-        for name, (r, spill) in sorted(regs.items()):
+        for name, (r, spill, loop) in sorted(regs.items()):
             grid, threads, smem = sizes[name]
             rows.append(dict(kernel=name, regs=r, spill_bytes=spill, threads=threads, grid=list(grid),
-                             smem=smem, warps_per_sm=resident_warps(arch, r, threads, smem)))
+                             programs=math.prod(grid), smem=smem,
+                             warps_per_sm=resident_warps(arch, r, threads, smem), loop=loop))
         return dict(ok=True, seconds=round(time.time() - t0, 1), rows=rows)
     except Exception as e:  # reported in the table; the exit code says it failed
         return dict(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400]}")
@@ -286,7 +365,9 @@ def main():
         import jax_plugins.xla_cuda12  # noqa: F401
     except ImportError:
         sys.exit("XLA's CUDA compiler is not installed in this venv: see this file's docstring")
-    ptxas = find_ptxas()
+    ptxas, nvdisasm = find_ptxas(), find_nvdisasm()
+    if nvdisasm is None:
+        sys.exit("nvdisasm not found: pip install nvidia-cuda-nvdisasm (see this file's docstring)")
 
     from vim_jax.mixers import selective_scan as scan
     from vim_jax.kernels import gla as gla_kernels
@@ -302,18 +383,21 @@ def main():
                          for s in (("fwd",) if k.stage == "inference" else ("fwd", "bwd")))
             key = (arch, k.stage, k.dtype, k.length, k.d_inner, k.reverse, cfgs)
             users.setdefault(key, []).append((model, size, k.batch))
-            jobs.setdefault(key, (arch, k, ptxas))
+            jobs.setdefault(key, (arch, k, ptxas, nvdisasm))
         for model, size, k in gla_cases(args.quick):
             cfgs = tuple(gla_kernels.default_config(k.dk, k.dv, s)
                          for s in (("fwd",) if k.stage == "inference" else ("fwd", "bwd")))
             key = (arch, k.stage, k.dtype, k.length, (k.dk, k.dv), False, cfgs)
             users.setdefault(key, []).append((model, size, None))
-            jobs.setdefault(key, (arch, k, ptxas))
+            jobs.setdefault(key, (arch, k, ptxas, nvdisasm))
     print(f"{len(jobs)} distinct compilations for {sum(map(len, users.values()))} uses, "
           f"{args.workers} at a time", flush=True)
 
+    # Steps a trip of each kernel's step loop covers: the scan's unrolled trip, GLA's chunk.
+    trip_steps = {"selective_scan": kernels.SUB_BLOCK, "gla": gla_kernels.CHUNK}
     header = (f"{'arch':6} {'stage':9} {'dtype':8} {'L':>5} {'dir':4} {'kernel':28} {'BD':>3} {'warps':>5} "
-              f"{'seg':>3} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8}  used by")
+              f"{'seg':>3} {'progs':>6} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8} "
+              f"{'loop':>5} {'ex2':>3} {'bar':>3} {'shfl':>4} {'shm':>3} {'ins/ex2':>7} {'bar/step':>8}  used by")
     rows, failures = [], 0
     with futures.ProcessPoolExecutor(args.workers) as pool:
         results = pool.map(run_one, jobs.values())
@@ -332,15 +416,27 @@ def main():
                 failures += bad
                 bd, seg = getattr(cfg, "block_d", "-"), getattr(cfg, "segments", "-")
                 direction = "both" if r["kernel"].startswith("gla") else "rev" if reverse else "fwd"
+                loop = r["loop"] or dict(instructions=0, ex2=0, bar=0, shfl=0, shared=0)
+                steps = trip_steps["gla" if r["kernel"].startswith("gla") else "selective_scan"]
+                r.update(trip_steps=steps, ins_per_ex2=round(loop["instructions"] / loop["ex2"], 1) if loop["ex2"] else None,
+                         bar_per_step=round(loop["bar"] / steps, 2))
                 print(f"{arch:6} {stage:9} {dtype:8} {length:5} {direction:4} "
-                      f"{r['kernel']:28} {bd:>3} {cfg.num_warps:5} {seg:>3} {r['regs']:4} "
-                      f"{r['spill_bytes']:5} {r['smem']:6} {r['warps_per_sm']:8}  {used_by}"
+                      f"{r['kernel']:28} {bd:>3} {cfg.num_warps:5} {seg:>3} {r['programs']:6} {r['regs']:4} "
+                      f"{r['spill_bytes']:5} {r['smem']:6} {r['warps_per_sm']:8} "
+                      f"{loop['instructions']:5} {loop['ex2']:3} {loop['bar']:3} {loop['shfl']:4} {loop['shared']:3} "
+                      f"{r['ins_per_ex2'] or '-':>7} {r['bar_per_step']:8}  {used_by}"
                       + ("   <-- FAILS" if bad else ""), flush=True)
                 rows.append(dict(arch=arch, stage=stage, dtype=dtype, length=length, direction=direction,
                                  config=cfg._asdict(), used_by=users[key], **r))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
     worst = max((r["regs"] for r in rows), default=0)
+    for kind in sorted({r["kernel"] for r in rows}):
+        ratios = [r["ins_per_ex2"] for r in rows if r["kernel"] == kind and r["ins_per_ex2"]]
+        bars = [r["bar_per_step"] for r in rows if r["kernel"] == kind]
+        if ratios:
+            print(f"{kind}: {min(ratios)}-{max(ratios)} instructions per exp2 in the step loop, "
+                  f"{min(bars)}-{max(bars)} barriers per step")
     print(f"{len(rows)} kernels: {sum(r['spill_bytes'] > 0 for r in rows)} spill, most registers {worst}, "
           f"fewest resident warps/SM {min((r['warps_per_sm'] for r in rows), default=0)} "
           f"(target >= {args.min_warps} for the scan, {MIN_WARPS['gla']} for GLA); {failures} failing")
