@@ -145,10 +145,10 @@ def check(tiny: bool = False, ptxas_dir: str | None = None) -> bool:
 
         try:
             arch = gpu_compile.ptxas_arch(jax.devices()[0].compute_capability)
-            for name, (regs, spill) in sorted(gpu_compile.ptxas_report(
-                    gpu_compile.find_ptxas(), arch, pathlib.Path(ptxas_dir)).items()):
-                print(f"ptxas -arch={arch} (this GPU's XLA): {name}: {regs} registers, {spill} spill bytes",
-                      flush=True)
+            for name, (regs, spill, loop) in sorted(gpu_compile.ptxas_report(
+                    gpu_compile.find_ptxas(), arch, pathlib.Path(ptxas_dir), gpu_compile.find_nvdisasm()).items()):
+                print(f"ptxas -arch={arch} (this GPU's XLA): {name}: {regs} registers, {spill} spill bytes"
+                      + (f"; step loop {loop}" if loop else ""), flush=True)
         except (Exception, SystemExit) as e:
             print(f"ptxas report skipped: {type(e).__name__}: {e}", flush=True)
     print("correctness:", "OK" if ok else "FAILED", f"(device {jax.devices()[0].device_kind})")
