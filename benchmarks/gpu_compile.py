@@ -15,10 +15,10 @@ and its training forward and backward, both directions, at Vim-Ti/S widths for 2
 (dk 32, dv 64) for 224 and 1024 px and ViG-H's (16, 32) for its first and last stage at
 224 px, inference and training, float32 and bfloat16) is compiled by XLA's own Triton for a compile-only sm_80 (A100) and
 sm_90 (H100) device, as on a GPU; ``ptxas -v`` then reads the PTX. One row per kernel:
-launch configuration, programs a launch exposes, registers per thread, spill bytes, shared
-memory, and the warps an SM keeps resident. Exits non-zero on a compile failure, a spill,
-or fewer resident warps per SM than the kernel's minimum (``MIN_WARPS``; ``--min-warps``
-sets the scan's).
+launch configuration, registers per thread, spill bytes, shared memory, the warps an SM
+keeps resident, and, per use, the programs a launch exposes. Exits non-zero on a compile
+failure, a spill, or fewer resident warps per SM than the kernel's minimum (``MIN_WARPS``;
+``--min-warps`` sets the scan's).
 
 What the GPU would execute in the steady state, read off the machine code: ptxas writes the
 cubin, ``nvdisasm`` (pip package ``nvidia-cuda-nvdisasm``) turns it into SASS, and the
@@ -322,7 +322,7 @@ def run_one(job):
         for name, (r, spill, loop) in sorted(regs.items()):
             grid, threads, smem = sizes[name]
             rows.append(dict(kernel=name, regs=r, spill_bytes=spill, threads=threads, grid=list(grid),
-                             programs=math.prod(grid), smem=smem,
+                             smem=smem,
                              warps_per_sm=resident_warps(arch, r, threads, smem), loop=loop))
         return dict(ok=True, seconds=round(time.time() - t0, 1), rows=rows)
     except Exception as e:  # reported in the table; the exit code says it failed
@@ -396,7 +396,7 @@ def main():
     # Steps a trip of each kernel's step loop covers: the scan's unrolled trip, GLA's chunk.
     trip_steps = {"selective_scan": kernels.SUB_BLOCK, "gla": gla_kernels.CHUNK}
     header = (f"{'arch':6} {'stage':9} {'dtype':8} {'L':>5} {'dir':4} {'kernel':28} {'BD':>3} {'warps':>5} "
-              f"{'seg':>3} {'progs':>6} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8} "
+              f"{'seg':>3} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8} "
               f"{'loop':>5} {'ex2':>3} {'bar':>3} {'shfl':>4} {'shm':>3} {'ins/ex2':>7} {'bar/step':>8}  used by")
     rows, failures = [], 0
     with futures.ProcessPoolExecutor(args.workers) as pool:
@@ -404,7 +404,6 @@ def main():
         print(header, flush=True)
         for key, res in zip(jobs, results):
             arch, stage, dtype, length, _, reverse, cfgs = key
-            used_by = ", ".join(f"{m} {s}px b{b}" if b else f"{m} {s}" for m, s, b in users[key])
             if not res["ok"]:
                 failures += 1
                 print(f"{arch:6} {stage:9} {dtype:8} {length:5} {'rev' if reverse else 'fwd':4} "
@@ -412,6 +411,12 @@ def main():
                 continue
             for r in res["rows"]:
                 cfg = cfgs[1] if "bwd" in r["kernel"] else cfgs[0]
+                # One compilation serves every batch: the programs a launch exposes are per use
+                # (the scan's grid is batch x channel blocks x segments; GLA's at batch 8).
+                per_batch = math.prod(r["grid"][1:])
+                used_by = ", ".join(f"{m} {s}px b{b} ({b * per_batch} programs)" if b
+                                    else f"{m} {s} ({math.prod(r['grid'])} programs at batch {r['grid'][0]})"
+                                    for m, s, b in users[key])
                 bad = r["spill_bytes"] > 0 or r["warps_per_sm"] < min_warps(r["kernel"], args.min_warps)
                 failures += bad
                 bd, seg = getattr(cfg, "block_d", "-"), getattr(cfg, "segments", "-")
@@ -421,7 +426,7 @@ def main():
                 r.update(trip_steps=steps, ins_per_ex2=round(loop["instructions"] / loop["ex2"], 1) if loop["ex2"] else None,
                          bar_per_step=round(loop["bar"] / steps, 2))
                 print(f"{arch:6} {stage:9} {dtype:8} {length:5} {direction:4} "
-                      f"{r['kernel']:28} {bd:>3} {cfg.num_warps:5} {seg:>3} {r['programs']:6} {r['regs']:4} "
+                      f"{r['kernel']:28} {bd:>3} {cfg.num_warps:5} {seg:>3} {r['regs']:4} "
                       f"{r['spill_bytes']:5} {r['smem']:6} {r['warps_per_sm']:8} "
                       f"{loop['instructions']:5} {loop['ex2']:3} {loop['bar']:3} {loop['shfl']:4} {loop['shared']:3} "
                       f"{r['ins_per_ex2'] or '-':>7} {r['bar_per_step']:8}  {used_by}"
