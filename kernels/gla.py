@@ -61,10 +61,12 @@ def default_config(dk: int, dv: int, kernel: str) -> Config:
     return Config(16 if dk * dv <= 512 else 8)
 
 
-def supported(dk: int, dv: int) -> bool:
-    """Whether the kernels take these head sizes: powers of two >= 16 (Triton tiles, and
-    matrix-unit operands of at least 16)."""
-    return all(d >= 16 and not d & (d - 1) for d in (dk, dv))
+def block_size(d: int) -> int:
+    """The tile a head size of ``d`` runs at: the next power of two, at least 16 (Triton
+    tiles are powers of two, and matrix-unit operands at least 16 wide). The mixer pads
+    q, k, g and v with zeros to it: a zero key channel with a zero gate adds nothing to
+    the state, and a zero value column gives a zero output column."""
+    return max(16, pl.next_power_of_2(d))
 
 
 def _dot(a, b, trans_a=False, trans_b=False):

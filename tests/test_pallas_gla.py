@@ -3,6 +3,7 @@ numbers): what a GPU would run, read from programs lowered for CUDA on this CPU 
 models on the kernels, remat, block shapes and the Triton IR. The mesh test is in
 tests/test_pallas_scan.py, one 8-device process for both mixers' kernels."""
 
+import functools
 import re
 
 import jax
@@ -98,10 +99,11 @@ def test_no_block_overhangs_and_no_nan_dropping_min_or_max():
             assert op not in text, (name, op)
 
 
-def test_backends_per_platform_and_bad_head_sizes():
+def test_backends_per_platform_and_any_head_size():
     """backend="pallas" lowered for a TPU is an error naming the platform and what to use;
-    "auto" lowers there with the XLA form. Head sizes the kernels cannot tile: "pallas"
-    refuses them by value, "auto" runs the XLA form even where CUDA is lowered for."""
+    "auto" lowers there with the XLA form. Head sizes that are no power of two >= 16 run on
+    the kernels too, zero-padded to their tiles: "auto" lowered for CUDA holds the Triton
+    calls, and "pallas" (interpret mode here) matches the recurrence."""
     q, k, v, g_f, _ = _inputs()
     for backend in ("pallas", "auto"):
         traced = jax.jit(lambda *a: gla(*a, backend=backend)).trace(q, k, v, g_f)
@@ -111,8 +113,29 @@ def test_backends_per_platform_and_bad_head_sizes():
         else:
             assert not triton_calls(traced.lower(lowering_platforms=("tpu",)).as_text())
     small = [x[..., :8] for x in (q, k, v, g_f)]
-    assert not kernels.supported(8, 8)
-    with pytest.raises(ValueError, match="powers of two >= 16, got dk 8, dv 8"):
-        gla(*small, backend="pallas")
-    assert not triton_calls(lower_for_cuda(jax.jit(lambda *a: gla(*a)).trace(*small)).as_text())
-    np.testing.assert_allclose(gla(*small), gla(*small, backend="reference"), atol=1e-5)
+    assert kernels.block_size(8) == 16 and kernels.block_size(60) == 64 and kernels.block_size(64) == 64
+    call, = triton_calls(lower_for_cuda(jax.jit(lambda *a: gla(*a)).trace(*small)).as_text())
+    # The kernel reads q, k, v and the gates padded to its 16-wide tiles.
+    assert re.findall(r"tensor<([0-9x]+)xf32>", call)[:4] == ["2x21x2x16"] * 3 + ["2x21x1x2x16"]
+    np.testing.assert_allclose(gla(*small, backend="pallas"), gla(*small, backend="reference"), atol=1e-5)
+
+
+@pytest.mark.parametrize("dk,dv", [(60, 100), (100, 60), (8, 320)])
+def test_any_head_size_matches_the_recurrence_with_gradients(dk, dv):
+    """flash-linear-attention's test grid takes head sizes that are not powers of two; so do
+    the kernels (interpret mode): both directions' outputs, the final state and every
+    gradient against the recurrence, at an odd length."""
+    q, k, v, g_f, g_b = _inputs(b=1, length=19, heads=1, dk=dk, dv=dv, seed=3)
+    ct = jax.random.normal(jax.random.key(9), v.shape)
+
+    def loss(backend, q, k, v, g_f, g_b):
+        o_f, o_b = bigla(q, k, v, g_f, g_b, backend=backend)
+        o_last, last = gla(q, k, v, g_f, return_final_state=True, backend=backend)
+        return jnp.sum((o_f + 2 * o_b + o_last) * ct) + jnp.sum(last ** 2)
+
+    want = jax.grad(functools.partial(loss, "reference"), argnums=(0, 1, 2, 3, 4))(q, k, v, g_f, g_b)
+    got = jax.grad(functools.partial(loss, "pallas"), argnums=(0, 1, 2, 3, 4))(q, k, v, g_f, g_b)
+    assert float(loss("pallas", q, k, v, g_f, g_b)) == pytest.approx(float(loss("reference", q, k, v, g_f, g_b)),
+                                                                      rel=1e-5)
+    for name, a, b in zip(("q", "k", "v", "g_fwd", "g_bwd"), got, want):
+        assert rel_err(a, b) < 1e-4, name

@@ -26,8 +26,9 @@ against the recurrence's 79 ms, though 6.3 ms against 2.5 ms for a forward alone
 The Pallas kernels (``vim_jax.kernels.gla``) run the same chunked algorithm with both
 directions of ``bigla`` in one launch, under a custom VJP whose residuals (the state entering
 every chunk) are named "gla_states" and the output "gla" for remat policies; under a mesh,
-per device on its share of the batch. They need dk and dv to be powers of two >= 16; "auto"
-runs the chunked form elsewhere. On an NVIDIA H200 (commit 250aff8, 2026-11-27) they take
+per device on its share of the batch. They take any head size (q, k, g and v zero-padded
+to tiles of a power of two, at least 16; ViG's sizes need none); "auto" runs them where CUDA
+is lowered for and the chunked form elsewhere. On an NVIDIA H200 (commit 250aff8, 2026-11-27) they take
 0.53 ms forward and 1.67 ms forward + backward at ViG-T's shapes, batch 128 at 224 px,
 against the chunked form's 1.07 and 4.08 ms; 1.94 and 8.8 ms against 5.96 and 26.2 ms at
 1024 px, batch 32.
@@ -108,9 +109,6 @@ def _check(q, k, v, backend, g):
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v has shape {v.shape}; it must be (batch, length, heads) = "
                          f"{q.shape[:3]} followed by dv")
-    if backend == "pallas" and not _kernels().supported(q.shape[-1], v.shape[-1]):
-        raise ValueError(f"the pallas GLA kernel needs dk and dv to be powers of two >= 16, got dk "
-                         f"{q.shape[-1]}, dv {v.shape[-1]}; use backend='auto' or 'chunked'")
 
 
 def _kernels():
@@ -122,13 +120,26 @@ def _directions(q, k, v, g, directions, scale, backend):
     """o (b, L, R, h, dv) in q's dtype and final states (b, R, h, dk, dv) of the R
     directions, g (b, L, R, h, dk) holding each direction's gates."""
     if backend == "pallas":
-        return _kernel(q, k, v, g, (scale, directions, True))
+        return _padded_kernel(q, k, v, g, (scale, directions, True))
     xla = functools.partial(_xla, fn=_recurrent if backend == "reference" else _chunked,
                             directions=directions, scale=scale)
-    if backend == "auto" and _kernels().supported(q.shape[-1], v.shape[-1]):
-        return platform.dispatch(dict(cuda=lambda *a: _kernel(*a, (scale, directions, False)), default=xla),
-                                 q, k, v, g)
+    if backend == "auto":
+        return platform.dispatch(dict(cuda=lambda *a: _padded_kernel(*a, (scale, directions, False)),
+                                      default=xla), q, k, v, g)
     return xla(q, k, v, g)
+
+
+def _padded_kernel(q, k, v, g, spec):
+    """The kernels at any head size: q, k, g padded with zeros to ``block_size(dk)`` channels
+    and v to ``block_size(dv)`` (nothing to pad at ViG's sizes), the output and final state
+    cut back. The scale stays the true dk's (it is in ``spec``)."""
+    dk, dv = q.shape[-1], v.shape[-1]
+    pk, pv = _kernels().block_size(dk), _kernels().block_size(dv)
+    if (pk, pv) == (dk, dv):
+        return _kernel(q, k, v, g, spec)
+    pad = lambda x, size: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+    o, state = _kernel(pad(q, pk), pad(k, pk), pad(v, pv), pad(g, pk), spec)
+    return o[..., :dv], state[..., :dk, :dv]
 
 
 def _xla(q, k, v, g, *, fn, directions, scale):
