@@ -8,7 +8,11 @@ gradients, float32 at ViG-T's heads (dk 32, dv 64) and 196 tokens, bfloat16 at V
 (16, 32) and an odd length; exits non-zero on a mismatch.
 Then, unless --check alone is asked for by --no-timing: forward and forward + backward
 times of both, at ViG-T's shapes for 224 px (batch 128, 196 tokens) and 1024 px (batch 32,
-4096 tokens), and the speed-up. --tiny: small shapes, for a rehearsal on the CPU.
+4096 tokens), and the speed-up; and the two Pallas forwards side by side (the kernels
+called directly, both directions a launch): the one walk that writes the outputs too (the
+default) and the two-phase one (``Config.two_phase``: a walk for the chunks' entry states,
+then every chunk's outputs in parallel), whose outputs --check also compares. --tiny:
+small shapes, for a rehearsal on the CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import model_bench  # benchmarks/, beside this script
+from vim_jax.kernels import gla as kernels
 from vim_jax.mixers.gla import bigla
 
 
@@ -43,6 +48,16 @@ def fns(backend, cot):
     return fwd, jax.jit(jax.value_and_grad(loss, argnums=range(5)))
 
 
+def kernel_forward(two_phase: bool, interpret: bool):
+    """Both directions of the Pallas forward called directly, one launch or two phases."""
+    def fwd(q, k, v, gf, gb):
+        dk = q.shape[-1]
+        cfg = kernels.default_config(dk, v.shape[-1], "fwd")._replace(two_phase=two_phase)
+        return kernels.forward(q, k, v, jnp.stack([gf, gb], 2), scale=dk ** -0.5, directions=(False, True),
+                               save_states=False, interpret=interpret, config=cfg)[0]
+    return jax.jit(fwd)
+
+
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
@@ -61,6 +76,9 @@ def check(tiny: bool) -> bool:
             errs = {"o_f": rel_err(got[0][0], want[0][0]), "o_b": rel_err(got[0][1], want[0][1])}
             errs.update({f"grad_{n}": rel_err(x, y) for n, x, y in zip(("q", "k", "v", "g_f", "g_b"),
                                                                        got[1][1], want[1][1])})
+            interpret = jax.devices()[0].platform != "gpu"
+            errs["o two-phase"] = rel_err(kernel_forward(True, interpret)(*args),
+                                          kernel_forward(False, interpret)(*args))
             worst = max(errs, key=errs.get)
             good = errs[worst] < tol
             ok &= good
@@ -91,6 +109,22 @@ def timing(tiny: bool, repeats: int, record):
             if ("pallas", kind) in times and ("chunked", kind) in times:
                 print(f"{name} {kind}: Pallas {times['chunked', kind] / times['pallas', kind]:.2f}x the chunked "
                       "XLA form's speed", flush=True)
+        interpret = jax.devices()[0].platform != "gpu"
+        for two_phase in (False, True):
+            label = "pallas two-phase" if two_phase else "pallas one walk"
+            fn = kernel_forward(two_phase, interpret)
+            try:
+                jax.block_until_ready(fn(*args))
+                times[label] = model_bench.timed(fn, *args, repeats=repeats)
+            except Exception as e:
+                print(f"{name} {label} fwd: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            print(f"{name} b={b} L={l} {label:16} kernel fwd {times[label] * 1e3:9.3f} ms", flush=True)
+            record(dict(shape=name, batch=b, length=l, backend=label, kind="kernel fwd",
+                        ms=times[label] * 1e3, device=jax.devices()[0].device_kind))
+        if "pallas one walk" in times and "pallas two-phase" in times:
+            print(f"{name} kernel fwd: two-phase {times['pallas one walk'] / times['pallas two-phase']:.2f}x "
+                  "the one walk's speed", flush=True)
 
 
 def main():

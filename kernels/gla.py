@@ -45,9 +45,14 @@ _HI = jax.lax.Precision.HIGHEST  # IEEE float32 products in Triton (not TF32)
 
 
 class Config(NamedTuple):
-    """Launch parameters: warps and pipeline stages of one program."""
+    """Launch parameters: warps and pipeline stages of one program; for the forward, whether
+    it runs in two phases (``two_phase``: one walk over the chunks for their entry states,
+    then every chunk's outputs from them in parallel, flash-linear-attention's "chunk" mode)
+    or as one walk that also writes the outputs (its "fused_chunk" mode, the default: the
+    one a GPU has timed)."""
     num_warps: int
     num_stages: int = 1
+    two_phase: bool = False
 
 
 def default_config(dk: int, dv: int, kernel: str) -> Config:
@@ -146,6 +151,41 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, *refs, length, scale, directions, sa
     last_ref[...] = jax.lax.fori_loop(0, ch.n, chunk, jnp.zeros((dk, dv), jnp.float32))
 
 
+def _states_kernel(k_ref, v_ref, g_ref, last_ref, states_ref, *, length, directions):
+    """Phase one of the two-phase forward: the walk over the chunks with the state alone (no
+    queries, no (C, C) scores), writing the state entering every chunk and the last."""
+    ch = _Chunks(length, _direction(directions))
+    tri = ch.order().astype(jnp.float32)
+
+    def chunk(c, state):
+        start, new = ch.rows(c)
+        k, v, g = _load((k_ref, v_ref, g_ref), start, new)
+        states_ref[c, :, :] = state
+        cum = _dot(tri, g)
+        total = jnp.sum(g, axis=0)
+        carried = k * jnp.exp(total[None, :] - cum)
+        return jnp.exp(total)[:, None] * state + _dot(carried, v, trans_a=True)
+
+    dk, dv = k_ref.shape[1], v_ref.shape[1]
+    last_ref[...] = jax.lax.fori_loop(0, ch.n, chunk, jnp.zeros((dk, dv), jnp.float32))
+
+
+def _outputs_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, o_ref, *, length, scale, directions, n_chunks):
+    """Phase two: one program per (batch, head, direction and chunk) computes the chunk's
+    outputs from its entry state, independently of every other chunk."""
+    rc = pl.program_id(2)
+    reverse = (rc >= n_chunks) if len(directions) == 2 else jnp.asarray(directions[0])
+    c = rc % n_chunks
+    ch = _Chunks(length, reverse)
+    order = ch.order()
+    start, new = ch.rows(c)
+    q, k, v, g = _load((q_ref, k_ref, v_ref, g_ref), start, new)
+    cum = _dot(order.astype(jnp.float32), g)
+    scores = jnp.sum(q[:, None, :] * k[None, :, :] * _decay(order, cum), axis=2)
+    o = _dot(q * jnp.exp(cum), states_ref[c, :, :]) + _dot(scores, v)
+    _store(o_ref, start, new, scale * o)
+
+
 def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, do_ref, dlast_ref, dg0_ref,
                 dq_ref, dk_ref, dv_ref, dg_ref, *, length, scale, directions):
     ch = _Chunks(length, _direction(directions))
@@ -214,6 +254,10 @@ def forward(q, k, v, g, *, scale, directions, save_states, interpret, config: Co
         out_shape.append(jax.ShapeDtypeStruct((b, r, h, n_chunks, dk, dv), f32))
         out_specs.append(states)
     cfg = config or default_config(dk, dv, "fwd")
+    if cfg.two_phase:
+        o, last, saved = _two_phase_forward(q, k, v, g, lp=lp, scale=scale, directions=tuple(directions),
+                                            n_chunks=n_chunks, cfg=cfg, interpret=interpret)
+        return (o[:, :length], last) + ((saved,) if save_states else ())
     outs = pl.pallas_call(
         functools.partial(_fwd_kernel, length=lp, scale=scale, directions=tuple(directions),
                           save_states=save_states),
@@ -223,6 +267,35 @@ def forward(q, k, v, g, *, scale, directions, save_states, interpret, config: Co
         name="gla_fwd",
     )(q, k, v, g)
     return (outs[0][:, :length],) + tuple(outs[1:])
+
+
+def _two_phase_forward(q, k, v, g, *, lp, scale, directions, n_chunks, cfg, interpret):
+    """``forward`` as two launches: the chunks' entry states by one walk, then all chunks'
+    outputs side by side (grid (batch, head, direction x chunk))."""
+    b, _, h, dk = q.shape
+    dv = v.shape[-1]
+    r = len(directions)
+    shared, per_dir, state, states, _ = _specs(lp, dk, dv, n_chunks)
+    f32 = jnp.float32
+    params = plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    last, saved = pl.pallas_call(
+        functools.partial(_states_kernel, length=lp, directions=directions),
+        grid=(b, h, r), in_specs=[shared(dk), shared(dv), per_dir(dk)], out_specs=[state, states],
+        out_shape=[jax.ShapeDtypeStruct((b, r, h, dk, dv), f32),
+                   jax.ShapeDtypeStruct((b, r, h, n_chunks, dk, dv), f32)],
+        interpret=interpret, compiler_params=params, name="gla_fwd_states",
+    )(k, v, g)
+    # The grid's third axis is (direction, chunk): direction rc // n_chunks, chunk rc % n_chunks.
+    whole = lambda d: pl.BlockSpec((None, lp, None, d), lambda i, j, rc: (i, 0, j, 0))
+    dir_rows = lambda d: pl.BlockSpec((None, lp, None, None, d), lambda i, j, rc: (i, 0, rc // n_chunks, j, 0))
+    dir_states = pl.BlockSpec((None, None, None, n_chunks, dk, dv), lambda i, j, rc: (i, rc // n_chunks, j, 0, 0, 0))
+    o = pl.pallas_call(
+        functools.partial(_outputs_kernel, length=lp, scale=scale, directions=directions, n_chunks=n_chunks),
+        grid=(b, h, r * n_chunks), in_specs=[whole(dk), whole(dk), whole(dv), dir_rows(dk), dir_states],
+        out_specs=dir_rows(dv), out_shape=jax.ShapeDtypeStruct((b, lp, r, h, dv), q.dtype),
+        interpret=interpret, compiler_params=params, name="gla_fwd_outputs",
+    )(q, k, v, g, saved)
+    return o, last, saved
 
 
 def backward(q, k, v, g, states, last, do, dlast, *, scale, directions, interpret,

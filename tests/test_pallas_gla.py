@@ -139,3 +139,26 @@ def test_any_head_size_matches_the_recurrence_with_gradients(dk, dv):
                                                                       rel=1e-5)
     for name, a, b in zip(("q", "k", "v", "g_fwd", "g_bwd"), got, want):
         assert rel_err(a, b) < 1e-4, name
+
+
+@pytest.mark.parametrize("length,directions", [(5, (False, True)), (37, (False, True)), (21, (True,))])
+def test_the_two_phase_forward_equals_the_one_walk(length, directions):
+    """``Config(two_phase=True)``: the chunks' entry states by one walk, then every chunk's
+    outputs in parallel. Outputs, final states and the saved chunk states equal the one-walk
+    forward's (interpret mode), so either backward reads them; lowered for CUDA it is two
+    Triton kernels, the second with a program per (batch, head, direction x chunk)."""
+    q, k, v, g_f, g_b = _inputs(b=2, length=length, heads=2, seed=5)
+    g = jnp.stack([g_f, g_b], 2) if len(directions) == 2 else g_b[:, :, None]
+
+    def fwd(two_phase, interpret=True):
+        cfg = kernels.Config(8, 1, two_phase)
+        return lambda *a: kernels.forward(*a, scale=0.25, directions=directions, save_states=True,
+                                          interpret=interpret, config=cfg)
+
+    for got, want in zip(fwd(True)(q, k, v, g), fwd(False)(q, k, v, g)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    text = lower_for_cuda(jax.jit(fwd(True, interpret=False)).trace(q, k, v, g)).as_text()
+    assert _names(text) == ["gla_fwd_states", "gla_fwd_outputs"]
+    chunks = -(-max(length, kernels.CHUNK) // kernels.CHUNK)
+    outputs_call = triton_calls(text)[1]
+    assert re.search(rf"grid_x = 2 : i32, grid_y = 2 : i32, grid_z = {len(directions) * chunks} : i32", outputs_call)
