@@ -33,9 +33,10 @@ def list_models(pretrained: bool = False) -> list[str]:
 def infer_name(state_dict) -> Optional[str]:
     """The registered variant an official state dict is most likely of, or None when its keys
     are no family's: the family from its keys, then that family's variant of its width, and
-    of those the one whose block counts and patch grid are nearest (the smaller on a tie; Vim's
-    stride-8 "+" models by their 27x27 grid at 224 px). Block counts, classes and grid are then read off the
-    weights as for a named model, so a shallower or re-gridded checkpoint still loads."""
+    of those the one whose block counts and patch grid are nearest (the smaller on a tie;
+    Vim's stride-8 "+" models by their 27x27 grid at 224 px). Block counts, classes and grid
+    are then read off the weights as for a named model, so a shallower or re-gridded
+    checkpoint still loads."""
     sd = state_dict
     if "layers.0.mixer.A_log" in sd and "patch_embed.proj.weight" in sd:
         family, width, inferred = "vim", sd["patch_embed.proj.weight"].shape[0], infer_model_kwargs(sd)
