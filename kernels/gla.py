@@ -122,6 +122,18 @@ def _decay(order, cum):
     return jnp.exp(jnp.where(order[:, :, None], diff, -jnp.inf))
 
 
+def _outputs(order, q, k, v, cum, state):
+    """A chunk's outputs (before the scale) from its entry state and its own rows."""
+    scores = jnp.sum(q[:, None, :] * k[None, :, :] * _decay(order, cum), axis=2)  # (C, C)
+    return _dot(q * jnp.exp(cum), state) + _dot(scores, v)
+
+
+def _advance(state, k, v, cum, total):
+    """The state leaving a chunk from the one entering it."""
+    carried = k * jnp.exp(total[None, :] - cum)
+    return jnp.exp(total)[:, None] * state + _dot(carried, v, trans_a=True)
+
+
 def _direction(directions):
     if len(directions) == 1:
         return jnp.asarray(directions[0])
@@ -139,13 +151,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, *refs, length, scale, directions, sa
         q, k, v, g = _load((q_ref, k_ref, v_ref, g_ref), start, new)
         cum = _dot(tri, g)                        # b_i: the decay from the chunk's entry to row i
         total = jnp.sum(g, axis=0)                # b at the chunk's last row in scan order
-        scores = jnp.sum(q[:, None, :] * k[None, :, :] * _decay(order, cum), axis=2)  # (C, C)
-        o = _dot(q * jnp.exp(cum), state) + _dot(scores, v)
-        _store(o_ref, start, new, scale * o)
+        _store(o_ref, start, new, scale * _outputs(order, q, k, v, cum, state))
         if save_states:
             states_ref[0][c, :, :] = state
-        carried = k * jnp.exp(total[None, :] - cum)
-        return jnp.exp(total)[:, None] * state + _dot(carried, v, trans_a=True)
+        return _advance(state, k, v, cum, total)
 
     dk, dv = q_ref.shape[1], v_ref.shape[1]
     last_ref[...] = jax.lax.fori_loop(0, ch.n, chunk, jnp.zeros((dk, dv), jnp.float32))
@@ -161,10 +170,7 @@ def _states_kernel(k_ref, v_ref, g_ref, last_ref, states_ref, *, length, directi
         start, new = ch.rows(c)
         k, v, g = _load((k_ref, v_ref, g_ref), start, new)
         states_ref[c, :, :] = state
-        cum = _dot(tri, g)
-        total = jnp.sum(g, axis=0)
-        carried = k * jnp.exp(total[None, :] - cum)
-        return jnp.exp(total)[:, None] * state + _dot(carried, v, trans_a=True)
+        return _advance(state, k, v, _dot(tri, g), jnp.sum(g, axis=0))
 
     dk, dv = k_ref.shape[1], v_ref.shape[1]
     last_ref[...] = jax.lax.fori_loop(0, ch.n, chunk, jnp.zeros((dk, dv), jnp.float32))
@@ -181,9 +187,7 @@ def _outputs_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, o_ref, *, length, sc
     start, new = ch.rows(c)
     q, k, v, g = _load((q_ref, k_ref, v_ref, g_ref), start, new)
     cum = _dot(order.astype(jnp.float32), g)
-    scores = jnp.sum(q[:, None, :] * k[None, :, :] * _decay(order, cum), axis=2)
-    o = _dot(q * jnp.exp(cum), states_ref[c, :, :]) + _dot(scores, v)
-    _store(o_ref, start, new, scale * o)
+    _store(o_ref, start, new, scale * _outputs(order, q, k, v, cum, states_ref[c, :, :]))
 
 
 def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, do_ref, dlast_ref, dg0_ref,

@@ -51,7 +51,9 @@ def family_of(name: str) -> str:
 
 
 def model_class(name: str):
-    """The model class of variant ``name`` (short or official long name)."""
+    """The model class of variant or segmenter ``name`` (short or official long name)."""
+    if name in SEG_VARIANTS:
+        return SEG_CLASSES[segmenter_family(name)]
     return CLASSES[family_of(resolve_name(name))]
 
 # The official builder names (models_mamba.py), accepted as aliases.
@@ -117,11 +119,9 @@ def build(name: str, *, seed: int = 0, **kwargs):
     in eval mode; ``kwargs`` (the class's arguments) win over the variant's. ``model.config``
     records the name and every argument (what a checkpoint directory's model.json holds).
     TypeError names an unknown argument and the allowed ones."""
-    if name in SEG_VARIANTS:
-        cls, defaults = SEG_CLASSES[segmenter_family(name)], segmenter_defaults(name)
-    else:
-        name = resolve_name(name)
-        cls, defaults = model_class(name), VARIANTS[name]
+    segmenter = name in SEG_VARIANTS
+    name = name if segmenter else resolve_name(name)
+    cls, defaults = model_class(name), (segmenter_defaults(name) if segmenter else VARIANTS[name])
     allowed = model_args(cls)
     bad = sorted(set(kwargs) - set(allowed))
     if bad:

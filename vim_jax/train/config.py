@@ -45,9 +45,7 @@ MIXER_ARGS = {"scan_backend": selective_scan.BACKENDS, "gla_backend": gla.BACKEN
 def mixer_arg(name: str) -> str:
     """The argument of model ``name`` that ``model.mixer_backend`` sets: Vim's
     ``scan_backend``, ViG's ``gla_backend``."""
-    cls = (registry.SEG_CLASSES[registry.segmenter_family(name)] if name in registry.SEG_VARIANTS
-           else registry.model_class(name))
-    return next(a for a in MIXER_ARGS if a in registry.model_args(cls))
+    return next(a for a in MIXER_ARGS if a in registry.model_args(registry.model_class(name)))
 
 
 def check_choices(config) -> None:
