@@ -53,6 +53,7 @@ LENGTHS = {224: 197, 1248: 6085}
 BATCHES = (8, 32, 128)
 DTYPES = ("float32", "bfloat16")
 D_STATE = 16
+LAYOUTS = ("tile", "lanes")  # the scan's kernels, old and new, side by side
 
 # Compile-only targets: XLA's GpuTargetConfig for an A100-SXM4 and an H100-SXM5.
 ARCHS = {
@@ -100,6 +101,14 @@ class Kernel:
     d_inner: int
     batch: int
     reverse: bool
+    layout: str = "tile"  # the state's layout over threads (kernels.LAYOUTS): old "tile", new "lanes"
+
+    def configs(self, chunk: int):
+        """The launch configuration of each kernel the stage runs, in this layout."""
+        from vim_jax.kernels import selective_scan as kernels
+
+        return tuple(kernels.config_for(s, self.batch, self.length, self.d_inner, chunk, layout=self.layout)
+                     for s in (("fwd",) if self.stage == "inference" else ("fwd", "bwd")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +144,9 @@ def cases(quick: bool):
     models = MODELS[:1] if quick else MODELS
     sizes = (224,) if quick else tuple(LENGTHS)
     batches = (8, 128) if quick else BATCHES
-    for (model, d), size, batch, dtype, stage, reverse in itertools.product(
-            models, sizes, batches, DTYPES, ("inference", "training"), (False, True)):
-        yield model, size, Kernel(stage, dtype, LENGTHS[size], d, batch, reverse)
+    for (model, d), size, batch, dtype, stage, reverse, layout in itertools.product(
+            models, sizes, batches, DTYPES, ("inference", "training"), (False, True), LAYOUTS):
+        yield model, size, Kernel(stage, dtype, LENGTHS[size], d, batch, reverse, layout)
 
 
 def compile_kernels(arch: str, k: Kernel, dump: str):
@@ -163,13 +172,14 @@ def compile_kernels(arch: str, k: Kernel, dump: str):
     ins = (spec(b, l, d), spec(b, l, d), spec(b, l, d), spec(b, l, n), spec(b, l, n),
            spec(d, n, dtype=f32), spec(d, dtype=f32), spec(d, dtype=f32))
     flags = dict(softplus=True, reverse=k.reverse, has_z=True, chunk=chunk, interpret=False)
+    fwd_cfg, *bwd_cfg = k.configs(chunk)
     if k.stage == "inference":
-        fn = lambda *a: kernels.forward(*a, save_states=False, **flags)[:2]
+        fn = lambda *a: kernels.forward(*a, save_states=False, config=fwd_cfg, **flags)[:2]
         args = ins
     else:
         def fn(*a):
-            out, last, states = kernels.forward(*a[:8], save_states=True, **flags)
-            return out, last, kernels.backward(*a[:8], states, a[8], a[9], **flags)
+            out, last, states = kernels.forward(*a[:8], save_states=True, config=fwd_cfg, **flags)
+            return out, last, kernels.backward(*a[:8], states, a[8], a[9], config=bwd_cfg[0], **flags)
         args = ins + (spec(b, l, d), spec(b, d, n, dtype=f32))
     jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump})
 
@@ -384,8 +394,7 @@ def main():
     users, jobs = {}, {}
     for arch in archs:
         for model, size, k in cases(args.quick):
-            cfgs = tuple(kernels.config_for(s, k.batch, k.length, k.d_inner, scan.STATE_CHUNK)
-                         for s in (("fwd",) if k.stage == "inference" else ("fwd", "bwd")))
+            cfgs = k.configs(scan.STATE_CHUNK)
             key = (arch, k.stage, k.dtype, k.length, k.d_inner, k.reverse, cfgs)
             users.setdefault(key, []).append((model, size, k.batch))
             jobs.setdefault(key, (arch, k, ptxas, nvdisasm))
@@ -399,9 +408,15 @@ def main():
           f"{args.workers} at a time", flush=True)
 
     # Steps a trip of each kernel's step loop covers: the scan's unrolled trip, GLA's chunk.
-    trip_steps = {"selective_scan": kernels.SUB_BLOCK, "gla": gla_kernels.CHUNK}
-    header = (f"{'arch':6} {'stage':9} {'dtype':8} {'L':>5} {'dir':4} {'kernel':28} {'BD':>3} {'warps':>5} "
-              f"{'seg':>3} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8} "
+    # The lanes backward's step loop is its chunk loop, which holds a one-step loop of the
+    # forward into its scratch and one of the adjoint: a trip of both is one step.
+    def trip_steps(kernel, cfg):
+        if kernel.startswith("gla"):
+            return gla_kernels.CHUNK
+        return kernels.TRIP_STEPS[cfg.layout, "bwd" if "bwd" in kernel else "fwd"]
+
+    header = (f"{'arch':6} {'stage':9} {'dtype':8} {'L':>5} {'dir':4} {'kernel':28} {'layout':6} {'BD':>3} "
+              f"{'warps':>5} {'seg':>3} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8} "
               f"{'loop':>5} {'ex2':>3} {'bar':>3} {'shfl':>4} {'shm':>3} {'ins/ex2':>7} {'bar/step':>8}  used by")
     rows, failures = [], 0
     with futures.ProcessPoolExecutor(args.workers) as pool:
@@ -427,11 +442,12 @@ def main():
                 bd, seg = getattr(cfg, "block_d", "-"), getattr(cfg, "segments", "-")
                 direction = "both" if r["kernel"].startswith("gla") else "rev" if reverse else "fwd"
                 loop = r["loop"] or dict(instructions=0, ex2=0, bar=0, shfl=0, shared=0)
-                steps = trip_steps["gla" if r["kernel"].startswith("gla") else "selective_scan"]
+                steps = trip_steps(r["kernel"], cfg)
+                layout = getattr(cfg, "layout", "-")
                 r.update(trip_steps=steps, ins_per_ex2=round(loop["instructions"] / loop["ex2"], 1) if loop["ex2"] else None,
                          bar_per_step=round(loop["bar"] / steps, 2))
                 print(f"{arch:6} {stage:9} {dtype:8} {length:5} {direction:4} "
-                      f"{r['kernel']:28} {bd:>3} {cfg.num_warps:5} {seg:>3} {r['regs']:4} "
+                      f"{r['kernel']:28} {layout:6} {bd:>3} {cfg.num_warps:5} {seg:>3} {r['regs']:4} "
                       f"{r['spill_bytes']:5} {r['smem']:6} {r['warps_per_sm']:8} "
                       f"{loop['instructions']:5} {loop['ex2']:3} {loop['bar']:3} {loop['shfl']:4} {loop['shared']:3} "
                       f"{r['ins_per_ex2'] or '-':>7} {r['bar_per_step']:8}  {used_by}"
@@ -441,12 +457,14 @@ def main():
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
     worst = max((r["regs"] for r in rows), default=0)
-    for kind in sorted({r["kernel"] for r in rows}):
-        ratios = [r["ins_per_ex2"] for r in rows if r["kernel"] == kind and r["ins_per_ex2"]]
-        bars = [r["bar_per_step"] for r in rows if r["kernel"] == kind]
+    for kind, layout in sorted({(r["kernel"], r["config"].get("layout", "")) for r in rows}):
+        mine = [r for r in rows if r["kernel"] == kind and r["config"].get("layout", "") == layout]
+        ratios = [r["ins_per_ex2"] for r in mine if r["ins_per_ex2"]]
+        bars = [r["bar_per_step"] for r in mine]
         if ratios:
-            print(f"{kind}: {min(ratios)}-{max(ratios)} instructions per exp2 in the step loop, "
-                  f"{min(bars)}-{max(bars)} barriers per step")
+            print(f"{kind}{' (' + layout + ')' if layout else ''}: {min(ratios)}-{max(ratios)} instructions per "
+                  f"exp2 in the step loop, {min(bars)}-{max(bars)} barriers per step, "
+                  f"{min(r['warps_per_sm'] for r in mine)}-{max(r['warps_per_sm'] for r in mine)} warps/SM")
     print(f"{len(rows)} kernels: {sum(r['spill_bytes'] > 0 for r in rows)} spill, most registers {worst}, "
           f"fewest resident warps/SM {min((r['warps_per_sm'] for r in rows), default=0)} "
           f"(target >= {args.min_warps} for the scan, {MIN_WARPS['gla']} for GLA); {failures} failing")

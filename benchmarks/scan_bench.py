@@ -18,9 +18,11 @@ The scan is memory-bound. Bytes moved per call (what must cross HBM at least onc
   backward             u, delta, z, g, B, C, states in; du, ddelta, dz out; dB/dC partials
                        written, then read back by their sum over channel blocks
 Achieved GB/s = those bytes / time, printed with the device's HBM peak.
---sweep times the spill-free (channel block, warps, segments) candidates, most likely first,
-for the forward and backward kernels at the shapes the GPU suite's later stages run, prints
-each winner as found and rewrites --tuned-out (the file $VIM_JAX_SCAN_TUNED names for them).
+--sweep times the spill-free (channel block, warps, segments, layout) candidates, the
+measured default first and the new "lanes" layout's default second, for the forward and
+backward kernels at the shapes the GPU suite's later stages run; a candidate is timed only
+once its result matches the reference's (bfloat16 rounding); it prints each winner as
+found and rewrites --tuned-out (the file $VIM_JAX_SCAN_TUNED names for them).
 """
 
 from __future__ import annotations
@@ -90,13 +92,17 @@ def rel_err(a, b):
 
 
 def check(tiny: bool = False, ptxas_dir: str | None = None) -> bool:
-    """Kernels vs the reference (out and all eight gradients), an eager call, NaN in -> NaN out."""
+    """Kernels vs the reference (out and all eight gradients), in both layouts of the
+    state; an eager call, NaN in -> NaN out."""
+    import os
+
     ok = True
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
     cases = [((2, 197, 384, True), "float32"), ((3, 70, 40, False), "bfloat16")]
     if tiny:
         cases = [((2, 37, 16, True), "float32"), ((1, 21, 8, False), "bfloat16")]
-    for (b, l, d, reverse), dtype in cases:
+    for ((b, l, d, reverse), dtype), layout in itertools.product(cases, ("tile", "lanes")):
+        os.environ["VIM_JAX_SCAN_LAYOUT"] = layout  # read where each call picks its configuration
         args = inputs(jax.random.key(b + l + d), b, l, d, dtype=jnp.dtype(dtype))
         cot = jax.random.normal(jax.random.key(1), (b, l, d))
         res = {}
@@ -117,10 +123,11 @@ def check(tiny: bool = False, ptxas_dir: str | None = None) -> bool:
         good = errs[worst] < tol
         ok &= good
         cfg = config_for("fwd", b, l, d, ss.STATE_CHUNK)
-        print(f"check b={b} L={l} d={d} reverse={reverse} {dtype} ({cfg.segments} segments): worst "
+        print(f"check b={b} L={l} d={d} reverse={reverse} {dtype} ({cfg.layout}, {cfg.segments} segments): worst "
               f"{worst} rel. error {errs[worst]:.2e} (tolerance {tol:.1e}) {'ok' if good else 'FAILED'}",
               flush=True)
 
+    os.environ.pop("VIM_JAX_SCAN_LAYOUT")
     # Segmented (4 segments, a partial chunk), as a small batch of a long sequence runs.
     args = inputs(jax.random.key(3), 1, 300, 16, dtype=jnp.float32)
     eager = ss.selective_scan(**args, delta_softplus=True, backend="pallas")  # no jit
@@ -197,8 +204,10 @@ def bench(repeats, record):
 
 
 def candidates(kind, b, l, d):
-    """Launch parameters to try: channel block, warps, stages, and for the forward at small
-    batch the number of sequence segments."""
+    """Launch parameters to try, the measured default first and the new layout's default
+    second (old against new), then the rest of both layouts: channel block, warps,
+    stages, for the forward at small batch the number of sequence segments, and the
+    state's layout."""
     from vim_jax.kernels import selective_scan as k
     from vim_jax.kernels.selective_scan import Config
 
@@ -206,12 +215,12 @@ def candidates(kind, b, l, d):
     if kind == "fwd" and b * d // 32 < 512:
         segs = tuple(s for s in (1, 2, 4, 8, 16, 32) if s * 4 * ss.STATE_CHUNK <= l)
     # num_stages stays 1: Triton pipelines only loads that feed a dot, which these lack.
-    default = k.default_config(b, l, d, ss.STATE_CHUNK, kind)
-    yield default
+    firsts = [k.default_config(b, l, d, ss.STATE_CHUNK, kind, layout) for layout in ("tile", "lanes")]
+    yield from firsts
     # Only configurations that benchmarks/gpu_compile.py found free of spills.
-    for bd, warps, seg in itertools.product((16, 32, 64), (4, 8, 2, 1), segs):
-        cfg = Config(bd, warps, 1, seg)
-        if bd <= d and k.spill_free(kind, cfg, D_STATE) and cfg != default:
+    for layout, bd, warps, seg in itertools.product(("lanes", "tile"), (16, 32, 64, 128), (4, 8, 2, 1), segs):
+        cfg = Config(bd, warps, 1, seg, layout)
+        if bd <= max(d, 32) and k.spill_free(kind, cfg, D_STATE) and cfg not in firsts:
             yield cfg
 
 
@@ -226,7 +235,7 @@ TINY_SWEEP_SHAPES = [("tiny", 16, 2, 37, ("fwd", "bwd"))]
 def sweep(repeats, record, budget, tuned_out=None, tiny=False):
     """Times the candidates of each shape and kernel, the default first, for an equal share
     of ``budget`` seconds; prints each winner as found and rewrites ``tuned_out`` with all
-    winners so far ({"fwd,384,128,197": [block_d, num_warps, num_stages, segments]})."""
+    winners so far ({"fwd,384,128,197": [block_d, num_warps, num_stages, segments, layout]})."""
     from vim_jax.kernels import selective_scan as k
 
     shapes = TINY_SWEEP_SHAPES if tiny else SWEEP_SHAPES
@@ -237,18 +246,32 @@ def sweep(repeats, record, budget, tuned_out=None, tiny=False):
     for model, d, b, l, kinds in shapes:
         a = kernel_args(inputs(jax.random.key(0), b, l, d))
         _, _, _, bwd_args = _kernel_fns(a, interpret=static["interpret"])
+        # What every candidate must reproduce before it is timed: the reference backend's
+        # output, and the backward of the measured default (which --check compared with it).
+        expected = {"fwd": [jax.jit(functools.partial(ss.selective_scan, delta_softplus=True, backend="reference"))(
+                        **inputs(jax.random.key(0), b, l, d))],
+                    "bwd": jax.jit(lambda *x: k.backward(*x, config=k.default_config(
+                        b, l, d, ss.STATE_CHUNK, "bwd"), **static))(*bwd_args)}
         for kind in kinds:
             best, deadline = None, time.perf_counter() + share
             for i, cfg in enumerate(candidates(kind, b, l, d)):
                 if time.perf_counter() > deadline or (tiny and i == 2):
                     break
                 if kind == "fwd":
-                    fn = jax.jit(lambda *x, cfg=cfg: k.forward(*x, save_states=False, config=cfg, **static)[0])
+                    fn = jax.jit(lambda *x, cfg=cfg: k.forward(*x, save_states=False, config=cfg, **static)[:1])
                     fn_args = a
                 else:
                     fn = jax.jit(lambda *x, cfg=cfg: k.backward(*x, config=cfg, **static))
                     fn_args = bwd_args
                 try:
+                    # bfloat16 inputs: results within bfloat16 rounding (2^-7) of the expected.
+                    err = max(rel_err(x, y) for x, y in zip(fn(*fn_args), expected[kind]))
+                    if not err < 2 ** -7:
+                        print(f"{kind} {model} b={b} L={l} {cfg}: WRONG (rel. error {err:.2e}), not timed",
+                              flush=True)
+                        record(dict(model=model, d_inner=d, batch=b, length=l, kernel=kind, config=cfg._asdict(),
+                                    status="wrong", rel_err=err))
+                        continue
                     t = timed(fn, *fn_args, repeats=repeats)
                 except Exception as e:
                     print(f"{kind} {model} b={b} L={l} {cfg}: failed {type(e).__name__} {str(e)[:80]}",
@@ -262,6 +285,8 @@ def sweep(repeats, record, budget, tuned_out=None, tiny=False):
             if best:
                 print(f"winner {kind} {model} b={b} L={l}: {best[0]} {best[1] * 1e3:.3f} ms "
                       f"(default {k.default_config(b, l, d, ss.STATE_CHUNK, kind)})", flush=True)
+                record(dict(model=model, d_inner=d, batch=b, length=l, kernel=kind, config=best[0]._asdict(),
+                            ms=best[1] * 1e3, status="winner"))
                 winners[(kind, d, b, l)] = best[0]
                 if tuned_out:
                     k.save_tuned(tuned_out, winners)

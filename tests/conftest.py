@@ -185,3 +185,17 @@ def triton_kernels(lowered) -> dict[str, str]:
 
     walk(lowered.compiler_ir("stablehlo").operation)
     return kernels
+
+
+@pytest.fixture(params=["tile", "lanes"])
+def scan_layout(request, monkeypatch):
+    """Runs a test on each layout of the Pallas scan kernels ($VIM_JAX_SCAN_LAYOUT, read
+    where a launch configuration is chosen), and fails it if no kernel ran in that layout."""
+    from vim_jax.kernels import selective_scan as kernels
+
+    monkeypatch.setenv("VIM_JAX_SCAN_LAYOUT", request.param)
+    used = []
+    check = kernels.check_config
+    monkeypatch.setattr(kernels, "check_config", lambda kernel, cfg: used.append(cfg.layout) or check(kernel, cfg))
+    yield request.param
+    assert request.param in used, f"no scan kernel ran in the {request.param} layout (ran: {set(used)})"

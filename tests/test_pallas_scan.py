@@ -54,7 +54,7 @@ def assert_same_as_reference(args, reverse, tol=1e-4):
         assert rel_err(g_p[k], g_r[k]) < tol, k
 
 
-def test_official_fixture(scan_ref):
+def test_official_fixture(scan_ref, scan_layout):
     args = channels_last(scan_ref)
     cot = jnp.asarray(scan_ref["cotangent"].transpose(0, 2, 1))
     out, last = ss.selective_scan(**args, delta_softplus=True, return_last_state=True, backend="pallas")
@@ -72,13 +72,13 @@ _SLOW = pytest.mark.slow  # CI budget: about 20 s a case; CI keeps a long and a 
 @pytest.mark.parametrize("l,d,reverse", [  # lengths past a chunk; channel tails
     (197, 48, False), (197, 48, True), (37, 40, False), pytest.param(37, 40, True, marks=_SLOW),
     pytest.param(70, 24, False, marks=_SLOW), pytest.param(70, 24, True, marks=_SLOW)])
-def test_odd_lengths_and_widths(l, d, reverse):
+def test_odd_lengths_and_widths(l, d, reverse, scan_layout):
     assert_same_as_reference(random_inputs(l + d, 2, l, d, 16), reverse)
 
 
 @pytest.mark.parametrize("opts", [dict(with_z=False), dict(with_d=False, with_bias=False),
                                   dict(with_d=False, with_z=False, with_bias=False)])
-def test_optional_inputs(opts):
+def test_optional_inputs(opts, scan_layout):
     assert_same_as_reference(random_inputs(5, 2, 21, 16, 8, **opts), reverse=True)
 
 
@@ -88,10 +88,13 @@ def test_optional_inputs(opts):
 @given(b=st.integers(1, 2), l=st.integers(1, 80), d=st.integers(1, 70),
        log_n=st.integers(0, 4), reverse=st.booleans(), seed=st.integers(0, 2**16))
 def test_random_shapes(b, l, d, log_n, reverse, seed):
-    assert_same_as_reference(random_inputs(seed, b, l, d, 2 ** log_n), reverse)
+    for layout in ("tile", "lanes"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("VIM_JAX_SCAN_LAYOUT", layout)
+            assert_same_as_reference(random_inputs(seed, b, l, d, 2 ** log_n), reverse)
 
 
-def test_bfloat16_inputs():
+def test_bfloat16_inputs(scan_layout):
     args = random_inputs(7, 2, 33, 24, 16)
     half = {k: (v.astype(jnp.bfloat16) if v is not None and v.ndim == 3 else v) for k, v in args.items()}
     out_p, _, g_p = grads(half, "pallas", reverse=False)
@@ -195,7 +198,7 @@ def _pallas_calls(jaxpr):
 
 
 @pytest.mark.parametrize("b,l,d", [(2, 37, 40), (1, 21, 24), (3, 70, 37), (2, 33, 384), (1, 150, 40)])
-def test_no_block_overhangs_its_array(b, l, d):
+def test_no_block_overhangs_its_array(b, l, d, scan_layout):
     """Triton does not mask a block that overhangs its array (interpret mode pads and hides
     it): in every kernel launched, forward (one pass, or segments side by side as at
     b=1, L=150) and backward, each block dimension divides its array's dimension, at
@@ -329,13 +332,15 @@ _MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_kernels_run_per_device_under_a_mesh():
+@pytest.mark.parametrize("layout", ["tile", "lanes"])
+def test_kernels_run_per_device_under_a_mesh(layout):
     """8 simulated CPU devices with the trainer's mesh: the sharded scan (Pallas in
     interpret mode, and the reference) equals one device, values and gradients; lowered
     for CUDA, every Triton call takes the per-device batch (24 / 8 = 3, 40 / 8 = 5), never
     the global one, for the scan alone and for the data-parallel and FSDP train steps; the
     GLA kernels the same way (values, gradients, per-device batch 3 of 24)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "VIM_JAX_SCAN_LAYOUT": layout}
     r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)
     if NO_GPU_INFO in r.stderr:
@@ -352,15 +357,16 @@ def test_kernels_run_per_device_under_a_mesh():
 
 @pytest.mark.parametrize("segments", [2, 5])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_segmented_forward_equals_one_pass(segments, reverse):
+@pytest.mark.parametrize("base", [pallas_scan.Config(16, 4, 1), pallas_scan.Config(32, 1, 1, layout="lanes")])
+def test_segmented_forward_equals_one_pass(segments, reverse, base):
     """Small batches scan long sequences as segments side by side: output, last state and
     the saved chunk states equal the one-pass kernel's, in either direction, with a last
-    segment shorter than the others."""
+    segment shorter than the others, in either layout."""
     args = random_inputs(3, 1, 150, 24, 16)
     flat = [args[k] for k in ("u", "delta", "z", "B", "C", "A", "D", "delta_bias")]
     static = dict(softplus=True, reverse=reverse, has_z=True, chunk=16, save_states=True, interpret=True)
-    one = pallas_scan.forward(*flat, config=pallas_scan.Config(16, 4, 1, 1), **static)
-    seg = pallas_scan.forward(*flat, config=pallas_scan.Config(16, 4, 1, segments), **static)
+    one = pallas_scan.forward(*flat, config=base, **static)
+    seg = pallas_scan.forward(*flat, config=base._replace(segments=segments), **static)
     for a, b in zip(seg, one):
         assert rel_err(a, b) < 1e-5
 
@@ -405,10 +411,12 @@ def test_eager_call_binds_the_kernel_primitive(monkeypatch):
     assert rel_err(out_nojit.sum(), ref) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["reference", "pallas"])
+@pytest.mark.parametrize("backend,layout", [("reference", None), ("pallas", "tile"), ("pallas", "lanes")])
 @pytest.mark.parametrize("name", ["delta", "u", "B", "delta_bias"])
-def test_nan_in_gives_nan_out(backend, name):
+def test_nan_in_gives_nan_out(backend, layout, name, monkeypatch):
     """A NaN in any input reaches the output and the gradients (no NaN-dropping clamp)."""
+    if layout:
+        monkeypatch.setenv("VIM_JAX_SCAN_LAYOUT", layout)
     args = random_inputs(4, 1, 20, 8, 4)
     bad = np.array(args[name])
     bad[(0, 5, 3)[-bad.ndim:]] = np.nan
@@ -418,7 +426,7 @@ def test_nan_in_gives_nan_out(backend, name):
     assert np.isnan(np.asarray(g["A"])).any(), name  # the states the NaN reaches
 
 
-def test_lowered_kernels_use_no_nan_dropping_min_or_max():
+def test_lowered_kernels_use_no_nan_dropping_min_or_max(scan_layout):
     """Triton's minnumf/maxnumf return the other operand for a NaN; the kernels must use none."""
     from conftest import triton_kernels
 
@@ -433,7 +441,7 @@ def test_lowered_kernels_use_no_nan_dropping_min_or_max():
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_saved_states_mean_the_same_on_both_backends(reverse):
+def test_saved_states_mean_the_same_on_both_backends(reverse, scan_layout):
     """The forward's saved states are position-aligned chunk entries on every backend, so a
     backward on one backend from the other's residual gives the same gradients (a program
     exported for several platforms, or remat that reruns the forward elsewhere)."""
@@ -449,3 +457,41 @@ def test_saved_states_mean_the_same_on_both_backends(reverse):
     g_mixed = pallas.backward(spec, *ins, states_r, *cot)
     for name, a, b in zip(("u", "delta", "z", "B", "C", "A", "D", "delta_bias"), g_mixed, g_ref):
         assert rel_err(a, b) < 1e-4, name
+
+
+def test_lanes_kernels_state_their_instructions_and_sum_in_registers():
+    """Lowered for CUDA, the lanes kernels hold no cross-thread reduction (the forward sums
+    over states in registers; the backward's sums over channels are its own shuffles) and
+    state the PTX they mean: fused multiply-adds, flush-to-zero exp2 and, backward,
+    butterfly shuffles. The tile kernels reduce across threads and state none of it."""
+    from conftest import triton_kernels
+
+    args = random_inputs(5, 2, 40, 32, 16)
+    loss = lambda u: ss.selective_scan(**{**args, "u": u}, delta_softplus=True).sum()
+    ir = {}
+    for layout in ("tile", "lanes"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("VIM_JAX_SCAN_LAYOUT", layout)
+            ir[layout] = triton_kernels(lower_for_cuda(jax.jit(jax.grad(loss)).trace(args["u"])))
+    for name in ("selective_scan_fwd", "selective_scan_bwd"):
+        lanes, tile = ir["lanes"][name], ir["tile"][name]
+        assert "tt.reduce" not in lanes and "tt.reduce" in tile, name
+        for asm in ("fma.rn.f32", "ex2.approx.ftz.f32"):
+            assert asm in lanes and asm not in tile, (name, asm)
+    assert "shfl.sync.bfly.b32" in ir["lanes"]["selective_scan_bwd"]
+
+
+@pytest.mark.parametrize("kernel,cfg,match", [
+    ("bwd", pallas_scan.Config(32, 1, 1, layout="rows"), "layout='rows' is not one of"),
+    ("bwd", pallas_scan.Config(64, 1, 1, layout="lanes"), "lanes backward runs one warp of 32 channels"),
+    ("fwd", pallas_scan.Config(48, 1, 1, layout="lanes"), "must be a multiple of 32"),
+])
+def test_a_launch_configuration_a_kernel_cannot_run_is_refused(kernel, cfg, match):
+    with pytest.raises(ValueError, match=match):
+        pallas_scan.check_config(kernel, cfg)
+
+
+def test_the_layout_variable_is_checked(monkeypatch):
+    monkeypatch.setenv("VIM_JAX_SCAN_LAYOUT", "fast")
+    with pytest.raises(ValueError, match="VIM_JAX_SCAN_LAYOUT='fast' is not one of"):
+        pallas_scan.config_for("fwd", 2, 197, 384, 16)
