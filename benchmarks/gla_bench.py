@@ -26,6 +26,7 @@ import numpy as np
 
 import model_bench  # benchmarks/, beside this script
 from vim_jax.kernels import gla as kernels
+from vim_jax.kernels import tuning
 from vim_jax.mixers.gla import bigla
 
 
@@ -88,8 +89,12 @@ def check(tiny: bool) -> bool:
     return ok
 
 
-def timing(tiny: bool, repeats: int, record):
+def timing(tiny: bool, repeats: int, record, tuned_out: str | None = None):
+    """Pallas against the chunked XLA form, forward and training; then the kernel forward as
+    one walk and as two phases, the faster (if their outputs agree) written to ``tuned_out``
+    as the forward's configuration at that shape (``kernels.gla.TUNED``)."""
     shapes = [("ViG-T 224px", 128, 196), ("ViG-T 1024px", 32, 4096)] if not tiny else [("tiny", 2, 37)]
+    winners = {}
     for name, b, l in shapes:
         args, cot = inputs(b, l, 3, 32, 64, jnp.bfloat16 if not tiny else jnp.float32)
         times = {}
@@ -110,11 +115,12 @@ def timing(tiny: bool, repeats: int, record):
                 print(f"{name} {kind}: Pallas {times['chunked', kind] / times['pallas', kind]:.2f}x the chunked "
                       "XLA form's speed", flush=True)
         interpret = jax.devices()[0].platform != "gpu"
+        outputs = {}
         for two_phase in (False, True):
             label = "pallas two-phase" if two_phase else "pallas one walk"
             fn = kernel_forward(two_phase, interpret)
             try:
-                jax.block_until_ready(fn(*args))
+                outputs[label] = jax.block_until_ready(fn(*args))
                 times[label] = model_bench.timed(fn, *args, repeats=repeats)
             except Exception as e:
                 print(f"{name} {label} fwd: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -125,6 +131,16 @@ def timing(tiny: bool, repeats: int, record):
         if "pallas one walk" in times and "pallas two-phase" in times:
             print(f"{name} kernel fwd: two-phase {times['pallas one walk'] / times['pallas two-phase']:.2f}x "
                   "the one walk's speed", flush=True)
+            # The two forwards compute the same sums in other orders: the faster one wins only
+            # if their outputs agree (bfloat16 rounding).
+            same = rel_err(outputs["pallas two-phase"], outputs["pallas one walk"]) < 2 ** -7
+            two_phase = same and times["pallas two-phase"] < times["pallas one walk"]
+            cfg = kernels.default_config(32, 64, "fwd")._replace(two_phase=two_phase)
+            winners[("fwd", 32, 64, l)] = cfg
+            print(f"winner {name} kernel fwd: {'two-phase' if two_phase else 'one walk'}"
+                  + ("" if same else " (the two-phase output differs from the one walk's: not eligible)"), flush=True)
+            if tuned_out:
+                tuning.save(tuned_out, winners)
 
 
 def main():
@@ -134,6 +150,7 @@ def main():
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", help="append one JSON line per timing to this file")
+    p.add_argument("--tuned-out", help="write the forward's winner at each shape here (for $VIM_JAX_GLA_TUNED)")
     args = p.parse_args()
 
     def record(row):
@@ -143,7 +160,7 @@ def main():
 
     ok = check(args.tiny) if args.check else True
     if not args.no_timing:
-        timing(args.tiny, args.repeats, record)
+        timing(args.tiny, args.repeats, record, args.tuned_out)
     raise SystemExit(0 if ok else 1)
 
 

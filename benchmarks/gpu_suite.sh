@@ -5,12 +5,16 @@
 #                                             mode (CI runs it in a venv like the GPU machine's)
 # Stages, each under its own time cap, the suite going on past a failed or timed-out one:
 #   1 smoke       output and all eight gradients against the reference backend (segmented
-#                 float32 at (2, 197, 384) reversed, bfloat16 at an odd size), an eager call, a NaN
-#                 check, and ptxas -v of the kernels this GPU's XLA compiled
+#                 float32 at (2, 197, 384) reversed, bfloat16 at an odd size), both layouts of the
+#                 scan kernels (tile, lanes), an eager call, a NaN check, and ptxas -v of the
+#                 kernels this GPU's XLA compiled
 #   2 gla         the GLA kernels (both directions in one launch) against the chunked XLA form on the
-#                 GPU: outputs and gradients, then their times at ViG-T's shapes for 224 and 1024 px
-#   3 sweep       spill-free launch candidates at the shapes stages 4 and 5 run, winners written to
-#                 tuned.json as found, which stages 4 and 5 then use ($VIM_JAX_SCAN_TUNED)
+#                 GPU: outputs and gradients, then their times at ViG-T's shapes for 224 and 1024 px;
+#                 the forward as one walk and as two phases, the faster written to gla_tuned.json,
+#                 which stage 6 then uses ($VIM_JAX_GLA_TUNED)
+#   3 sweep       spill-free launch candidates of both scan layouts (old tile, new lanes: each timed
+#                 only once it reproduces the reference) at the shapes stages 4 and 5 run, winners
+#                 written to tuned.json as found, which stages 4 and 5 then use ($VIM_JAX_SCAN_TUNED)
 #   4 model       Vim-Ti batch 128 forward and train-step img/s and peak memory: Pallas bfloat16,
 #                 Pallas float32, then the reference backend (each run under its own timeout)
 #   5 efficiency  Vim-Ti vs DeiT-Ti at 1248 and 512 px (img/s, peak memory, OOM)
@@ -84,12 +88,14 @@ else
   models=("vim_tiny_patch16_224 pallas bfloat16" "vim_tiny_patch16_224 pallas float32"
           "vim_tiny_patch16_224 reference float32")
 fi
-export VIM_JAX_SCAN_TUNED="$out/tuned.json"
+export VIM_JAX_SCAN_TUNED="$out/tuned.json" VIM_JAX_GLA_TUNED="$out/gla_tuned.json"
 echo '{}' > "$VIM_JAX_SCAN_TUNED"
+echo '{}' > "$VIM_JAX_GLA_TUNED"
 suite_t0=$SECONDS
 
 stage smoke 60 python3 benchmarks/scan_bench.py --check --ptxas "${tiny[@]}" --json "$out/smoke.jsonl"
-stage gla 60 python3 benchmarks/gla_bench.py --check "${tiny[@]}" --json "$out/gla.jsonl"
+stage gla 60 python3 benchmarks/gla_bench.py --check "${tiny[@]}" --json "$out/gla.jsonl" \
+  --tuned-out "$VIM_JAX_GLA_TUNED"
 stage sweep 60 python3 benchmarks/scan_bench.py --sweep --budget 55 --repeats 5 "${tiny[@]}" \
   --tuned-out "$VIM_JAX_SCAN_TUNED" --json "$out/sweep.jsonl"
 # Each model run under its own timeout, inside the stage's (stage runs a command, not a function).

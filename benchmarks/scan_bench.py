@@ -39,6 +39,7 @@ import numpy as np
 
 import model_bench  # benchmarks/, beside this script
 from vim_jax.mixers import selective_scan as ss
+from vim_jax.kernels import tuning
 from vim_jax.kernels.selective_scan import config_for
 
 # Peak HBM bandwidth in GB/s by device kind (vendor data sheets).
@@ -68,7 +69,8 @@ def kernel_args(a):
 def traffic(kind, b, l, d, itemsize, n=D_STATE, chunk=ss.STATE_CHUNK):
     """Bytes a kernel must move at least once (see the module docstring); the backward's
     dB/dC partials counted at the default channel block."""
-    from vim_jax.kernels.selective_scan import config_for
+    from vim_jax.kernels import tuning
+from vim_jax.kernels.selective_scan import config_for
 
     seq, bc, states = b * l * d * itemsize, b * l * n * itemsize, b * -(-l // chunk) * d * n * 4
     if kind == "fwd":
@@ -289,7 +291,7 @@ def sweep(repeats, record, budget, tuned_out=None, tiny=False):
                             ms=best[1] * 1e3, status="winner"))
                 winners[(kind, d, b, l)] = best[0]
                 if tuned_out:
-                    k.save_tuned(tuned_out, winners)
+                    tuning.save(tuned_out, winners)
     print("TUNED = {")
     for key, cfg in winners.items():
         print(f"    {key!r}: Config{tuple(cfg)!r},")

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from vim_jax.kernels import tuning
 from vim_jax.kernels.activations import sigmoid, softplus_formula
 
 
@@ -71,37 +72,9 @@ class Config(NamedTuple):
 
 # Measured winners of ``python benchmarks/scan_bench.py --sweep`` on a GPU, keyed by
 # (kernel, d_inner, batch, length); shapes not listed use ``default_config``. A sweep's
-# winners file (JSON, its path in $VIM_JAX_SCAN_TUNED) adds to them at import, so the GPU
-# suite's later stages run what its sweep found.
-TUNED: dict[tuple[str, int, int, int], Config] = {}
-
-
-def load_tuned(path: str) -> None:
-    """Adds the entries of a sweep's winners file, {"fwd,384,128,197": [32, 4, 1, 1], ...};
-    a file that cannot be read is reported and ignored (the defaults then apply)."""
-    import json
-    import warnings
-
-    try:
-        with open(path) as f:
-            entries = {tuple(k.split(",")): Config(*cfg) for k, cfg in json.load(f).items()}
-        TUNED.update({(kernel, *map(int, shape)): cfg for (kernel, *shape), cfg in entries.items()})
-    except (OSError, ValueError, TypeError) as e:
-        warnings.warn(f"VIM_JAX_SCAN_TUNED={path}: not a sweep's winners file ({e}); using the defaults")
-
-
-def save_tuned(path: str, winners: dict[tuple[str, int, int, int], Config]) -> None:
-    """Writes ``winners`` in the format ``load_tuned`` reads, whole or not at all (a write
-    cut off midway leaves the previous file)."""
-    import json
-
-    with open(path + ".tmp", "w") as f:
-        json.dump({",".join(map(str, key)): list(cfg) for key, cfg in winners.items()}, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-if os.environ.get("VIM_JAX_SCAN_TUNED"):
-    load_tuned(os.environ["VIM_JAX_SCAN_TUNED"])
+# winners file (``tuning``, its path in $VIM_JAX_SCAN_TUNED) adds to them at import, so the
+# GPU suite's later stages run what its sweep found.
+TUNED: dict[tuple[str, int, int, int], Config] = tuning.from_environment("VIM_JAX_SCAN_TUNED", Config)
 
 
 # Programs a launch should have to fill a GPU (an H100 has 132 SMs, each holding several).
