@@ -1,6 +1,6 @@
 """Gated-linear-attention benchmark: the Pallas kernels against the chunked XLA form.
 
-    python benchmarks/gla_bench.py [--check] [--tiny] [--json F]
+    python benchmarks/gla_bench.py [--check] [--tiny] [--json F] [--tuned-out F]
 
 --check: on the current device (interpret mode off a GPU), both directions in one call
 (``bigla``) with the Pallas backend against the chunked XLA form: outputs and the five
@@ -8,11 +8,12 @@ gradients, float32 at ViG-T's heads (dk 32, dv 64) and 196 tokens, bfloat16 at V
 (16, 32) and an odd length; exits non-zero on a mismatch.
 Then, unless --check alone is asked for by --no-timing: forward and forward + backward
 times of both, at ViG-T's shapes for 224 px (batch 128, 196 tokens) and 1024 px (batch 32,
-4096 tokens), and the speed-up; and the two Pallas forwards side by side (the kernels
-called directly, both directions a launch): the one walk that writes the outputs too (the
+4096 tokens), and the speed-up; and the two forms of the Pallas kernels side by side,
+forward and backward (called directly, both directions a launch): the one walk (the
 default) and the two-phase one (``Config.two_phase``: a walk for the chunks' entry states,
-then every chunk's outputs in parallel), whose outputs --check also compares. --tiny:
-small shapes, for a rehearsal on the CPU.
+or backward their adjoints, then every chunk in parallel), whose results --check also
+compares; with --tuned-out, the faster of each (when their results agree) is written there
+for the GPU suite's later stages. --tiny: small shapes, for a rehearsal on the CPU.
 """
 
 from __future__ import annotations
@@ -49,14 +50,20 @@ def fns(backend, cot):
     return fwd, jax.jit(jax.value_and_grad(loss, argnums=range(5)))
 
 
-def kernel_forward(two_phase: bool, interpret: bool):
-    """Both directions of the Pallas forward called directly, one launch or two phases."""
-    def fwd(q, k, v, gf, gb):
-        dk = q.shape[-1]
-        cfg = kernels.default_config(dk, v.shape[-1], "fwd")._replace(two_phase=two_phase)
-        return kernels.forward(q, k, v, jnp.stack([gf, gb], 2), scale=dk ** -0.5, directions=(False, True),
-                               save_states=False, interpret=interpret, config=cfg)[0]
-    return jax.jit(fwd)
+def kernel_calls(args, cot, two_phase: bool, interpret: bool):
+    """Both directions of the Pallas forward and of its backward called directly, one walk
+    or two phases: {"fwd": (jitted fn, its arguments), "bwd": ...}."""
+    q, k, v, gf, gb = args
+    dk, dv = q.shape[-1], v.shape[-1]
+    g = jnp.stack([gf, gb], 2)
+    flags = dict(scale=dk ** -0.5, directions=(False, True), interpret=interpret)
+    cfg = lambda kind: kernels.default_config(dk, dv, kind)._replace(two_phase=two_phase)
+    fwd = jax.jit(lambda *a: kernels.forward(*a, save_states=False, config=cfg("fwd"), **flags)[0])
+    _, last, states = jax.jit(lambda *a: kernels.forward(*a, save_states=True, config=cfg("fwd"), **flags))(
+        q, k, v, g)
+    bwd = jax.jit(lambda *a: kernels.backward(*a, config=cfg("bwd"), **flags))
+    do = jnp.moveaxis(cot, 0, 2).astype(q.dtype)  # (b, L, directions, h, dv)
+    return {"fwd": (fwd, (q, k, v, g)), "bwd": (bwd, (q, k, v, g, states, last, do, jnp.ones_like(last)))}
 
 
 def rel_err(a, b):
@@ -78,8 +85,10 @@ def check(tiny: bool) -> bool:
             errs.update({f"grad_{n}": rel_err(x, y) for n, x, y in zip(("q", "k", "v", "g_f", "g_b"),
                                                                        got[1][1], want[1][1])})
             interpret = jax.devices()[0].platform != "gpu"
-            errs["o two-phase"] = rel_err(kernel_forward(True, interpret)(*args),
-                                          kernel_forward(False, interpret)(*args))
+            one, two = (kernel_calls(args, cot, x, interpret) for x in (False, True))
+            for kind in ("fwd", "bwd"):  # the two-phase kernels against the one-walk ones
+                results = [jax.tree.leaves(calls[kind][0](*calls[kind][1])) for calls in (two, one)]
+                errs[f"{kind} two-phase"] = max(rel_err(a, b_) for a, b_ in zip(*results))
             worst = max(errs, key=errs.get)
             good = errs[worst] < tol
             ok &= good
@@ -90,9 +99,9 @@ def check(tiny: bool) -> bool:
 
 
 def timing(tiny: bool, repeats: int, record, tuned_out: str | None = None):
-    """Pallas against the chunked XLA form, forward and training; then the kernel forward as
-    one walk and as two phases, the faster (if their outputs agree) written to ``tuned_out``
-    as the forward's configuration at that shape (``kernels.gla.TUNED``)."""
+    """Pallas against the chunked XLA form, forward and training; then the kernels, forward
+    and backward, as one walk and as two phases, the faster of each (if their results
+    agree) written to ``tuned_out`` as its configuration at that shape (``kernels.gla.TUNED``)."""
     shapes = [("ViG-T 224px", 128, 196), ("ViG-T 1024px", 32, 4096)] if not tiny else [("tiny", 2, 37)]
     winners = {}
     for name, b, l in shapes:
@@ -115,30 +124,33 @@ def timing(tiny: bool, repeats: int, record, tuned_out: str | None = None):
                 print(f"{name} {kind}: Pallas {times['chunked', kind] / times['pallas', kind]:.2f}x the chunked "
                       "XLA form's speed", flush=True)
         interpret = jax.devices()[0].platform != "gpu"
-        outputs = {}
-        for two_phase in (False, True):
-            label = "pallas two-phase" if two_phase else "pallas one walk"
-            fn = kernel_forward(two_phase, interpret)
-            try:
-                outputs[label] = jax.block_until_ready(fn(*args))
-                times[label] = model_bench.timed(fn, *args, repeats=repeats)
-            except Exception as e:
-                print(f"{name} {label} fwd: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        # The kernels as one walk and as two phases, forward and backward: each form's results
+        # must agree with the other's (bfloat16 rounding) before the faster can win.
+        forms = {two_phase: kernel_calls(args, cot, two_phase, interpret) for two_phase in (False, True)}
+        for kind in ("fwd", "bwd"):
+            results, kernel_times = {}, {}
+            for two_phase, calls in forms.items():
+                label = "pallas two-phase" if two_phase else "pallas one walk"
+                fn, fn_args = calls[kind]
+                try:
+                    results[two_phase] = jax.block_until_ready(fn(*fn_args))
+                    kernel_times[two_phase] = model_bench.timed(fn, *fn_args, repeats=repeats)
+                except Exception as e:
+                    print(f"{name} {label} kernel {kind}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                print(f"{name} b={b} L={l} {label:16} kernel {kind} {kernel_times[two_phase] * 1e3:9.3f} ms",
+                      flush=True)
+                record(dict(shape=name, batch=b, length=l, backend=label, kind="kernel " + kind,
+                            ms=kernel_times[two_phase] * 1e3, device=jax.devices()[0].device_kind))
+            if len(kernel_times) < 2:
                 continue
-            print(f"{name} b={b} L={l} {label:16} kernel fwd {times[label] * 1e3:9.3f} ms", flush=True)
-            record(dict(shape=name, batch=b, length=l, backend=label, kind="kernel fwd",
-                        ms=times[label] * 1e3, device=jax.devices()[0].device_kind))
-        if "pallas one walk" in times and "pallas two-phase" in times:
-            print(f"{name} kernel fwd: two-phase {times['pallas one walk'] / times['pallas two-phase']:.2f}x "
-                  "the one walk's speed", flush=True)
-            # The two forwards compute the same sums in other orders: the faster one wins only
-            # if their outputs agree (bfloat16 rounding).
-            same = rel_err(outputs["pallas two-phase"], outputs["pallas one walk"]) < 2 ** -7
-            two_phase = same and times["pallas two-phase"] < times["pallas one walk"]
-            cfg = kernels.default_config(32, 64, "fwd")._replace(two_phase=two_phase)
-            winners[("fwd", 32, 64, l)] = cfg
-            print(f"winner {name} kernel fwd: {'two-phase' if two_phase else 'one walk'}"
-                  + ("" if same else " (the two-phase output differs from the one walk's: not eligible)"), flush=True)
+            one, two = (jax.tree.leaves(results[x]) for x in (False, True))
+            same = max(rel_err(a, b_) for a, b_ in zip(two, one)) < 2 ** -7
+            two_phase = same and kernel_times[True] < kernel_times[False]
+            winners[(kind, 32, 64, l)] = kernels.default_config(32, 64, kind)._replace(two_phase=two_phase)
+            print(f"{name} kernel {kind}: two-phase {kernel_times[False] / kernel_times[True]:.2f}x the one walk's "
+                  f"speed; winner: {'two-phase' if two_phase else 'one walk'}"
+                  + ("" if same else " (the two forms' results differ: two-phase not eligible)"), flush=True)
             if tuned_out:
                 tuning.save(tuned_out, winners)
 
@@ -150,7 +162,7 @@ def main():
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", help="append one JSON line per timing to this file")
-    p.add_argument("--tuned-out", help="write the forward's winner at each shape here (for $VIM_JAX_GLA_TUNED)")
+    p.add_argument("--tuned-out", help="write the kernels' winners at each shape here (for $VIM_JAX_GLA_TUNED)")
     args = p.parse_args()
 
     def record(row):

@@ -13,8 +13,9 @@ and its training forward and backward, both directions, at Vim-Ti/S widths for 2
 1248 px, batch 8 to 128, float32 and bfloat16, with the launch configuration
 ``config_for`` picks; the GLA kernels, both directions in one launch, at ViG-T's head sizes
 (dk 32, dv 64) for 224 and 1024 px and ViG-H's (16, 32) for its first and last stage at
-224 px, inference and training, float32 and bfloat16, and the two-phase forward's states
-walk and per-chunk outputs) is compiled by XLA's own Triton for a compile-only sm_80 (A100)
+224 px, inference and training, float32 and bfloat16, and their two-phase forms: the
+forward's states walk and per-chunk outputs, the backward's adjoint walk and per-chunk
+gradients) is compiled by XLA's own Triton for a compile-only sm_80 (A100)
 and sm_90 (H100) device, as on a GPU; ``ptxas -v`` then reads the PTX. One row per kernel:
 launch configuration, registers per thread, spill bytes, shared memory, the warps an SM
 keeps resident, and, per use, the programs a launch exposes. Exits non-zero on a compile
@@ -122,7 +123,7 @@ class GlaKernel:
     heads: int
     batch: int = 8  # the grid only: one compilation serves every batch
     reverse: bool = False  # (both directions run in every launch)
-    two_phase: bool = False  # the forward as a states walk, then every chunk's outputs in parallel
+    two_phase: bool = False  # a walk for the chunks' states (or their adjoints), then every chunk in parallel
 
 
 # (name, dk, dv, heads, {image size: length}) of the ViG models' GLA calls.
@@ -135,8 +136,8 @@ def gla_cases(quick: bool):
         for (size, length), dtype, stage in itertools.product(
                 list(lengths.items())[:1] if quick else lengths.items(), DTYPES, ("inference", "training")):
             yield model, size, GlaKernel(stage, dtype, length, dk, dv, heads)
-            if stage == "inference":  # the two-phase forward's kernels, the same when training
-                yield model, size, GlaKernel(stage, dtype, length, dk, dv, heads, two_phase=True)
+            # The two-phase kernels: the forward's (the same when training) and the backward's.
+            yield model, size, GlaKernel(stage, dtype, length, dk, dv, heads, two_phase=True)
 
 
 def cases(quick: bool):
@@ -194,14 +195,14 @@ def _compile_gla(k: GlaKernel, rep, dt, dump: str):
     b, l, h = k.batch, k.length, k.heads
     ins = (spec(b, l, h, k.dk), spec(b, l, h, k.dk), spec(b, l, h, k.dv), spec(b, l, 2, h, k.dk, dtype=jnp.float32))
     flags = dict(scale=k.dk ** -0.5, directions=(False, True), interpret=False)
+    fwd_cfg, bwd_cfg = (gla.default_config(k.dk, k.dv, s)._replace(two_phase=k.two_phase) for s in ("fwd", "bwd"))
     if k.stage == "inference":
-        cfg = gla.default_config(k.dk, k.dv, "fwd")._replace(two_phase=k.two_phase)
-        fn = lambda *a: gla.forward(*a, save_states=False, config=cfg, **flags)
+        fn = lambda *a: gla.forward(*a, save_states=False, config=fwd_cfg, **flags)
         args = ins
     else:
-        def fn(*a):
+        def fn(*a):  # the training forward's kernels are the inference forward's: one-walk here
             o, last, states = gla.forward(*a[:4], save_states=True, **flags)
-            return o, gla.backward(*a[:4], states, last, a[4], a[5], **flags)
+            return o, gla.backward(*a[:4], states, last, a[4], a[5], config=bwd_cfg, **flags)
         args = ins + (spec(b, l, 2, h, k.dv), spec(b, 2, h, k.dk, k.dv, dtype=jnp.float32))
     jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump})
 
@@ -399,7 +400,8 @@ def main():
             users.setdefault(key, []).append((model, size, k.batch))
             jobs.setdefault(key, (arch, k, ptxas, nvdisasm))
         for model, size, k in gla_cases(args.quick):
-            cfgs = tuple(gla_kernels.default_config(k.dk, k.dv, s)._replace(two_phase=k.two_phase and s == "fwd")
+            cfgs = tuple(gla_kernels.default_config(k.dk, k.dv, s)._replace(two_phase=k.two_phase and (
+                             s == "bwd" or k.stage == "inference"))
                          for s in (("fwd",) if k.stage == "inference" else ("fwd", "bwd")))
             key = (arch, k.stage, k.dtype, k.length, (k.dk, k.dv), False, cfgs)
             users.setdefault(key, []).append((model, size, None))

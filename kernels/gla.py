@@ -27,7 +27,10 @@ below C are zero-padded by the wrapper.
 The differentiated forward also writes the state entering every chunk, (batch, directions,
 heads, chunks, dk, dv) float32, from which the backward walks the chunks in reverse scan
 order, carrying the state's adjoint and the running sum that gives the gates' gradient:
-dg = (reverse) cumulative sum of q * dq - k * dk, plus the final state's own term.
+dg = (reverse) cumulative sum of q * dq - k * dk, plus the final state's own term. Either
+walk can run in two phases (``Config.two_phase``): a walk carrying the state (or its
+adjoint) alone, then a launch of one program per chunk; the backward's dg then adds each
+chunk's share of the later chunks' sums outside the kernels.
 """
 
 from __future__ import annotations
@@ -47,11 +50,12 @@ _HI = jax.lax.Precision.HIGHEST  # IEEE float32 products in Triton (not TF32)
 
 
 class Config(NamedTuple):
-    """Launch parameters: warps and pipeline stages of one program; for the forward, whether
-    it runs in two phases (``two_phase``: one walk over the chunks for their entry states,
-    then every chunk's outputs from them in parallel, flash-linear-attention's "chunk" mode)
-    or as one walk that also writes the outputs (its "fused_chunk" mode, the default: the
-    one a GPU has timed)."""
+    """Launch parameters: warps and pipeline stages of one program; and whether the kernel
+    runs in two phases (``two_phase``, flash-linear-attention's "chunk" mode: forward, one
+    walk over the chunks for their entry states, then every chunk's outputs from them in
+    parallel; backward, one walk back for the adjoint of the state leaving every chunk, then
+    every chunk's gradients in parallel) or as one walk that does it all (its "fused_chunk"
+    mode, the default: the one a GPU has timed)."""
     num_warps: int
     num_stages: int = 1
     two_phase: bool = False
@@ -204,6 +208,29 @@ def _outputs_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, o_ref, *, length, sc
     _store(o_ref, start, new, scale * _outputs(order, q, k, v, cum, states_ref[c, :, :]))
 
 
+def _chunk_grads(order, tri, q, k, v, g, do, state, ds):
+    """One chunk's dq, dk, dv and its rows' q dq - k dk (whose sums from the end give dg),
+    from the state entering it and the adjoint ``ds`` of the state leaving it; with the
+    chunk's total gate and in-chunk decays for the walk back to the previous chunk."""
+    cum = _dot(tri, g)
+    total = jnp.sum(g, axis=0)
+    decay = _decay(order, cum)
+    qk = q[:, None, :] * k[None, :, :] * decay
+    scores = jnp.sum(qk, axis=2)                          # A_ij
+    dscores = jnp.where(order, _dot(do, v, trans_b=True), 0.0)  # dO_i . v_j
+    weighted = dscores[:, :, None] * decay
+    q_decay, k_decay = jnp.exp(cum), jnp.exp(total[None, :] - cum)
+    dq = q_decay * _dot(do, state, trans_b=True) + jnp.sum(weighted * k[None, :, :], axis=1)
+    dk = k_decay * _dot(v, ds, trans_b=True) + jnp.sum(weighted * q[:, None, :], axis=0)
+    dv = _dot(scores, do, trans_a=True) + _dot(k * k_decay, ds)
+    return dq, dk, dv, q * dq - k * dk, total, q_decay
+
+
+def _walk_back(ds, q, do, total, q_decay):
+    """The adjoint of the state entering a chunk from the one leaving it."""
+    return jnp.exp(total)[:, None] * ds + _dot(q * q_decay, do, trans_a=True)
+
+
 def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, do_ref, dlast_ref, dg0_ref,
                 dq_ref, dk_ref, dv_ref, dg_ref, *, length, scale, directions):
     ch = _Chunks(length, _direction(directions))
@@ -216,27 +243,52 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, do_ref, dlast_ref, dg0_r
         start, new = ch.rows(c)
         q, k, v, g, do = _load((q_ref, k_ref, v_ref, g_ref, do_ref), start, new)
         do = scale * do
-        state = states_ref[c, :, :]
-        cum = _dot(tri, g)
-        total = jnp.sum(g, axis=0)
-        decay = _decay(order, cum)
-        qk = q[:, None, :] * k[None, :, :] * decay
-        scores = jnp.sum(qk, axis=2)                          # A_ij
-        dscores = jnp.where(order, _dot(do, v, trans_b=True), 0.0)  # dO_i . v_j
-        weighted = dscores[:, :, None] * decay
-        q_decay, k_decay = jnp.exp(cum), jnp.exp(total[None, :] - cum)
-        dq = q_decay * _dot(do, state, trans_b=True) + jnp.sum(weighted * k[None, :, :], axis=1)
-        dk = k_decay * _dot(v, ds, trans_b=True) + jnp.sum(weighted * q[:, None, :], axis=0)
-        dv = _dot(scores, do, trans_a=True) + _dot(k * k_decay, ds)
-        term = q * dq - k * dk
+        dq, dk, dv, term, total, q_decay = _chunk_grads(order, tri, q, k, v, g, do, states_ref[c, :, :], ds)
         dg = dg_sum[None, :] + _dot(tri, term, trans_a=True)  # sum over rows at or after i
         for ref, x in ((dq_ref, dq), (dk_ref, dk), (dv_ref, dv), (dg_ref, dg)):
             _store(ref, start, new, x)
-        ds = jnp.exp(total)[:, None] * ds + _dot(q * q_decay, do, trans_a=True)
-        return ds, dg_sum + jnp.sum(term, axis=0)
+        return _walk_back(ds, q, do, total, q_decay), dg_sum + jnp.sum(term, axis=0)
 
     jax.lax.fori_loop(0, ch.n, chunk, (dlast_ref[...].astype(jnp.float32),
                                        dg0_ref[...].astype(jnp.float32)))
+
+
+def _bwd_states_kernel(q_ref, g_ref, do_ref, dlast_ref, dstates_ref, *, length, scale, directions):
+    """Phase one of the two-phase backward: the walk back over the chunks with the state's
+    adjoint alone (no keys, values or (C, C) scores), writing the adjoint of the state
+    leaving every chunk."""
+    ch = _Chunks(length, _direction(directions))
+    tri = ch.order().astype(jnp.float32)
+
+    def chunk(i, ds):
+        c = ch.n - 1 - i
+        start, new = ch.rows(c)
+        q, g, do = _load((q_ref, g_ref, do_ref), start, new)
+        dstates_ref[c, :, :] = ds
+        cum = _dot(tri, g)
+        return _walk_back(ds, q, scale * do, jnp.sum(g, axis=0), jnp.exp(cum))
+
+    jax.lax.fori_loop(0, ch.n, chunk, dlast_ref[...].astype(jnp.float32))
+
+
+def _bwd_chunks_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, dstates_ref, do_ref,
+                       dq_ref, dk_ref, dv_ref, dg_ref, sums_ref, *, length, scale, directions, n_chunks):
+    """Phase two: one program per (batch, head, direction and chunk) computes the chunk's
+    gradients from its entry state and its leaving adjoint; dg within the chunk only, with
+    the chunk's sum of q dq - k dk, from which the wrapper adds what the later chunks give."""
+    rc = pl.program_id(2)
+    reverse = (rc >= n_chunks) if len(directions) == 2 else jnp.asarray(directions[0])
+    c = rc % n_chunks
+    ch = _Chunks(length, reverse)
+    order = ch.order()
+    tri = order.astype(jnp.float32)
+    start, new = ch.rows(c)
+    q, k, v, g, do = _load((q_ref, k_ref, v_ref, g_ref, do_ref), start, new)
+    dq, dk, dv, term, _, _ = _chunk_grads(order, tri, q, k, v, g, scale * do, states_ref[c, :, :],
+                                          dstates_ref[c, :, :])
+    for ref, x in ((dq_ref, dq), (dk_ref, dk), (dv_ref, dv), (dg_ref, _dot(tri, term, trans_a=True))):
+        _store(ref, start, new, x)
+    sums_ref[...] = jnp.sum(term, axis=0)
 
 
 def _specs(length, dk, dv, n_chunks):
@@ -331,6 +383,11 @@ def backward(q, k, v, g, states, last, do, dlast, *, scale, directions, interpre
     dg0 = jnp.sum(last * dlast.astype(jnp.float32), axis=-1)
     f32 = jnp.float32
     cfg = config or config_for("bwd", dk, dv, length)
+    if cfg.two_phase:
+        dq, dk_, dv_, dg = _two_phase_backward(q, k, v, g, states, do, dlast, dg0, lp=lp, scale=scale,
+                                               directions=tuple(directions), cfg=cfg, interpret=interpret)
+        cut = lambda x, like: x[:, :length].sum(2).astype(like.dtype)
+        return cut(dq, q), cut(dk_, k), cut(dv_, v), dg[:, :length].astype(g.dtype)
     dq, dk_, dv_, dg = pl.pallas_call(
         functools.partial(_bwd_kernel, length=lp, scale=scale, directions=tuple(directions)),
         grid=(b, h, r),
@@ -344,3 +401,43 @@ def backward(q, k, v, g, states, last, do, dlast, *, scale, directions, interpre
     )(q, k, v, g, states, do, dlast, dg0)
     cut = lambda x, like: x[:, :length].sum(2).astype(like.dtype)
     return cut(dq, q), cut(dk_, k), cut(dv_, v), dg[:, :length].astype(g.dtype)
+
+
+def _two_phase_backward(q, k, v, g, states, do, dlast, dg0, *, lp, scale, directions, cfg, interpret):
+    """``backward`` as two launches: the adjoint of the state leaving every chunk by one walk
+    back, then every chunk's gradients side by side; dg's sums over the later chunks are
+    added here from each chunk's sum (a reverse cumulative sum over chunks)."""
+    b, _, h, dk = q.shape
+    dv = v.shape[-1]
+    r = len(directions)
+    n_chunks = states.shape[3]
+    shared, per_dir, state, states_spec, _ = _specs(lp, dk, dv, n_chunks)
+    f32 = jnp.float32
+    params = plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    dstates = pl.pallas_call(
+        functools.partial(_bwd_states_kernel, length=lp, scale=scale, directions=directions),
+        grid=(b, h, r), in_specs=[shared(dk), per_dir(dk), per_dir(dv), state], out_specs=states_spec,
+        out_shape=jax.ShapeDtypeStruct((b, r, h, n_chunks, dk, dv), f32),
+        interpret=interpret, compiler_params=params, name="gla_bwd_states",
+    )(q, g, do, dlast)
+    # The grid's third axis is (direction, chunk), as in the two-phase forward.
+    whole = lambda d: pl.BlockSpec((None, lp, None, d), lambda i, j, rc: (i, 0, j, 0))
+    dir_rows = lambda d: pl.BlockSpec((None, lp, None, None, d), lambda i, j, rc: (i, 0, rc // n_chunks, j, 0))
+    dir_states = pl.BlockSpec((None, None, None, n_chunks, dk, dv), lambda i, j, rc: (i, rc // n_chunks, j, 0, 0, 0))
+    sums = pl.BlockSpec((None, None, None, None, dk), lambda i, j, rc: (i, rc // n_chunks, j, rc % n_chunks, 0))
+    rows = lambda d: jax.ShapeDtypeStruct((b, lp, r, h, d), f32)
+    dq, dk_, dv_, dg, chunk_sums = pl.pallas_call(
+        functools.partial(_bwd_chunks_kernel, length=lp, scale=scale, directions=directions, n_chunks=n_chunks),
+        grid=(b, h, r * n_chunks),
+        in_specs=[whole(dk), whole(dk), whole(dv), dir_rows(dk), dir_states, dir_states, dir_rows(dv)],
+        out_specs=[dir_rows(dk), dir_rows(dk), dir_rows(dv), dir_rows(dk), sums],
+        out_shape=[rows(dk), rows(dk), rows(dv), rows(dk), jax.ShapeDtypeStruct((b, r, h, n_chunks, dk), f32)],
+        interpret=interpret, compiler_params=params, name="gla_bwd_chunks",
+    )(q, k, v, g, states, dstates, do)
+    # dg at a row also sums q dq - k dk over every later chunk in scan order, and the final
+    # state's term dg0: per chunk, a reverse cumulative sum over chunks (exclusive).
+    later = jnp.cumsum(chunk_sums[:, :, :, ::-1], axis=3)[:, :, :, ::-1] - chunk_sums + dg0[:, :, :, None, :]
+    pos = jnp.arange(lp)
+    chunk_of_row = jnp.stack([(lp - 1 - pos if d else pos) // CHUNK for d in directions])  # (r, lp)
+    per_row = jnp.take_along_axis(later, chunk_of_row[None, :, None, :, None], axis=3)  # (b, r, h, lp, dk)
+    return dq, dk_, dv_, dg + per_row.transpose(0, 3, 1, 2, 4)

@@ -199,3 +199,27 @@ def scan_layout(request, monkeypatch):
     monkeypatch.setattr(kernels, "check_config", lambda kernel, cfg: used.append(cfg.layout) or check(kernel, cfg))
     yield request.param
     assert request.param in used, f"no scan kernel ran in the {request.param} layout (ran: {set(used)})"
+
+
+def set_gla_form(monkeypatch, two_phase: bool) -> list:
+    """Makes the Pallas GLA kernels run as one walk or in two phases
+    (``kernels.gla.Config.two_phase``, forward and backward); returns the forms that ran."""
+    from vim_jax.kernels import gla
+
+    used = []
+    default = gla.default_config
+
+    def config(dk, dv, kernel):
+        used.append(two_phase)
+        return default(dk, dv, kernel)._replace(two_phase=two_phase)
+
+    monkeypatch.setattr(gla, "default_config", config)
+    return used
+
+
+@pytest.fixture(params=["one walk", "two phases"])
+def gla_form(request, monkeypatch):
+    """Runs a test on both forms of the Pallas GLA kernels, and fails it if no kernel ran."""
+    used = set_gla_form(monkeypatch, request.param == "two phases")
+    yield request.param
+    assert used, f"no Pallas GLA kernel ran ({request.param})"

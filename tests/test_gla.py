@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import fixture_path
+from conftest import fixture_path, set_gla_form
 from test_selective_scan import rel_err
 from vim_jax.mixers.gla import bigla, gla
 
@@ -25,10 +25,12 @@ def _ours(x):
 
 
 @pytest.mark.parametrize("gates", ["", "harsh_"])
-@pytest.mark.parametrize("backend", ["reference", "chunked", "pallas"])
-def test_matches_the_official_kernels(ref, gates, backend):
+@pytest.mark.parametrize("backend", ["reference", "chunked", "pallas", "pallas two-phase"])
+def test_matches_the_official_kernels(ref, gates, backend, monkeypatch):
     """Harsh gates (cumulative log decay to -65 within a chunk) fail a port that factors
-    exp(b_i - b_j) into exp(b_i) * exp(-b_j)."""
+    exp(b_i - b_j) into exp(b_i) * exp(-b_j). "pallas two-phase": the kernels' two-phase form."""
+    two_phase = set_gla_form(monkeypatch, True) if backend == "pallas two-phase" else None
+    backend = backend.split()[0]
     q, k, v = (_ours(ref[n]) for n in ("q", "k", "v"))
     g_f, g_b = _ours(ref[gates + "g_f"]), _ours(ref[gates + "g_b"])
     cot_f, cot_b = _ours(ref["cot_f"]), _ours(ref["cot_b"])
@@ -52,14 +54,17 @@ def test_matches_the_official_kernels(ref, gates, backend):
     grads = jax.jit(jax.grad(loss, argnums=range(5)))(q, k, v, g_f, g_b)
     for name, got in zip(("q", "k", "v", "g_f", "g_b"), grads):
         assert rel_err(got, _ours(ref[gates + "grad_" + name])) < 1e-4, name
+    assert two_phase is None or len(two_phase) >= 2, "the two-phase kernels did not run"
 
 
 @pytest.mark.parametrize("gates", ["", "harsh_"])
-@pytest.mark.parametrize("backend", ["auto", "pallas"])
-def test_both_directions_in_one_call(ref, gates, backend):
+@pytest.mark.parametrize("backend", ["auto", "pallas", "pallas two-phase"])
+def test_both_directions_in_one_call(ref, gates, backend, monkeypatch):
     """bigla (the model's call) gives the official forward and reverse outputs and their
     gradients, the reverse gates indexed by token as the official model passes them; the
-    Pallas kernel runs both directions in one launch."""
+    Pallas kernel runs both directions in one launch (either form)."""
+    two_phase = set_gla_form(monkeypatch, True) if backend == "pallas two-phase" else None
+    backend = backend.split()[0]
     q, k, v = (_ours(ref[n]) for n in ("q", "k", "v"))
     g_f, g_b = _ours(ref[gates + "g_f"]), _ours(ref[gates + "g_b"])
     cot_f, cot_b = _ours(ref["cot_f"]), _ours(ref["cot_b"])
@@ -75,11 +80,12 @@ def test_both_directions_in_one_call(ref, gates, backend):
     grads = jax.jit(jax.grad(loss, argnums=range(5)))(q, k, v, g_f, g_b)
     for name, got in zip(("q", "k", "v", "g_f", "g_b"), grads):
         assert rel_err(got, _ours(ref[gates + "grad_" + name])) < 1e-4, name
+    assert two_phase is None or len(two_phase) >= 2, "the two-phase kernels did not run"
 
 
 @pytest.mark.parametrize("length", [1, 16, 21])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_backends_agree_off_the_chunk_grid(length, reverse):
+def test_backends_agree_off_the_chunk_grid(length, reverse, monkeypatch):
     """Lengths below, at and off one chunk, with strong gates: every backend's outputs, final
     states and gradients (the final state's cotangent included) equal the recurrence's."""
     keys = jax.random.split(jax.random.key(length), 6)
@@ -98,9 +104,11 @@ def test_backends_agree_off_the_chunk_grid(length, reverse):
     # 1 the gate gradient is exactly 0, a cancellation of O(10) terms, so 1e-6 there agrees.
     err = lambda a, w: np.abs(np.asarray(a) - np.asarray(w)).max() / max(np.abs(np.asarray(w)).max(), 1.0)
     # Compiled: one chunk (length 16) once met an XLA CPU fusion that read uninitialised memory.
-    for b in ("chunked", "pallas"):
-        for a, w in zip(jax.jit(run(b))(q, k, v, g) + grads(b), want + want_grads):
+    for b in ("chunked", "pallas", "pallas two-phase"):
+        two_phase = set_gla_form(monkeypatch, True) if b == "pallas two-phase" else None
+        for a, w in zip(jax.jit(run(b.split()[0]))(q, k, v, g) + grads(b.split()[0]), want + want_grads):
             assert err(a, w) < 1e-5, b
+    assert len(two_phase) >= 2, "the two-phase kernels did not run"
 
 
 def test_dtypes_and_bad_arguments():

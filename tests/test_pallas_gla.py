@@ -121,7 +121,7 @@ def test_backends_per_platform_and_any_head_size():
 
 
 @pytest.mark.parametrize("dk,dv", [(60, 100), (100, 60), (8, 320)])
-def test_any_head_size_matches_the_recurrence_with_gradients(dk, dv):
+def test_any_head_size_matches_the_recurrence_with_gradients(dk, dv, gla_form):
     """flash-linear-attention's test grid takes head sizes that are not powers of two; so do
     the kernels (interpret mode): both directions' outputs, the final state and every
     gradient against the recurrence, at an odd length."""
@@ -162,3 +162,34 @@ def test_the_two_phase_forward_equals_the_one_walk(length, directions):
     chunks = -(-max(length, kernels.CHUNK) // kernels.CHUNK)
     outputs_call = triton_calls(text)[1]
     assert re.search(rf"grid_x = 2 : i32, grid_y = 2 : i32, grid_z = {len(directions) * chunks} : i32", outputs_call)
+
+
+@pytest.mark.parametrize("length,directions", [(5, (False, True)), (37, (False, True)), (21, (True,)),
+                                               (48, (False,))])
+def test_the_two_phase_backward_equals_the_one_walk(length, directions):
+    """``Config(two_phase=True)`` backward: the adjoint of the state leaving every chunk by one
+    walk back, then every chunk's gradients in parallel, dg's sums over later chunks added
+    outside. dq, dk, dv and dg equal the one-walk backward's (interpret mode), below, on and
+    off the chunk grid; lowered for CUDA it is two Triton kernels, the second with a program
+    per (batch, head, direction x chunk)."""
+    q, k, v, g_f, g_b = _inputs(b=2, length=length, heads=2, seed=7)
+    g = jnp.stack([g_f, g_b], 2) if len(directions) == 2 else g_b[:, :, None]
+    one = kernels.Config(8, 1)
+    _, last, states = kernels.forward(q, k, v, g, scale=0.25, directions=directions, save_states=True,
+                                      interpret=True, config=one)
+    keys = jax.random.split(jax.random.key(11), 2)
+    do = jax.random.normal(keys[0], (2, length, len(directions), 2, v.shape[-1]))
+    dlast = jax.random.normal(keys[1], last.shape)
+
+    def bwd(two_phase, interpret=True):
+        return lambda *a: kernels.backward(*a, scale=0.25, directions=directions, interpret=interpret,
+                                           config=kernels.Config(8, 1, two_phase))
+
+    args = (q, k, v, g, states, last, do, dlast)
+    for name, got, want in zip(("dq", "dk", "dv", "dg"), bwd(True)(*args), bwd(False)(*args)):
+        assert rel_err(got, want) < 1e-5, name
+    text = lower_for_cuda(jax.jit(bwd(True, interpret=False)).trace(*args)).as_text()
+    assert _names(text) == ["gla_bwd_states", "gla_bwd_chunks"]
+    chunks = -(-max(length, kernels.CHUNK) // kernels.CHUNK)
+    assert re.search(rf"grid_x = 2 : i32, grid_y = 2 : i32, grid_z = {len(directions) * chunks} : i32",
+                     triton_calls(text)[1])
