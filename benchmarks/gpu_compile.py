@@ -201,7 +201,8 @@ def _compile_gla(k: GlaKernel, rep, dt, dump: str):
         args = ins
     else:
         def fn(*a):  # the training forward's kernels are the inference forward's: one-walk here
-            o, last, states = gla.forward(*a[:4], save_states=True, **flags)
+            o, last, states = gla.forward(*a[:4], save_states=True, config=fwd_cfg._replace(two_phase=False),
+                                          **flags)
             return o, gla.backward(*a[:4], states, last, a[4], a[5], config=bwd_cfg, **flags)
         args = ins + (spec(b, l, 2, h, k.dv), spec(b, 2, h, k.dk, k.dv, dtype=jnp.float32))
     jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump})

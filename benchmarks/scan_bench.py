@@ -69,9 +69,6 @@ def kernel_args(a):
 def traffic(kind, b, l, d, itemsize, n=D_STATE, chunk=ss.STATE_CHUNK):
     """Bytes a kernel must move at least once (see the module docstring); the backward's
     dB/dC partials counted at the default channel block."""
-    from vim_jax.kernels import tuning
-from vim_jax.kernels.selective_scan import config_for
-
     seq, bc, states = b * l * d * itemsize, b * l * n * itemsize, b * -(-l // chunk) * d * n * 4
     if kind == "fwd":
         return 4 * seq + 2 * bc
@@ -103,6 +100,7 @@ def check(tiny: bool = False, ptxas_dir: str | None = None) -> bool:
     cases = [((2, 197, 384, True), "float32"), ((3, 70, 40, False), "bfloat16")]
     if tiny:
         cases = [((2, 37, 16, True), "float32"), ((1, 21, 8, False), "bfloat16")]
+    saved_layout = os.environ.get("VIM_JAX_SCAN_LAYOUT")
     for ((b, l, d, reverse), dtype), layout in itertools.product(cases, ("tile", "lanes")):
         os.environ["VIM_JAX_SCAN_LAYOUT"] = layout  # read where each call picks its configuration
         args = inputs(jax.random.key(b + l + d), b, l, d, dtype=jnp.dtype(dtype))
@@ -129,7 +127,10 @@ def check(tiny: bool = False, ptxas_dir: str | None = None) -> bool:
               f"{worst} rel. error {errs[worst]:.2e} (tolerance {tol:.1e}) {'ok' if good else 'FAILED'}",
               flush=True)
 
-    os.environ.pop("VIM_JAX_SCAN_LAYOUT")
+    if saved_layout is None:
+        os.environ.pop("VIM_JAX_SCAN_LAYOUT")
+    else:
+        os.environ["VIM_JAX_SCAN_LAYOUT"] = saved_layout
     # Segmented (4 segments, a partial chunk), as a small batch of a long sequence runs.
     args = inputs(jax.random.key(3), 1, 300, 16, dtype=jnp.float32)
     eager = ss.selective_scan(**args, delta_softplus=True, backend="pallas")  # no jit

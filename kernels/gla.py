@@ -75,7 +75,7 @@ def default_config(dk: int, dv: int, kernel: str) -> Config:
 # Measured choices of the GPU suite's gla stage (``benchmarks/gla_bench.py --tuned-out``),
 # keyed by (kernel, dk, dv, length); shapes not listed use ``default_config``. A winners file
 # (``tuning``, its path in $VIM_JAX_GLA_TUNED) adds to them at import, so the suite's later
-# stages run the forward (one walk or two phases) its timing found faster.
+# stages run the form of each kernel (one walk or two phases) its timing found faster.
 TUNED: dict[tuple[str, int, int, int], Config] = tuning.from_environment("VIM_JAX_GLA_TUNED", Config)
 
 
@@ -383,10 +383,10 @@ def backward(q, k, v, g, states, last, do, dlast, *, scale, directions, interpre
     dg0 = jnp.sum(last * dlast.astype(jnp.float32), axis=-1)
     f32 = jnp.float32
     cfg = config or config_for("bwd", dk, dv, length)
+    cut = lambda x, like: x[:, :length].sum(2).astype(like.dtype)  # summed over the directions
     if cfg.two_phase:
         dq, dk_, dv_, dg = _two_phase_backward(q, k, v, g, states, do, dlast, dg0, lp=lp, scale=scale,
                                                directions=tuple(directions), cfg=cfg, interpret=interpret)
-        cut = lambda x, like: x[:, :length].sum(2).astype(like.dtype)
         return cut(dq, q), cut(dk_, k), cut(dv_, v), dg[:, :length].astype(g.dtype)
     dq, dk_, dv_, dg = pl.pallas_call(
         functools.partial(_bwd_kernel, length=lp, scale=scale, directions=tuple(directions)),
@@ -399,7 +399,6 @@ def backward(q, k, v, g, states, last, do, dlast, *, scale, directions, interpre
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         name="gla_bwd",
     )(q, k, v, g, states, do, dlast, dg0)
-    cut = lambda x, like: x[:, :length].sum(2).astype(like.dtype)
     return cut(dq, q), cut(dk_, k), cut(dv_, v), dg[:, :length].astype(g.dtype)
 
 
@@ -436,7 +435,8 @@ def _two_phase_backward(q, k, v, g, states, do, dlast, dg0, *, lp, scale, direct
     )(q, k, v, g, states, dstates, do)
     # dg at a row also sums q dq - k dk over every later chunk in scan order, and the final
     # state's term dg0: per chunk, a reverse cumulative sum over chunks (exclusive).
-    later = jnp.cumsum(chunk_sums[:, :, :, ::-1], axis=3)[:, :, :, ::-1] - chunk_sums + dg0[:, :, :, None, :]
+    suffix = jnp.cumsum(chunk_sums[:, :, :, ::-1], axis=3)[:, :, :, ::-1]  # chunk c and after
+    later = jnp.pad(suffix[:, :, :, 1:], ((0, 0), (0, 0), (0, 0), (0, 1), (0, 0))) + dg0[:, :, :, None, :]
     pos = jnp.arange(lp)
     chunk_of_row = jnp.stack([(lp - 1 - pos if d else pos) // CHUNK for d in directions])  # (r, lp)
     per_row = jnp.take_along_axis(later, chunk_of_row[None, :, None, :, None], axis=3)  # (b, r, h, lp, dk)

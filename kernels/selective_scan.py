@@ -17,8 +17,11 @@ leaves):
   thread holding every state of its channel, as mamba's CUDA kernel holds them: the sum
   over states is arithmetic in registers and the forward has no cross-thread step at
   all. Its backward is one warp of 32 channels whose dB and dC sums over channels are
-  shuffles shared out by recursive halving (``_Lanes.store_channel_sums``). Compiled, it
-  states its fused multiply-adds and flush-to-zero exp2 in PTX (``_asm``).
+  shuffles shared out by recursive halving (``_Lanes.store_channel_sums``). Compiled, both
+  lanes kernels state their fused multiply-adds, flush-to-zero exp2 and (backward)
+  shuffles in PTX (``_asm``); interpret mode runs the same algorithm with plain jnp in
+  their place, so only a GPU run checks those instructions' values (the GPU suite's
+  smoke stage does, before its sweep times them).
 
 Steps run in loop trips of ``TRIP_STEPS`` unrolled steps whose rows are loaded before the
 trip's recurrence (latency paid once a trip; a loop, so the compiler cannot hoist a whole
@@ -123,28 +126,33 @@ def default_config(batch: int, length: int, d_inner: int, chunk: int, kernel: st
     return Config(bd, warps, 1, _segments(batch, length, d_inner, chunk, bd))
 
 
-def default_layout() -> str:
-    """$VIM_JAX_SCAN_LAYOUT, else "tile": the layout a GPU has timed (``LAYOUTS``)."""
-    layout = os.environ.get("VIM_JAX_SCAN_LAYOUT", "tile")
-    if layout not in LAYOUTS:
+def requested_layout() -> str | None:
+    """$VIM_JAX_SCAN_LAYOUT ("tile" or "lanes", ``LAYOUTS``) if set, else None."""
+    layout = os.environ.get("VIM_JAX_SCAN_LAYOUT")
+    if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"VIM_JAX_SCAN_LAYOUT={layout!r} is not one of {tuple(LAYOUTS)}")
     return layout
 
 
 def config_for(kernel: str, batch: int, length: int, d_inner: int, chunk: int, layout: str | None = None) -> Config:
-    """The launch parameters used for ``kernel`` ("fwd" or "bwd") at a shape: a sweep's
-    winner (``TUNED``, either layout) unless ``layout`` names the other one, else
-    ``default_config`` in ``layout`` (default: ``default_layout()``)."""
+    """The launch parameters used for ``kernel`` ("fwd" or "bwd") at a shape. The layout is
+    ``layout``, else $VIM_JAX_SCAN_LAYOUT, else a sweep's winner's (``TUNED``), else "tile"
+    (the one a GPU has timed); the configuration a sweep's winner in that layout, else
+    ``default_config``."""
+    layout = layout or requested_layout()
     tuned = TUNED.get((kernel, d_inner, batch, length))
     if tuned and layout in (None, tuned.layout):
         return tuned
-    return default_config(batch, length, d_inner, chunk, kernel, layout or default_layout())
+    return default_config(batch, length, d_inner, chunk, kernel, layout or "tile")
 
 
 def check_config(kernel: str, cfg: Config) -> Config:
     """``cfg`` if ``kernel`` ("fwd" or "bwd") can run it, else a ValueError that says why."""
     if cfg.layout not in LAYOUTS:
         raise ValueError(f"Config.layout={cfg.layout!r} is not one of {tuple(LAYOUTS)}")
+    if cfg.block_d & (cfg.block_d - 1) or cfg.num_warps & (cfg.num_warps - 1):
+        raise ValueError(f"block_d={cfg.block_d} and num_warps={cfg.num_warps} must be powers of two "
+                         "(Triton's tiles and warps)")
     if cfg.layout == "lanes" and kernel == "bwd" and (cfg.block_d, cfg.num_warps) != (32, 1):
         raise ValueError(f"the lanes backward runs one warp of 32 channels (its sums over channels are "
                          f"shuffles within a warp): got block_d={cfg.block_d}, num_warps={cfg.num_warps}")
@@ -579,7 +587,9 @@ def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g
             return h
 
         save(0, h_entry)
-        h_last = _groups(0, size, h_entry, forwards, TRIP_STEPS["lanes", "bwd"])
+        h = _groups(0, size - 1, h_entry, forwards, TRIP_STEPS["lanes", "bwd"])
+        u, delta, b = w.rows((u_ref, delta_ref), (b_ref,), w.pos(first + size - 1))
+        h_last = w.advance(h, w.dt(delta)[1], u, b)  # the state leaving the element: held, not saved
         load = lambda k: tuple(scratch_ref[k, n, :] for n in range(len(h_last)))
 
         def backwards(i0, count, cr):  # steps size-1-i0 .. size-count-i0, from the end
@@ -710,14 +720,15 @@ def backward(u, delta, z, B, C, A, D, bias, states, g, g_last, *, softplus, reve
     kernel = functools.partial(_bwd_kernel, length=length, chunk=chunk, softplus=softplus,
                                reverse=reverse, has_z=has_z, layout=cfg.layout, interpret=interpret)
     f32 = jnp.float32
-    # The lanes kernel's chunk of states, (T, N, BD) a program: written and read back by
-    # the same thread, so it stays in that SM's L1 and L2; discarded.
+    # The lanes kernel's chunk of states, (T, N, BD) a program (bsz * d_inner * T * N * 4
+    # bytes in all, discarded): written and read back by the same thread a few hundred
+    # instructions later, so most reads should hit L2.
     if cfg.layout == "lanes":  # dB and dC in one row of groups of 32, and the chunk of states
         width = pl.cdiv(2 * n, 32) * 32
         sums = ([pl.BlockSpec((None, None, length, width), lambda i, j: (j, i, 0, 0))],
                 [jax.ShapeDtypeStruct((n_blocks, bsz, length, width), f32)])
-        scratch = ([pl.BlockSpec((None, None, chunk + 1, n, bd), lambda i, j: (i, j, 0, 0, 0))],
-                   [jax.ShapeDtypeStruct((bsz, n_blocks, chunk + 1, n, bd), f32)])
+        scratch = ([pl.BlockSpec((None, None, chunk, n, bd), lambda i, j: (i, j, 0, 0, 0))],
+                   [jax.ShapeDtypeStruct((bsz, n_blocks, chunk, n, bd), f32)])
     else:
         sums = [part_bc] * 2, [jax.ShapeDtypeStruct((n_blocks, bsz, length, n), f32)] * 2
         scratch = [], []

@@ -203,7 +203,8 @@ def scan_layout(request, monkeypatch):
 
 def set_gla_form(monkeypatch, two_phase: bool) -> list:
     """Makes the Pallas GLA kernels run as one walk or in two phases
-    (``kernels.gla.Config.two_phase``, forward and backward); returns the forms that ran."""
+    (``kernels.gla.Config.two_phase``, forward and backward); returns a list that grows by
+    one each time a kernel's configuration is chosen (at trace time)."""
     from vim_jax.kernels import gla
 
     used = []

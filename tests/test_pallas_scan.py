@@ -491,7 +491,8 @@ def test_lanes_kernels_state_their_instructions_and_sum_in_registers():
 @pytest.mark.parametrize("kernel,cfg,match", [
     ("bwd", pallas_scan.Config(32, 1, 1, layout="rows"), "layout='rows' is not one of"),
     ("bwd", pallas_scan.Config(64, 1, 1, layout="lanes"), "lanes backward runs one warp of 32 channels"),
-    ("fwd", pallas_scan.Config(48, 1, 1, layout="lanes"), "must be a multiple of 32"),
+    ("fwd", pallas_scan.Config(16, 1, 1, layout="lanes"), "must be a multiple of 32"),
+    ("fwd", pallas_scan.Config(48, 1, 1), "must be powers of two"),
 ])
 def test_a_launch_configuration_a_kernel_cannot_run_is_refused(kernel, cfg, match):
     with pytest.raises(ValueError, match=match):
