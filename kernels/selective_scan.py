@@ -498,7 +498,7 @@ def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g
     each trip's entry state recomputed from the element's, its SUB_BLOCK states into
     registers, then walked backwards: a few state tiles are live, never a chunk's.
     "lanes": the element's states once forwards into ``scratch`` (the program's own
-    (T, N, BD) block: a thread reads back only what it wrote, so no barrier), then
+    (T + 1, N, BD) block: a thread reads back only what it wrote, so no barrier), then
     backwards reading them, in trips of TRIP_STEPS."""
     w = _walk(layout, interpret, a_ref, d_ref, bias_ref, softplus, reverse, length, chunk)
     lay = w.lay
@@ -586,10 +586,10 @@ def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g
                 save(k0 + k + 1, h)
             return h
 
+        # Every step saves the state leaving it, the last one's too (slot ``size``, never
+        # read): one loop of identical steps, no unrolled stretch beside it in the chunk's loop.
         save(0, h_entry)
-        h = _groups(0, size - 1, h_entry, forwards, TRIP_STEPS["lanes", "bwd"])
-        u, delta, b = w.rows((u_ref, delta_ref), (b_ref,), w.pos(first + size - 1))
-        h_last = w.advance(h, w.dt(delta)[1], u, b)  # the state leaving the element: held, not saved
+        h_last = _groups(0, size, h_entry, forwards, TRIP_STEPS["lanes", "bwd"])
         load = lambda k: tuple(scratch_ref[k, n, :] for n in range(len(h_last)))
 
         def backwards(i0, count, cr):  # steps size-1-i0 .. size-count-i0, from the end
@@ -720,15 +720,15 @@ def backward(u, delta, z, B, C, A, D, bias, states, g, g_last, *, softplus, reve
     kernel = functools.partial(_bwd_kernel, length=length, chunk=chunk, softplus=softplus,
                                reverse=reverse, has_z=has_z, layout=cfg.layout, interpret=interpret)
     f32 = jnp.float32
-    # The lanes kernel's chunk of states, (T, N, BD) a program (bsz * d_inner * T * N * 4
+    # The lanes kernel's chunk of states, (T + 1, N, BD) a program (bsz * d_inner * (T + 1) * N * 4
     # bytes in all, discarded): written and read back by the same thread a few hundred
     # instructions later, so most reads should hit L2.
     if cfg.layout == "lanes":  # dB and dC in one row of groups of 32, and the chunk of states
         width = pl.cdiv(2 * n, 32) * 32
         sums = ([pl.BlockSpec((None, None, length, width), lambda i, j: (j, i, 0, 0))],
                 [jax.ShapeDtypeStruct((n_blocks, bsz, length, width), f32)])
-        scratch = ([pl.BlockSpec((None, None, chunk, n, bd), lambda i, j: (i, j, 0, 0, 0))],
-                   [jax.ShapeDtypeStruct((bsz, n_blocks, chunk, n, bd), f32)])
+        scratch = ([pl.BlockSpec((None, None, chunk + 1, n, bd), lambda i, j: (i, j, 0, 0, 0))],
+                   [jax.ShapeDtypeStruct((bsz, n_blocks, chunk + 1, n, bd), f32)])
     else:
         sums = [part_bc] * 2, [jax.ShapeDtypeStruct((n_blocks, bsz, length, n), f32)] * 2
         scratch = [], []
