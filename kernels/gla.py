@@ -194,13 +194,18 @@ def _states_kernel(k_ref, v_ref, g_ref, last_ref, states_ref, *, length, directi
     last_ref[...] = jax.lax.fori_loop(0, ch.n, chunk, jnp.zeros((dk, dv), jnp.float32))
 
 
+def _program_chunk(length, directions, n_chunks):
+    """(_Chunks, chunk) of a two-phase kernel's per-chunk program: the grid's third axis is
+    (direction, chunk), direction rc // n_chunks and chunk rc % n_chunks."""
+    rc = pl.program_id(2)
+    reverse = (rc >= n_chunks) if len(directions) == 2 else jnp.asarray(directions[0])
+    return _Chunks(length, reverse), rc % n_chunks
+
+
 def _outputs_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, o_ref, *, length, scale, directions, n_chunks):
     """Phase two: one program per (batch, head, direction and chunk) computes the chunk's
     outputs from its entry state, independently of every other chunk."""
-    rc = pl.program_id(2)
-    reverse = (rc >= n_chunks) if len(directions) == 2 else jnp.asarray(directions[0])
-    c = rc % n_chunks
-    ch = _Chunks(length, reverse)
+    ch, c = _program_chunk(length, directions, n_chunks)
     order = ch.order()
     start, new = ch.rows(c)
     q, k, v, g = _load((q_ref, k_ref, v_ref, g_ref), start, new)
@@ -276,10 +281,7 @@ def _bwd_chunks_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, dstates_ref, do_r
     """Phase two: one program per (batch, head, direction and chunk) computes the chunk's
     gradients from its entry state and its leaving adjoint; dg within the chunk only, with
     the chunk's sum of q dq - k dk, from which the wrapper adds what the later chunks give."""
-    rc = pl.program_id(2)
-    reverse = (rc >= n_chunks) if len(directions) == 2 else jnp.asarray(directions[0])
-    c = rc % n_chunks
-    ch = _Chunks(length, reverse)
+    ch, c = _program_chunk(length, directions, n_chunks)
     order = ch.order()
     tri = order.astype(jnp.float32)
     start, new = ch.rows(c)
@@ -299,6 +301,16 @@ def _specs(length, dk, dv, n_chunks):
     states = pl.BlockSpec((None, None, None, n_chunks, dk, dv), lambda b, h, r: (b, r, h, 0, 0, 0))
     vec = pl.BlockSpec((None, None, None, dk), lambda b, h, r: (b, r, h, 0))
     return shared, per_dir, state, states, vec
+
+
+def _chunk_specs(length, dk, dv, n_chunks):
+    """Blocks for the two-phase kernels' per-chunk grid (batch, head, direction x chunk): a
+    head's (L, d) rows shared by the directions, one direction's rows, its chunk states."""
+    whole = lambda d: pl.BlockSpec((None, length, None, d), lambda i, j, rc: (i, 0, j, 0))
+    dir_rows = lambda d: pl.BlockSpec((None, length, None, None, d), lambda i, j, rc: (i, 0, rc // n_chunks, j, 0))
+    dir_states = pl.BlockSpec((None, None, None, n_chunks, dk, dv),
+                              lambda i, j, rc: (i, rc // n_chunks, j, 0, 0, 0))
+    return whole, dir_rows, dir_states
 
 
 def _padded(x, length):
@@ -355,10 +367,7 @@ def _two_phase_forward(q, k, v, g, *, lp, scale, directions, n_chunks, cfg, inte
                    jax.ShapeDtypeStruct((b, r, h, n_chunks, dk, dv), f32)],
         interpret=interpret, compiler_params=params, name="gla_fwd_states",
     )(k, v, g)
-    # The grid's third axis is (direction, chunk): direction rc // n_chunks, chunk rc % n_chunks.
-    whole = lambda d: pl.BlockSpec((None, lp, None, d), lambda i, j, rc: (i, 0, j, 0))
-    dir_rows = lambda d: pl.BlockSpec((None, lp, None, None, d), lambda i, j, rc: (i, 0, rc // n_chunks, j, 0))
-    dir_states = pl.BlockSpec((None, None, None, n_chunks, dk, dv), lambda i, j, rc: (i, rc // n_chunks, j, 0, 0, 0))
+    whole, dir_rows, dir_states = _chunk_specs(lp, dk, dv, n_chunks)
     o = pl.pallas_call(
         functools.partial(_outputs_kernel, length=lp, scale=scale, directions=directions, n_chunks=n_chunks),
         grid=(b, h, r * n_chunks), in_specs=[whole(dk), whole(dk), whole(dv), dir_rows(dk), dir_states],
@@ -419,10 +428,7 @@ def _two_phase_backward(q, k, v, g, states, do, dlast, dg0, *, lp, scale, direct
         out_shape=jax.ShapeDtypeStruct((b, r, h, n_chunks, dk, dv), f32),
         interpret=interpret, compiler_params=params, name="gla_bwd_states",
     )(q, g, do, dlast)
-    # The grid's third axis is (direction, chunk), as in the two-phase forward.
-    whole = lambda d: pl.BlockSpec((None, lp, None, d), lambda i, j, rc: (i, 0, j, 0))
-    dir_rows = lambda d: pl.BlockSpec((None, lp, None, None, d), lambda i, j, rc: (i, 0, rc // n_chunks, j, 0))
-    dir_states = pl.BlockSpec((None, None, None, n_chunks, dk, dv), lambda i, j, rc: (i, rc // n_chunks, j, 0, 0, 0))
+    whole, dir_rows, dir_states = _chunk_specs(lp, dk, dv, n_chunks)
     sums = pl.BlockSpec((None, None, None, None, dk), lambda i, j, rc: (i, rc // n_chunks, j, rc % n_chunks, 0))
     rows = lambda d: jax.ShapeDtypeStruct((b, lp, r, h, d), f32)
     dq, dk_, dv_, dg, chunk_sums = pl.pallas_call(

@@ -205,10 +205,6 @@ class _Tile:
         return row[None, :]
 
     @staticmethod
-    def sum_states(h):
-        return jnp.sum(h, axis=1)
-
-    @staticmethod
     def dot(x, y, fma):
         """sum_n x[:, n] y[:, n], (BD,)."""
         return jnp.sum(x * y, axis=1)
@@ -247,10 +243,6 @@ class _Lanes:
     @staticmethod
     def per_state(row):
         return row
-
-    @staticmethod
-    def sum_states(h):
-        return functools.reduce(lambda a, b: a + b, h)
 
     @staticmethod
     def dot(x, y, fma):
@@ -545,7 +537,8 @@ def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g
         first = w.start(e, partial)
         h_entry = lay.load(states_ref, w.chunk_of(e))
         size = w.tail if partial else chunk
-        trips, rem = divmod(size, SUB_BLOCK)
+        sub = TRIP_STEPS["tile", "bwd"]
+        trips, rem = divmod(size, sub)
 
         def at(offset):  # the state entering step first + offset, recomputed
             return jax.lax.fori_loop(0, offset, lambda i, h: w.advance_at(h, first + i, u_ref, delta_ref, b_ref),
@@ -561,11 +554,11 @@ def _bwd_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, g
             return carry
 
         if rem:
-            carry = trip(at(trips * SUB_BLOCK), first + trips * SUB_BLOCK, rem, carry)
+            carry = trip(at(trips * sub), first + trips * sub, rem, carry)
 
         def back(i, cr):
-            offset = (trips - 1 - i) * SUB_BLOCK
-            return trip(at(offset), first + offset, SUB_BLOCK, cr)
+            offset = (trips - 1 - i) * sub
+            return trip(at(offset), first + offset, sub, cr)
 
         return jax.lax.fori_loop(0, trips, back, carry)
 

@@ -253,7 +253,7 @@ def _chunked_bwd(scale, chunk, res, cts):
         do_c = scale * do_c
         cum = jnp.cumsum(g_c, axis=-2)
         last_c = cum[..., -1:, :]
-        decay = jnp.exp(jnp.where(causal, cum[..., :, None, :] - cum[..., None, :, :], -jnp.inf))
+        decay = _decays(cum, causal)
         q_decay, k_decay = jnp.exp(cum), jnp.exp(last_c - cum)
         scores = jnp.einsum("bhijk,bhjk->bhij", q_c[..., :, None, :] * decay, k_c, precision=_HI)
         dscores = jnp.where(causal[..., 0], jnp.einsum("bhiv,bhjv->bhij", do_c, v_c, precision=_HI), 0.0)
@@ -293,6 +293,12 @@ def _unchunks(x, length):
     return x.transpose(1, 0, 3, 2, 4).reshape(b, n * chunk, h, d)[:, :length]
 
 
+def _decays(cum, causal):
+    """(..., C, C, dk): exp(b_i - b_j) for j <= i (<= 0), else 0; the select precedes the exp,
+    so j > i never exponentiates a positive difference."""
+    return jnp.exp(jnp.where(causal, cum[..., :, None, :] - cum[..., None, :, :], -jnp.inf))
+
+
 def _chunked_forward(q, k, v, g, scale, chunk):
     """o (b, L, h, dv) float32, the final state and the state entering every chunk."""
     b, l, h, dk = q.shape
@@ -303,10 +309,7 @@ def _chunked_forward(q, k, v, g, scale, chunk):
         q_c, k_c, v_c, g_c = x
         cum = jnp.cumsum(g_c, axis=-2)  # b_i: <= 0, non-increasing along the chunk
         inter = jnp.einsum("bhck,bhkv->bhcv", q_c * jnp.exp(cum), state, precision=_HI)
-        # exp(b_i - b_j) for j <= i (<= 0); the select precedes the exp, so j > i never
-        # exponentiates a positive difference.
-        diff = cum[..., :, None, :] - cum[..., None, :, :]
-        decay = jnp.exp(jnp.where(causal, diff, -jnp.inf))
+        decay = _decays(cum, causal)
         # Not the three-operand einsum: compiled for one chunk at ViG-T's head sizes, XLA's
         # CPU (jax 0.10.2) fused that form into a kernel reading uninitialised memory.
         scores = jnp.einsum("bhijk,bhjk->bhij", q_c[..., :, None, :] * decay, k_c, precision=_HI)
