@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite in one device call (stages capped at 450 s in all, compiles included):
+# The GPU benchmark suite in one device call (stages capped at 520 s in all, compiles included):
 #   bash benchmarks/gpu_suite.sh              results in ${OUT:-benchmarks/results}/gpu_suite/
 #   bash benchmarks/gpu_suite.sh --rehearsal  the same stages on the CPU at tiny shapes in interpret
 #                                             mode (CI runs it in a venv like the GPU machine's)
@@ -93,10 +93,10 @@ echo '{}' > "$VIM_JAX_SCAN_TUNED"
 echo '{}' > "$VIM_JAX_GLA_TUNED"
 suite_t0=$SECONDS
 
-stage smoke 60 python3 benchmarks/scan_bench.py --check --ptxas "${tiny[@]}" --json "$out/smoke.jsonl"
-stage gla 60 python3 benchmarks/gla_bench.py --check "${tiny[@]}" --json "$out/gla.jsonl" \
+stage smoke 90 python3 benchmarks/scan_bench.py --check --ptxas "${tiny[@]}" --json "$out/smoke.jsonl"
+stage gla 100 python3 benchmarks/gla_bench.py --check "${tiny[@]}" --json "$out/gla.jsonl" \
   --tuned-out "$VIM_JAX_GLA_TUNED"
-stage sweep 60 python3 benchmarks/scan_bench.py --sweep --budget 55 --repeats 5 "${tiny[@]}" \
+stage sweep 110 python3 benchmarks/scan_bench.py --sweep --budget 90 --repeats 5 "${tiny[@]}" \
   --tuned-out "$VIM_JAX_SCAN_TUNED" --json "$out/sweep.jsonl"
 # Each model run under its own timeout, inside the stage's (stage runs a command, not a function).
 export SUITE_MODELS="$(printf '%s\n' "${models[@]}")" SUITE_MODEL_ARGS="${model_args[*]}" SUITE_OUT="$out"
@@ -109,9 +109,9 @@ stage model 100 bash -c '
       || { rc=1; echo "model run $name $backend $dtype failed or timed out (exit $?)"; }
   done <<< "$SUITE_MODELS"
   exit $rc'
-stage efficiency 70 python3 benchmarks/efficiency.py --models vim_tiny,deit_tiny --sizes "$eff_sizes" \
+stage efficiency 60 python3 benchmarks/efficiency.py --models vim_tiny,deit_tiny --sizes "$eff_sizes" \
   --train-sizes "" "${eff_args[@]}" --out "$out"
-stage vig 100 python3 benchmarks/efficiency.py --models vig_tiny,deit_tiny --sizes "$vig_sizes" \
+stage vig 60 python3 benchmarks/efficiency.py --models vig_tiny,deit_tiny --sizes "$vig_sizes" \
   --train-sizes "" "${eff_args[@]}" --out "$out/vig"
 write_json
 cat "$out/suite.json" | tee -a "$log"

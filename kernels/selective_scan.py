@@ -108,22 +108,35 @@ def _segments(batch: int, length: int, d_inner: int, chunk: int, bd: int) -> int
 
 
 def default_config(batch: int, length: int, d_inner: int, chunk: int, kernel: str = "fwd",
-                   layout: str = "tile") -> Config:
-    """"tile": channel blocks of BD = 16 at as many state elements a thread as ptxas allows
-    without spilling (``MAX_STATE_PER_THREAD``: 2 warps forward, 4 backward); then, for the
-    forward, segments (``_segments``). The sweep of the GPU suite (H200, jax 0.11.2, commit
-    36c23d5, 2026-11-27, ``benchmarks/results/gpu_h200/``) found this the fastest tile at
-    every shape it timed: forward 0.48 vs 0.52 ms (batch 128, L 197), 0.50 vs 0.81 ms (32,
-    1025), 2.47 vs 2.54 ms (32, 6085), backward 2.20 vs 2.54 ms (128, 197), against BD 32 at
-    4 and 8 warps. "lanes": one warp of 32 channels, a channel a thread (compiled and
-    interpret-verified, not yet timed on a GPU); segments as for tiles."""
+                   layout: str | None = None) -> Config:
+    """The launch a GPU timed fastest. Layout (None: ``default_layout``): "tile", channel
+    blocks of BD = 16 at as many state elements a thread as ptxas allows without spilling
+    (``MAX_STATE_PER_THREAD``: 2 warps forward, 4 backward), fastest of the tiles at every
+    shape the H200 sweep timed (jax 0.11.2, commit 36c23d5, 2026-11-27,
+    ``benchmarks/results/gpu_h200/``); "lanes", a channel a thread, 2 warps forward (0.263 ms
+    against 0.325 at 1 warp and 0.271 at 4) and 1 backward, as the H100 sweep timed them
+    (jax 0.11.2, commit 61528e3, 2026-12-05, ``benchmarks/results/gpu_h100/``). Forward
+    segments by ``_segments``."""
+    layout = layout or default_layout(length, kernel)
     if layout == "lanes":
-        return Config(32, 1, 1, 1 if kernel == "bwd" else _segments(batch, length, d_inner, chunk, 32), "lanes")
+        if kernel == "bwd":
+            return Config(32, 1, 1, 1, "lanes")
+        warps = 2 if d_inner > 32 else 1
+        return Config(32 * warps, warps, 1, _segments(batch, length, d_inner, chunk, 32 * warps), "lanes")
     bd = min(16, pl.next_power_of_2(d_inner))
     warps = max(1, bd * 16 // (32 * MAX_STATE_PER_THREAD[kernel]))
     if kernel == "bwd":
         return Config(bd, warps, 1, 1)
     return Config(bd, warps, 1, _segments(batch, length, d_inner, chunk, bd))
+
+
+def default_layout(length: int, kernel: str) -> str:
+    """The layout a GPU timed faster (H100, jax 0.11.2, commit 61528e3, 2026-12-05,
+    ``benchmarks/results/gpu_h100/``): "lanes" for the backward (1.00 against 1.95 ms, Vim-Ti
+    batch 128 at 224 px) and for the forward below 1024 tokens (0.263 against 0.406 ms, the
+    same shape); "tile" for longer forwards, where the one lanes launch timed was slower
+    (3.60 against 2.64 ms at batch 32, 6085 tokens: 1248 px)."""
+    return "lanes" if kernel == "bwd" or length < 1024 else "tile"
 
 
 def requested_layout() -> str | None:
@@ -136,14 +149,14 @@ def requested_layout() -> str | None:
 
 def config_for(kernel: str, batch: int, length: int, d_inner: int, chunk: int, layout: str | None = None) -> Config:
     """The launch parameters used for ``kernel`` ("fwd" or "bwd") at a shape. The layout is
-    ``layout``, else $VIM_JAX_SCAN_LAYOUT, else a sweep's winner's (``TUNED``), else "tile"
-    (the one a GPU has timed); the configuration a sweep's winner in that layout, else
+    ``layout``, else $VIM_JAX_SCAN_LAYOUT, else a sweep's winner's (``TUNED``), else
+    ``default_layout`` (the faster a GPU timed); the configuration a sweep's winner in that layout, else
     ``default_config``."""
     layout = layout or requested_layout()
     tuned = TUNED.get((kernel, d_inner, batch, length))
     if tuned and layout in (None, tuned.layout):
         return tuned
-    return default_config(batch, length, d_inner, chunk, kernel, layout or "tile")
+    return default_config(batch, length, d_inner, chunk, kernel, layout)
 
 
 def check_config(kernel: str, cfg: Config) -> Config:
