@@ -251,3 +251,15 @@ def test_remat_modes_agree_and_mixer_never_reruns_the_scan():
         for a, b in zip(jax.tree.leaves(grads[remat]), jax.tree.leaves(grads["mixer"])):
             scale = float(np.abs(np.asarray(b)).max()) + 1e-12
             assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) / scale < 1e-5, remat
+
+
+@pytest.mark.parametrize("stride", [16, 8])
+def test_patch_embedding_is_the_convolution(stride):
+    """``embed_patches``: non-overlapping patches as a reshape and one product (what keeps a
+    TPU from padding a C-minor copy of the images), overlapping ones as the convolution;
+    both equal the convolution, odd image sizes included."""
+    from vim_jax.models.vim import embed_patches
+
+    conv = nnx.Conv(3, 8, (16, 16), strides=stride, padding="VALID", rngs=nnx.Rngs(0))
+    images = jax.random.normal(jax.random.key(1), (2, 70, 50, 3))
+    np.testing.assert_allclose(embed_patches(conv, images, jnp.float32), conv(images), rtol=1e-5, atol=1e-5)

@@ -20,11 +20,14 @@ the bidirectional Vim mixer avoids flipped copies.
 Backends, chosen by the platform the program is lowered for (``jax.lax.platform_dependent``),
 so one traced program carries the right kernel for each platform it is lowered for:
 
-    backend      cpu                      cuda                 other (tpu, rocm)
-    "auto"       reference (CPU tuned)    Pallas Triton        reference
-    "reference"  reference (CPU tuned)    reference            reference
-    "pallas"     Pallas, interpret mode   Pallas Triton        error at lowering
+    backend      cpu                      cuda                 tpu                   other (rocm)
+    "auto"       reference (CPU tuned)    Pallas Triton        Pallas Mosaic fwd     reference
+    "reference"  reference (CPU tuned)    reference            reference             reference
+    "pallas"     Pallas, interpret mode   Pallas Triton        Pallas Mosaic fwd     error at lowering
     "portable"   plain JAX, no per-platform choice (for converters such as jax2onnx)
+
+On TPU the Mosaic kernel (``vim_jax.kernels.selective_scan_tpu``) runs the forward; the
+backward there is the reference backend's, reading the states the kernel saved.
 
 The "reference" backend is portable JAX (``lax.scan``) with a float32 state. It and the
 Pallas backend share one custom VJP (the "portable" one has none: JAX differentiates it): the forward saves the state at the start of every
@@ -472,6 +475,33 @@ class _Pallas:
         return fn(*args) if self.interpret else platform.lowered_only_for("cuda", fn, *args, op=_OP)
 
 
+class _Mosaic:
+    """The Mosaic TPU forward (``vim_jax.kernels.selective_scan_tpu``); its backward is the
+    reference backend's, reading the chunk states the kernel saved (no Mosaic backward yet).
+    ``interpret``: False (lowered for TPU only), or ``pltpu.InterpretParams`` (the tests'
+    TPU interpret mode on the CPU)."""
+
+    def __init__(self, interpret=False):
+        self.interpret = interpret
+
+    def primal(self, spec, *args):
+        out, last, _ = self._forward(spec, args, save_states=False)
+        return out, last
+
+    def forward(self, spec, *args):
+        return self._forward(spec, args, save_states=True)
+
+    def backward(self, spec, *args):
+        return _REFERENCE.backward(spec, *args)
+
+    def _forward(self, spec, args, save_states):
+        from vim_jax.kernels import selective_scan_tpu as kernels
+
+        fn = functools.partial(kernels.forward, softplus=spec.softplus, reverse=spec.reverse, has_z=spec.has_z,
+                               chunk=STATE_CHUNK, save_states=save_states, interpret=self.interpret)
+        return fn(*args) if self.interpret else platform.lowered_only_for("tpu", fn, *args, op=_OP)
+
+
 class _NoKernel:
     """A platform without a Pallas kernel: lowering there fails with a message that names
     the platform and the backends that do run there."""
@@ -485,7 +515,8 @@ _OP = "selective_scan"
 _REFERENCE = _Reference(jnp.exp)
 _REFERENCE_CPU = _Reference(ops.poly_exp)
 _BACKENDS = {
-    "auto": dict(cpu=_REFERENCE_CPU, cuda=_Pallas(interpret=False), default=_REFERENCE),
+    "auto": dict(cpu=_REFERENCE_CPU, cuda=_Pallas(interpret=False), tpu=_Mosaic(), default=_REFERENCE),
     "reference": dict(cpu=_REFERENCE_CPU, default=_REFERENCE),
-    "pallas": dict(cpu=_Pallas(interpret=True), cuda=_Pallas(interpret=False), default=_NoKernel()),
+    "pallas": dict(cpu=_Pallas(interpret=True), cuda=_Pallas(interpret=False), tpu=_Mosaic(),
+                   default=_NoKernel()),
 }

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vim_jax.models.vim import check_images, resize_pos_embed
+from vim_jax.models.vim import check_images, embed_patches, resize_pos_embed
 
 
 class Block(nnx.Module):
@@ -70,7 +70,7 @@ class DeiT(nnx.Module):
     def forward_features(self, images):
         """(batch, H, W, C) -> class-token features (batch, embed_dim)."""
         check_images(images, self.patch_embed.in_features, self.patch_embed.kernel_size[0])
-        x = self.patch_embed(images.astype(self.dtype))
+        x = embed_patches(self.patch_embed, images, self.dtype)
         b, gh, gw, d = x.shape
         x = x.reshape(b, gh * gw, d)
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, d))

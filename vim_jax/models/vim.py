@@ -194,6 +194,25 @@ def resize_pos_embed(pos, cls_position: str, old_grid, new_grid):
     return join_pos_embed(resample_patch_pos_embed(patch, old_grid, new_grid), cls, cls_position)
 
 
+def embed_patches(conv: nnx.Conv, images, dtype):
+    """``conv(images.astype(dtype))``, (batch, H, W, C) -> (batch, H', W', dim) in ``dtype``.
+    Non-overlapping patches (stride = kernel, padding "VALID") are cut out by a reshape and
+    projected by one matrix product, the convolution's own sums: XLA's TPU convolution makes a
+    ``dtype`` copy of the images with C = 3 as the minor axis, padded to many lanes (1.4 of
+    Vim-Ti's 1.7 GiB at 1248 px, batch 8, bfloat16, on v5e; 0.75 GiB with the product).
+    Overlapping patches run the convolution."""
+    p = conv.kernel_size[0]
+    strides = (conv.strides,) * 2 if isinstance(conv.strides, int) else tuple(conv.strides)
+    if strides != (p, p) or conv.padding != "VALID":
+        return conv(images.astype(dtype))
+    b, h, w, c = images.shape
+    gh, gw = h // p, w // p
+    x = images[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, gh, gw, p * p * c).astype(dtype)
+    y = jnp.dot(x, conv.kernel[...].reshape(p * p * c, -1).astype(dtype))  # (kh, kw, C, dim) kernel
+    return y + conv.bias[...].astype(dtype) if conv.bias is not None else y
+
+
 def check_images(images, channels: int, min_size: int) -> None:
     """Raises ValueError naming the expected and the given shape (or dtype) unless
     ``images`` is a non-empty float NHWC batch (batch, H, W, channels), H and W >= min_size."""
@@ -295,7 +314,7 @@ class VisionMamba(nnx.Module):
     def embed(self, images):
         """(batch, H, W, C) -> residual stream entering layer 0, (batch, M, embed_dim) float32."""
         check_images(images, self.patch_embed.in_features, self.patch_size)
-        x = self.patch_embed(images.astype(self.dtype))
+        x = embed_patches(self.patch_embed, images, self.dtype)
         b, gh, gw, d = x.shape
         x = x.reshape(b, gh * gw, d).astype(jnp.float32)
         pos = resize_pos_embed(self.pos_embed[...], self.cls_position, self.grid, (gh, gw))

@@ -162,6 +162,26 @@ class Run:
         return shd.prefetch(local, self.batch_sharding, size=self.config.data.prefetch)
 
 
+def train_program(config, model, schedule: optax.Schedule, mesh: Mesh):
+    """``config``'s optimiser and training step for ``model`` (in train mode): ``(step, state,
+    shardings)``: the step not yet jitted, its state on the host, and the state's placement
+    on ``mesh`` (replicated, or split where ``train.fsdp``). The trainer and the TPU compile
+    check (``benchmarks/tpu_compile.py``) build their step here."""
+    o, d = config.optim, config.data
+    backbone = getattr(model, "backbone", model)
+    # Layer-wise lr decay counts Vim's stacked blocks; ViG-H's stages have no single depth.
+    tx = make_optimizer(o, nnx.state(model, nnx.Param), schedule, depth=getattr(backbone, "depth", None))
+    seg = config.get("seg") or {}
+    opts = StepOptions(mixup=d.mixup, cutmix=d.cutmix, mix_switch_prob=d.mix_switch_prob,
+                       label_smoothing=d.label_smoothing, ema_decay=o.ema_decay, seed=config.seed,
+                       task=task_of(config), aux_weight=seg.get("aux_weight", 0.4),
+                       class_weight=tuple(seg.get("class_weight", ())))
+    step_fn, state = train_step_fn(model, tx, opts)
+    shardings = TrainState(NamedSharding(mesh, P()), *(shd.state_shardings(t, mesh, config.train.fsdp)
+                                                       for t in state[1:]))
+    return step_fn, state, shardings
+
+
 def setup_run(config, workdir: str, devices=None) -> Run:
     """Builds (or resumes) the run ``config`` describes in ``workdir``."""
     from vim_jax.data.pipeline import steps_per_epoch
@@ -217,19 +237,8 @@ def setup_run(config, workdir: str, devices=None) -> Run:
             f.write(config.to_json(indent=2))
         write_model_config(workdir, model)
     model.train()
-    backbone = getattr(model, "backbone", model)
-    # Layer-wise lr decay counts Vim's stacked blocks; ViG-H's stages have no single depth.
-    tx = make_optimizer(o, nnx.state(model, nnx.Param), schedule, depth=getattr(backbone, "depth", None))
-    seg = config.get("seg") or {}
-    opts = StepOptions(mixup=d.mixup, cutmix=d.cutmix, mix_switch_prob=d.mix_switch_prob,
-                       label_smoothing=d.label_smoothing, ema_decay=o.ema_decay, seed=config.seed,
-                       task=task, aux_weight=seg.get("aux_weight", 0.4),
-                       class_weight=tuple(seg.get("class_weight", ())))
-    step_fn, state = train_step_fn(model, tx, opts)
+    step_fn, state, shardings = train_program(config, model, schedule, mesh)
     model.eval()
-
-    shardings = TrainState(NamedSharding(mesh, P()), *(shd.state_shardings(t, mesh, config.train.fsdp)
-                                                       for t in state[1:]))
     state = shd.put_global(state, shardings)
     state = ckpt.restore(state) or state
     bs = shd.batch_sharding(mesh)
