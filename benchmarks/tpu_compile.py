@@ -265,10 +265,14 @@ SECTIONS = {"mixers": (mixer_rows, mixer_program), "recipes": (recipe_rows, reci
             "forward": (forward_rows, forward_program)}
 
 
+# What names a row (a planned row has these; compiling adds the rest).
+IDENTITY = {"mixers": ("model", "mixer", "tokens", "dtype", "kind", "chip", "batch"),
+            "recipes": ("recipe", "chip", "chips", "half_batch", "remat_override"),
+            "forward": ("model", "size", "batch", "dtype", "chip")}
+
+
 def key(row: dict) -> str:
-    return json.dumps({k: v for k, v in row.items() if k in (
-        "section", "model", "mixer", "tokens", "dtype", "kind", "chip", "chips", "recipe", "size", "batch",
-        "half_batch", "remat_override")}, sort_keys=True)
+    return json.dumps({k: row.get(k) for k in ("section",) + IDENTITY[row["section"]]}, sort_keys=True)
 
 
 def describe(row: dict) -> str:
