@@ -31,7 +31,8 @@ one row per program:
 
 ``--ci`` runs the mixers' rows at the Ti models' widths, the Ti recipes' train steps on v5e's 16 chips, and the
 forward rows at 224 and 1248 px. Rows are appended to ``--jsonl`` as each compiles, and a
-rerun with the same file skips the rows compiled there (an interrupted table loses nothing).
+rerun with the same file skips the rows compiled there (an interrupted table loses nothing;
+rows are reused whatever code compiled them, so start a new file after changing the code).
 Exits non-zero on a compile failure, or when a Ti recipe (Vim-Ti, ViG-T, ViG-H-T: as
 configured) does not fit one v5e chip at 128 images a chip.
 """
@@ -292,7 +293,7 @@ def describe(row: dict) -> str:
     return f"{row['section']:<8} {what}: {row['status']}: {out} [{row['compile_s']} s]"
 
 
-def summarise(rows: list[dict]) -> list[str]:
+def summarise(rows: list[dict]) -> tuple[list[str], list[str]]:
     """Ratios to DeiT-Ti, the largest batch estimates, and the failures that fail the run."""
     lines, bad = [], []
     fwd = {(r["model"], r["size"]): r for r in rows if r["section"] == "forward" and r["status"] == "ok"}
@@ -313,13 +314,14 @@ def summarise(rows: list[dict]) -> list[str]:
                     usable = usable_gib(chip)
                     est = int((usable - (r["gib"] - slope * r["per_chip_batch"])) / slope) if slope > 0 else None
                     f.setdefault("max_batch_estimate", {})[chip] = est
-                lines.append(f"recipe {r['recipe']}: {slope * 1024:.1f} MiB a further image a chip; largest "
-                             f"per-chip batch (estimated): {f['max_batch_estimate']}")
+                lines.append(f"recipe {r['recipe']}: {slope * 1024:.1f} MiB a further image a chip on v5e; "
+                             f"largest per-chip batch estimated from v5e's two compiles and each chip's "
+                             f"budget: {f['max_batch_estimate']}")
     for r in rows:
         if r["status"] == "failed":
             bad.append(f"compile failure: {describe(r)}")
         if (r["section"] == "recipes" and r["recipe"] in TI_RECIPES and r["chip"] == "v5e" and r["chips"] == 16
-                and not r.get("half_batch") and r["status"] != "ok"):
+                and not r.get("half_batch") and r["status"] == "does not fit"):
             bad.append(f"a Ti recipe does not fit one v5e chip at {r.get('per_chip_batch')} a chip: {describe(r)}")
     return lines, bad
 

@@ -1,2 +1,2 @@
-"""Pallas kernels, installed as ``vim_jax.kernels`` (Triton for CUDA GPUs; interpret mode
-on the CPU). Importable without TensorFlow or ml_collections."""
+"""Pallas kernels, installed as ``vim_jax.kernels`` (Triton for CUDA GPUs, Mosaic for TPUs;
+interpret mode on the CPU). Importable without TensorFlow or ml_collections."""

@@ -23,8 +23,8 @@ block's steps last to first: no flipped copies. Positions past the sequence's en
 block's overhang, padded with zeros) are identity steps (dt forced to 0), so they change
 neither the output nor the states in either direction. When differentiated, the kernel
 also writes the state entering every chunk of ``chunk`` positions, position-aligned as the
-other backends' are, (batch, chunks, d_state, d_inner) here and transposed to the shared
-(batch, chunks, d_inner, d_state) by the caller: any backend's backward reads it.
+other backends' are, (batch, chunks, d_state, d_inner) in the kernel and transposed to the shared
+(batch, chunks, d_inner, d_state) on the way out: any backend's backward reads it.
 
 Not yet written: the Mosaic backward (the backward on TPU is the reference backend's,
 reading these states).
@@ -46,15 +46,12 @@ SEQ_BLOCK = 256  # positions a program at most (a multiple of every chunk the ba
 _HI = jax.lax.Precision.HIGHEST
 
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
 def seq_block(length: int, chunk: int) -> int:
     """Positions a program walks: ``SEQ_BLOCK``, or the whole (chunk-rounded) sequence when
     shorter (a multiple of 8 and of ``chunk``, so blocks are legal and chunk-aligned)."""
-    step = max(8, chunk)
-    return min(SEQ_BLOCK, _cdiv(length, step) * step)
+    if SEQ_BLOCK % chunk or chunk % 8:
+        raise ValueError(f"chunk={chunk} must divide {SEQ_BLOCK} and be a multiple of 8 (a TPU tile's rows)")
+    return min(SEQ_BLOCK, pl.cdiv(length, chunk) * chunk)
 
 
 def _kernel(u_ref, dl_ref, z_ref, b_ref, c_ref, at_ref, d_ref, bias_ref, *refs, length, chunk, softplus,
@@ -120,7 +117,7 @@ def forward(u, delta, z, B, C, A, D, bias, *, softplus, reverse, has_z, chunk, s
     bsz, length, d = u.shape
     n = A.shape[1]
     ls = seq_block(length, chunk)
-    lp, dp = _cdiv(length, ls) * ls, _cdiv(d, LANES) * LANES
+    lp, dp = pl.cdiv(length, ls) * ls, pl.cdiv(d, LANES) * LANES
     ns, nd = lp // ls, dp // LANES
     pad = lambda x, lanes: jnp.pad(x, ((0, 0), (0, lp - length), (0, lanes - x.shape[-1])))
     u_, dl_, z_ = (pad(x, dp) for x in (u, delta, z))
@@ -152,5 +149,5 @@ def forward(u, delta, z, B, C, A, D, bias, *, softplus, reverse, has_z, chunk, s
     out, last = outs[0][:, :length, :d], outs[1][:, :, :d].transpose(0, 2, 1)
     states = None
     if save_states:
-        states = outs[2][:, :_cdiv(length, chunk), :, :d].transpose(0, 1, 3, 2)
+        states = outs[2][:, :pl.cdiv(length, chunk), :, :d].transpose(0, 1, 3, 2)
     return out, last, states

@@ -234,16 +234,17 @@ def test_no_block_overhangs_its_array(b, l, d, scan_layout):
 
 
 def test_pallas_backend_on_a_platform_without_kernels_is_an_error():
-    """backend="pallas" lowered for a TPU raises an error naming the platform and what to
-    use instead; "auto" lowers there with the reference scan."""
+    """backend="pallas" lowered for ROCm (no kernel there) raises an error naming the
+    platform and what to use instead; "auto" lowers there with the reference scan."""
     args = random_inputs(0, 1, 8, 8, 16)
     for backend in ("pallas", "auto"):
         traced = jax.jit(lambda a: ss.selective_scan(**a, backend=backend)).trace(args)
         if backend == "pallas":
-            with pytest.raises(NotImplementedError, match="no kernel for platform tpu.*backend='auto'"):
-                traced.lower(lowering_platforms=("tpu",))
+            with pytest.raises(NotImplementedError, match="no kernel for platform rocm.*backend='auto'"):
+                traced.lower(lowering_platforms=("rocm",))
         else:
-            assert "xla.gpu.triton" not in traced.lower(lowering_platforms=("tpu",)).as_text()
+            text = traced.lower(lowering_platforms=("rocm",)).as_text()
+            assert "xla.gpu.triton" not in text and "tpu_custom_call" not in text
 
 
 def test_export_for_cpu_and_cuda_runs_on_the_cpu():

@@ -83,9 +83,10 @@ def _lowering_for(target: str | None):
         if platform is None:
             where = target or ", ".join(ctx.module_context.platforms)
             raise NotImplementedError(
-                f"{op}(backend='pallas') has no kernel for platform {where}: the Pallas "
-                "kernels are written for CUDA GPUs (Triton) and run on the CPU in interpret mode. "
-                "Use backend='auto' (the XLA form there) or another backend.")
+                f"{op}(backend='pallas') has no kernel for platform {where}: its Pallas "
+                "kernels are written for CUDA GPUs (Triton) and, the selective scan's, TPUs (Mosaic), "
+                "and run on the CPU in interpret mode. Use backend='auto' (the XLA form there) or "
+                "another backend.")
         zeros = lambda *_: [jnp.zeros(a.shape, a.dtype) for a in avals]
         return mlir.lower_fun(zeros, multiple_results=True)(ctx, *args)
 

@@ -43,6 +43,7 @@ of the batch (``jax.shard_map``): a Pallas kernel is opaque to XLA's partitioner
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import NamedTuple, Optional
 
 import jax
@@ -454,7 +455,9 @@ def _backward(spec, u, delta, z, B, C, A, D, bias, states, g_out, g_last, exp):
 class _Pallas:
     """The Pallas kernels (``vim_jax.kernels.selective_scan``): Triton, or interpret mode."""
 
-    def __init__(self, interpret: bool):
+    module, target = "selective_scan", "cuda"
+
+    def __init__(self, interpret):
         self.interpret = interpret
 
     def primal(self, spec, *args):
@@ -468,38 +471,25 @@ class _Pallas:
         return self._call("backward", spec, args)
 
     def _call(self, name, spec, args, **kw):
-        from vim_jax.kernels import selective_scan as kernels
-
+        kernels = importlib.import_module(f"vim_jax.kernels.{self.module}")
         fn = functools.partial(getattr(kernels, name), softplus=spec.softplus, reverse=spec.reverse,
                                has_z=spec.has_z, chunk=STATE_CHUNK, interpret=self.interpret, **kw)
-        return fn(*args) if self.interpret else platform.lowered_only_for("cuda", fn, *args, op=_OP)
+        return fn(*args) if self.interpret else platform.lowered_only_for(self.target, fn, *args, op=_OP)
 
 
-class _Mosaic:
+class _Mosaic(_Pallas):
     """The Mosaic TPU forward (``vim_jax.kernels.selective_scan_tpu``); its backward is the
     reference backend's, reading the chunk states the kernel saved (no Mosaic backward yet).
     ``interpret``: False (lowered for TPU only), or ``pltpu.InterpretParams`` (the tests'
     TPU interpret mode on the CPU)."""
 
+    module, target = "selective_scan_tpu", "tpu"
+
     def __init__(self, interpret=False):
-        self.interpret = interpret
-
-    def primal(self, spec, *args):
-        out, last, _ = self._forward(spec, args, save_states=False)
-        return out, last
-
-    def forward(self, spec, *args):
-        return self._forward(spec, args, save_states=True)
+        super().__init__(interpret)
 
     def backward(self, spec, *args):
         return _REFERENCE.backward(spec, *args)
-
-    def _forward(self, spec, args, save_states):
-        from vim_jax.kernels import selective_scan_tpu as kernels
-
-        fn = functools.partial(kernels.forward, softplus=spec.softplus, reverse=spec.reverse, has_z=spec.has_z,
-                               chunk=STATE_CHUNK, save_states=save_states, interpret=self.interpret)
-        return fn(*args) if self.interpret else platform.lowered_only_for("tpu", fn, *args, op=_OP)
 
 
 class _NoKernel:

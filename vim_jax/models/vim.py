@@ -198,8 +198,8 @@ def embed_patches(conv: nnx.Conv, images, dtype):
     """``conv(images.astype(dtype))``, (batch, H, W, C) -> (batch, H', W', dim) in ``dtype``.
     Non-overlapping patches (stride = kernel, padding "VALID") are cut out by a reshape and
     projected by one matrix product, the convolution's own sums: XLA's TPU convolution makes a
-    ``dtype`` copy of the images with C = 3 as the minor axis, padded to many lanes (1.4 of
-    Vim-Ti's 1.7 GiB at 1248 px, batch 8, bfloat16, on v5e; 0.75 GiB with the product).
+    ``dtype`` copy of the images with C = 3 as the minor axis, padded to many lanes (1.49 of
+    Vim-Ti's 1.67 GiB at 1248 px, batch 8, bfloat16, on v5e; 0.75 GiB with the product).
     Overlapping patches run the convolution."""
     p = conv.kernel_size[0]
     strides = (conv.strides,) * 2 if isinstance(conv.strides, int) else tuple(conv.strides)
