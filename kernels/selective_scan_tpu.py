@@ -125,17 +125,16 @@ def forward(u, delta, z, B, C, A, D, bias, *, softplus, reverse, has_z, chunk, s
     vec = lambda x: jnp.pad(x.astype(jnp.float32), (0, dp - d)).reshape(1, dp)
     at = jnp.pad(A.astype(jnp.float32).T, ((0, 0), (0, dp - d)))  # (N, dp): channels on lanes
 
-    blk = (lambda bi, di, s: (bi, ns - 1 - s, di)) if reverse else (lambda bi, di, s: (bi, s, di))
-    bc_blk = (lambda bi, di, s: (bi, ns - 1 - s, 0)) if reverse else (lambda bi, di, s: (bi, s, 0))
-    seq = pl.BlockSpec((None, ls, LANES), blk)
-    bc = pl.BlockSpec((None, ls, n), bc_blk)
+    walked = (lambda s: ns - 1 - s) if reverse else (lambda s: s)  # the sequence block at grid step s
+    seq = pl.BlockSpec((None, ls, LANES), lambda bi, di, s: (bi, walked(s), di))
+    bc = pl.BlockSpec((None, ls, n), lambda bi, di, s: (bi, walked(s), 0))
     par = pl.BlockSpec((n, LANES), lambda bi, di, s: (0, di))
     one = pl.BlockSpec((1, LANES), lambda bi, di, s: (0, di))
     out_specs = [seq, pl.BlockSpec((None, n, LANES), lambda bi, di, s: (bi, 0, di))]
     out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp), u.dtype), jax.ShapeDtypeStruct((bsz, n, dp), jnp.float32)]
     if save_states:
         per = ls // chunk
-        out_specs.append(pl.BlockSpec((None, per, n, LANES), lambda bi, di, s: (bi, blk(bi, di, s)[1], 0, di)))
+        out_specs.append(pl.BlockSpec((None, per, n, LANES), lambda bi, di, s: (bi, walked(s), 0, di)))
         out_shape.append(jax.ShapeDtypeStruct((bsz, lp // chunk, n, dp), jnp.float32))
     kernel = functools.partial(_kernel, length=length, chunk=chunk, softplus=softplus, reverse=reverse,
                                has_z=has_z, save_states=save_states)
