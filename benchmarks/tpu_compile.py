@@ -16,9 +16,11 @@ refused, so single-chip programs use the first device of a 2x2): ``v5e:4x4`` (16
 one row per program:
 
 - ``mixers``: both sequence mixers alone on one chip as the models call them (backend
-  "auto": whatever it picks when lowered for TPU), forward and forward + backward, at
-  Vim-Ti/S/B and ViG-T/S/B/ViG-H widths, 224 and 1248/1024 px, float32 and bfloat16: per-chip
-  HBM and the Mosaic calls (``tpu_custom_call``) in the program.
+  "auto": the Mosaic kernels on TPU; the whole table adds each mixer's XLA form, "xla", to
+  compare), forward and forward + backward, at Vim-Ti/S/B and ViG-T/S/B/ViG-H widths, 224
+  and 1248/1024 px, float32 and bfloat16: per-chip HBM, the Mosaic calls
+  (``tpu_custom_call``) in the program, the bytes the compiler's cost model says it moves
+  and the compiled program's size.
 - ``recipes``: every recipe's train step (``configs/vim_*``, ``configs/vig_*``, the UperNet
   configs) at its per-chip batch (the recipe's global batch over the devices its paper
   trained on: 8 for ImageNet, 4 for ADE20K), with its own dtype, remat and shardings
@@ -120,8 +122,16 @@ def compile_row(row: dict, lower) -> dict:
     try:
         lowered = lower()
         row["mosaic_calls"] = mosaic_calls(lowered)
-        total, temp = hbm_bytes(lowered.compile())
+        compiled = lowered.compile()
+        total, temp = hbm_bytes(compiled)
         row.update(status="ok", gib=round(total / 2**30, 3), temp_gib=round(temp / 2**30, 3))
+        # What the compiler lets one compare without a chip besides memory: the bytes its
+        # cost model says the program moves (a while loop's body counted once, so an XLA
+        # scan over chunks is undercounted) and the compiled program's size.
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        row.update(accessed_gib=round(float((cost or {}).get("bytes accessed", 0.0)) / 2**30, 3),
+                   program_kib=round(len(compiled.as_text()) / 1024))
         # The compiler has accepted programs whose memory analysis exceeds the chip (ViG-H-T's
         # train step: 20.5 GiB on v5e's 15.75): counted as not fitting.
         if row["gib"] > usable_gib(row["chip"]):
@@ -148,14 +158,18 @@ def sds(tree, shardings):
 
 # ----------------------------------------------------------------------------- mixers
 def mixer_rows(ci: bool):
+    """Each mixer as "auto" runs it on TPU (the Mosaic kernels); the whole table adds each
+    with its XLA form ("xla": the scan's reference, the GLA's chunked form), the comparison
+    behind the TPU defaults."""
     for model, mixer, width, lengths in MIXERS:
         if ci and model not in CI_MIXERS:
             continue
-        for length in lengths:
-            for dtype in ("float32", "bfloat16"):
-                for kind in ("fwd", "fwd+bwd"):
-                    yield dict(section="mixers", model=model, mixer=mixer, tokens=length, dtype=dtype,
-                               kind=kind, chip="v5e", batch=8 if length > 1024 else 128)
+        for backend in ("auto",) if ci else ("auto", "xla"):
+            for length in lengths:
+                for dtype in ("float32", "bfloat16"):
+                    for kind in ("fwd", "fwd+bwd"):
+                        yield dict(section="mixers", model=model, mixer=mixer, backend=backend, tokens=length,
+                                   dtype=dtype, kind=kind, chip="v5e", batch=8 if length > 1024 else 128)
 
 
 def mixer_program(row):
@@ -172,16 +186,20 @@ def mixer_program(row):
                       delta_bias=(d,))
         f32 = {"A", "D", "delta_bias"}
 
+        backend = "reference" if row["backend"] == "xla" else row["backend"]
+
         def fwd(x):  # a Vim block's two directions (each with its own inputs in the model)
-            return sum(selective_scan(**x, delta_softplus=True, reverse=r).astype(jnp.float32).sum()
+            return sum(selective_scan(**x, delta_softplus=True, reverse=r, backend=backend).astype(jnp.float32).sum()
                        for r in (False, True))
     else:
         h, dk, dv = width
         shapes = dict(q=(b, l, h, dk), k=(b, l, h, dk), v=(b, l, h, dv), g_fwd=(b, l, h, dk), g_bwd=(b, l, h, dk))
         f32 = set()
 
+        backend = "chunked" if row["backend"] == "xla" else row["backend"]
+
         def fwd(x):
-            return sum(o.astype(jnp.float32).sum() for o in bigla(**x))
+            return sum(o.astype(jnp.float32).sum() for o in bigla(**x, backend=backend))
     args = {k: jax.ShapeDtypeStruct(s, jnp.float32 if k in f32 else dt, sharding=one) for k, s in shapes.items()}
     fn = fwd if row["kind"] == "fwd" else jax.grad(fwd)
     return lambda: jax.jit(fn).lower(args)
@@ -267,7 +285,7 @@ SECTIONS = {"mixers": (mixer_rows, mixer_program), "recipes": (recipe_rows, reci
 
 
 # What names a row (a planned row has these; compiling adds the rest).
-IDENTITY = {"mixers": ("model", "mixer", "tokens", "dtype", "kind", "chip", "batch"),
+IDENTITY = {"mixers": ("model", "mixer", "backend", "tokens", "dtype", "kind", "chip", "batch"),
             "recipes": ("recipe", "chip", "chips", "half_batch", "remat_override"),
             "forward": ("model", "size", "batch", "dtype", "chip")}
 
@@ -283,9 +301,11 @@ def describe(row: dict) -> str:
     elif row["section"] == "forward":
         what = f"{row['model']:<10} {row['size']:>5}px b{row['batch']} {row['dtype']}"
     else:
-        what = f"{row['model']:<8} {row['mixer']} {row['kind']:<7} L={row['tokens']:<5} b{row['batch']} {row['dtype']}"
+        what = (f"{row['model']:<8} {row['mixer']} {row.get('backend', 'auto'):<4} {row['kind']:<7} L={row['tokens']:<5} "
+                f"b{row['batch']} {row['dtype']}")
     if row["status"] == "ok":
-        out = f"{row['gib']:7.2f} GiB (temp {row['temp_gib']:.2f}), {row['mosaic_calls']} Mosaic calls"
+        out = (f"{row['gib']:7.2f} GiB (temp {row['temp_gib']:.2f}), {row['mosaic_calls']} Mosaic calls, "
+               f"{row.get('accessed_gib', '?')} GiB accessed, {row.get('program_kib', '?')} KiB program")
     elif row["status"] == "does not fit":
         out = f"DOES NOT FIT ({row.get('needs_gib', '?')} GiB)"
     else:

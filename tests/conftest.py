@@ -224,3 +224,40 @@ def gla_form(request, monkeypatch):
     used = set_gla_form(monkeypatch, request.param == "two phases")
     yield request.param
     assert used, f"no Pallas GLA kernel ran ({request.param})"
+
+
+# TPU interpret mode as the TPU kernels' tests run it: uninitialised memory reads as NaN; the
+# "parallel" grid axes run in a shuffled order, so a carried axis wrongly marked parallel
+# shows; reads out of bounds raise.
+def tpu_interpret():
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.InterpretParams(uninitialized_memory="nan", random_seed=7, out_of_bounds_reads="raise")
+
+
+@pytest.fixture
+def tpu_kernels():
+    """backend="pallas" on the CPU runs both mixers' Mosaic (TPU) kernels in TPU interpret
+    mode for the test (the CPU's default there is the Triton kernels' interpret mode);
+    yields a list that grows by one GLA stage name ("forward", "backward") each time the
+    TPU GLA kernels are traced."""
+    from vim_jax.kernels import gla_tpu
+    from vim_jax.mixers import platform
+
+    used = []
+    originals = {stage: getattr(gla_tpu, stage) for stage in ("forward", "backward")}
+
+    def recorded(stage):
+        def run(*args, **kw):
+            used.append(stage)
+            return originals[stage](*args, **kw)
+        return run
+
+    undo = platform.run_tpu_kernels_on_cpu(tpu_interpret())
+    for stage in originals:
+        setattr(gla_tpu, stage, recorded(stage))
+    try:
+        yield used
+    finally:
+        undo()
+        for stage, fn in originals.items():
+            setattr(gla_tpu, stage, fn)

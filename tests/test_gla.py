@@ -1,6 +1,7 @@
 """Gated linear attention (vim_jax.gla, vim_jax.mixers.gla.bigla) against the official kernels' numbers
 (tests/fixtures/vig/gla_ref.npz): outputs, final states and every gradient, for normal
-and harsh gates, on every backend (the Pallas kernels in interpret mode)."""
+and harsh gates, on every backend (the Pallas kernels in interpret mode: "pallas" the
+Triton kernels', "pallas mosaic" the TPU kernels' in TPU interpret mode)."""
 
 import functools
 
@@ -25,11 +26,11 @@ def _ours(x):
 
 
 @pytest.mark.parametrize("gates", ["", "harsh_"])
-@pytest.mark.parametrize("backend", ["reference", "chunked", "pallas", "pallas two-phase"])
-def test_matches_the_official_kernels(ref, gates, backend, monkeypatch):
+@pytest.mark.parametrize("backend", ["reference", "chunked", "pallas", "pallas two-phase", "pallas mosaic"])
+def test_matches_the_official_kernels(ref, gates, backend, monkeypatch, request):
     """Harsh gates (cumulative log decay to -65 within a chunk) fail a port that factors
     exp(b_i - b_j) into exp(b_i) * exp(-b_j). "pallas two-phase": the kernels' two-phase form."""
-    two_phase = set_gla_form(monkeypatch, True) if backend == "pallas two-phase" else None
+    ran = _kernel_form(monkeypatch, request, backend)
     backend = backend.split()[0]
     q, k, v = (_ours(ref[n]) for n in ("q", "k", "v"))
     g_f, g_b = _ours(ref[gates + "g_f"]), _ours(ref[gates + "g_b"])
@@ -54,16 +55,25 @@ def test_matches_the_official_kernels(ref, gates, backend, monkeypatch):
     grads = jax.jit(jax.grad(loss, argnums=range(5)))(q, k, v, g_f, g_b)
     for name, got in zip(("q", "k", "v", "g_f", "g_b"), grads):
         assert rel_err(got, _ours(ref[gates + "grad_" + name])) < 1e-4, name
-    assert two_phase is None or len(two_phase) >= 2, "the two-phase kernels did not run"
+    assert ran is None or len(ran) >= 2, f"the {backend} kernels did not run"
+
+
+def _kernel_form(monkeypatch, request, backend):
+    """Sets up "pallas two-phase" and "pallas mosaic"; returns what records that they ran."""
+    if backend == "pallas two-phase":
+        return set_gla_form(monkeypatch, True)
+    if backend == "pallas mosaic":
+        return request.getfixturevalue("tpu_kernels")
+    return None
 
 
 @pytest.mark.parametrize("gates", ["", "harsh_"])
-@pytest.mark.parametrize("backend", ["auto", "pallas", "pallas two-phase"])
-def test_both_directions_in_one_call(ref, gates, backend, monkeypatch):
+@pytest.mark.parametrize("backend", ["auto", "pallas", "pallas two-phase", "pallas mosaic"])
+def test_both_directions_in_one_call(ref, gates, backend, monkeypatch, request):
     """bigla (the model's call) gives the official forward and reverse outputs and their
     gradients, the reverse gates indexed by token as the official model passes them; the
-    Pallas kernel runs both directions in one launch (either form)."""
-    two_phase = set_gla_form(monkeypatch, True) if backend == "pallas two-phase" else None
+    Pallas kernels run both directions in one launch (either Triton form, and Mosaic)."""
+    ran = _kernel_form(monkeypatch, request, backend)
     backend = backend.split()[0]
     q, k, v = (_ours(ref[n]) for n in ("q", "k", "v"))
     g_f, g_b = _ours(ref[gates + "g_f"]), _ours(ref[gates + "g_b"])
@@ -80,12 +90,12 @@ def test_both_directions_in_one_call(ref, gates, backend, monkeypatch):
     grads = jax.jit(jax.grad(loss, argnums=range(5)))(q, k, v, g_f, g_b)
     for name, got in zip(("q", "k", "v", "g_f", "g_b"), grads):
         assert rel_err(got, _ours(ref[gates + "grad_" + name])) < 1e-4, name
-    assert two_phase is None or len(two_phase) >= 2, "the two-phase kernels did not run"
+    assert ran is None or len(ran) >= 2, f"the {backend} kernels did not run"
 
 
 @pytest.mark.parametrize("length", [1, 16, 21])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_backends_agree_off_the_chunk_grid(length, reverse, monkeypatch):
+def test_backends_agree_off_the_chunk_grid(length, reverse, monkeypatch, request):
     """Lengths below, at and off one chunk, with strong gates: every backend's outputs, final
     states and gradients (the final state's cotangent included) equal the recurrence's."""
     keys = jax.random.split(jax.random.key(length), 6)
@@ -104,11 +114,11 @@ def test_backends_agree_off_the_chunk_grid(length, reverse, monkeypatch):
     # 1 the gate gradient is exactly 0, a cancellation of O(10) terms, so 1e-6 there agrees.
     err = lambda a, w: np.abs(np.asarray(a) - np.asarray(w)).max() / max(np.abs(np.asarray(w)).max(), 1.0)
     # Compiled: one chunk (length 16) once met an XLA CPU fusion that read uninitialised memory.
-    for b in ("chunked", "pallas", "pallas two-phase"):
-        two_phase = set_gla_form(monkeypatch, True) if b == "pallas two-phase" else None
+    for b in ("chunked", "pallas", "pallas two-phase", "pallas mosaic"):
+        ran = _kernel_form(monkeypatch, request, b)
         for a, w in zip(jax.jit(run(b.split()[0]))(q, k, v, g) + grads(b.split()[0]), want + want_grads):
             assert err(a, w) < 1e-5, b
-    assert len(two_phase) >= 2, "the two-phase kernels did not run"
+        assert ran is None or len(ran) >= 2, f"the {b} kernels did not run"
 
 
 def test_dtypes_and_bad_arguments():

@@ -253,13 +253,17 @@ def test_remat_modes_agree_and_mixer_never_reruns_the_scan():
             assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) / scale < 1e-5, remat
 
 
-@pytest.mark.parametrize("stride", [16, 8])
-def test_patch_embedding_is_the_convolution(stride):
-    """``embed_patches``: non-overlapping patches as a reshape and one product (what keeps a
-    TPU from padding a C-minor copy of the images), overlapping ones as the convolution;
-    both equal the convolution, odd image sizes included."""
+@pytest.mark.parametrize("kernel,stride,padding", [(16, 16, "VALID"), (16, 8, "VALID"), (9, 8, ((1, 1), (1, 1))),
+                                                     (3, 2, ((1, 1), (1, 1))), (7, 4, ((3, 2), (0, 3))),
+                                                     (5, 2, "VALID"), (3, 4, ((1, 1), (1, 1)))])
+def test_patch_embedding_is_the_convolution(kernel, stride, padding):
+    """``embed_patches`` (what keeps a TPU from padding a C-minor copy of the images):
+    non-overlapping patches as a reshape and one product, overlapping ones (ViG's k9 s8 p1
+    stem, uneven padding) as a 2 x 2 convolution over s x s blocks, a kernel over 2s as the
+    convolution itself; all equal the convolution, odd image sizes included."""
     from vim_jax.models.vim import embed_patches
 
-    conv = nnx.Conv(3, 8, (16, 16), strides=stride, padding="VALID", rngs=nnx.Rngs(0))
-    images = jax.random.normal(jax.random.key(1), (2, 70, 50, 3))
-    np.testing.assert_allclose(embed_patches(conv, images, jnp.float32), conv(images), rtol=1e-5, atol=1e-5)
+    conv = nnx.Conv(3, 8, (kernel, kernel), strides=stride, padding=padding, rngs=nnx.Rngs(0))
+    for shape in ((2, 70, 50, 3), (1, 33, 41, 3)):
+        images = jax.random.normal(jax.random.key(1), shape)
+        np.testing.assert_allclose(embed_patches(conv, images, jnp.float32), conv(images), rtol=1e-5, atol=1e-5)

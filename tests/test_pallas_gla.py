@@ -100,18 +100,18 @@ def test_no_block_overhangs_and_no_nan_dropping_min_or_max():
 
 
 def test_backends_per_platform_and_any_head_size():
-    """backend="pallas" lowered for a TPU is an error naming the platform and what to use;
-    "auto" lowers there with the XLA form. Head sizes that are no power of two >= 16 run on
+    """backend="pallas" lowered for ROCm (no kernel there) is an error naming the platform and
+    what to use; "auto" lowers there with the XLA form (TPU's kernels: tests/test_tpu_gla.py). Head sizes that are no power of two >= 16 run on
     the kernels too, zero-padded to their tiles: "auto" lowered for CUDA holds the Triton
     calls, and "pallas" (interpret mode here) matches the recurrence."""
     q, k, v, g_f, _ = _inputs()
     for backend in ("pallas", "auto"):
         traced = jax.jit(lambda *a: gla(*a, backend=backend)).trace(q, k, v, g_f)
         if backend == "pallas":
-            with pytest.raises(NotImplementedError, match="gla.*no kernel for platform tpu.*backend='auto'"):
-                traced.lower(lowering_platforms=("tpu",))
+            with pytest.raises(NotImplementedError, match="gla.*no kernel for platform rocm.*backend='auto'"):
+                traced.lower(lowering_platforms=("rocm",))
         else:
-            assert not triton_calls(traced.lower(lowering_platforms=("tpu",)).as_text())
+            assert not triton_calls(traced.lower(lowering_platforms=("rocm",)).as_text())
     small = [x[..., :8] for x in (q, k, v, g_f)]
     assert kernels.block_size(8) == 16 and kernels.block_size(60) == 64 and kernels.block_size(64) == 64
     call, = triton_calls(lower_for_cuda(jax.jit(lambda *a: gla(*a)).trace(*small)).as_text())

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from jax.experimental.pallas import tpu as pltpu
 
+from conftest import tpu_interpret
 from test_pallas_scan import assert_official_fixture, grads
 from test_selective_scan import random_inputs, rel_err
 from vim_jax import create_model
@@ -18,17 +18,7 @@ from vim_jax.kernels import selective_scan_tpu as mosaic
 from vim_jax.mixers import selective_scan as ss
 from vim_jax.train.step import make_train_step
 
-# Uninitialised memory reads as NaN; the "parallel" grid axes run in a shuffled order, so a
-# carried axis wrongly marked parallel shows; reads out of bounds raise.
-INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan", random_seed=7, out_of_bounds_reads="raise")
-
-
-@pytest.fixture
-def tpu_pallas(monkeypatch):
-    """backend="pallas" on the CPU runs the Mosaic kernel in TPU interpret mode (the CPU's
-    default there is the Triton kernels' interpret mode)."""
-    table = dict(ss._BACKENDS["pallas"], cpu=ss._Mosaic(interpret=INTERPRET))
-    monkeypatch.setitem(ss._BACKENDS, "pallas", table)
+INTERPRET = tpu_interpret()
 
 
 def kernel_forward(args, reverse, save_states=True):
@@ -70,7 +60,7 @@ def test_inference_forward_writes_no_states_and_lanes_past_128():
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("opts", [{}, dict(with_z=False, with_d=False, with_bias=False)])
-def test_every_gradient_through_the_mosaic_forward(reverse, opts, tpu_pallas):
+def test_every_gradient_through_the_mosaic_forward(reverse, opts, tpu_kernels):
     """The custom VJP with the Mosaic forward: outputs and all eight gradients (the
     backward reads the kernel's states) equal the reference backend's."""
     args = random_inputs(11, 2, 197, 24, 16, **opts)
@@ -81,7 +71,7 @@ def test_every_gradient_through_the_mosaic_forward(reverse, opts, tpu_pallas):
         assert rel_err(g_p[k], g_r[k]) < 1e-4, k
 
 
-def test_bfloat16(tpu_pallas):
+def test_bfloat16(tpu_kernels):
     """bfloat16 inputs: the output within bfloat16 rounding of the float32 reference on the
     same (rounded) inputs; the kernel computes in float32."""
     args = {k: (v.astype(jnp.bfloat16) if v is not None and v.ndim == 3 else v)
@@ -93,7 +83,7 @@ def test_bfloat16(tpu_pallas):
     assert rel_err(out.astype(jnp.float32), ref) < 2 ** -7
 
 
-def test_official_fixture(scan_ref, tpu_pallas):
+def test_official_fixture(scan_ref, tpu_kernels):
     """The official CUDA op's numbers: output, last state and every gradient."""
     assert_official_fixture(scan_ref)
 

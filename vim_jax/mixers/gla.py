@@ -11,11 +11,11 @@ each key channel (<= 0) and the state S (dk, dv) in float32:
 Backends, chosen by the platform the program is lowered for (``vim_jax.mixers.platform``),
 as the selective scan's are:
 
-    backend      cpu                  cuda                          other (tpu, rocm)
-    "auto"       chunked              Pallas (Triton)               chunked
+    backend      cpu                  cuda                  tpu                   other (rocm)
+    "auto"       chunked              Pallas (Triton)       Pallas (Mosaic)       chunked
     "reference"  the recurrence, one ``lax.scan`` step per token: the oracle, everywhere
     "chunked"    chunks of ``CHUNK`` tokens in XLA, everywhere
-    "pallas"     Pallas, interpret    Pallas (Triton)               error at lowering
+    "pallas"     Pallas, interpret    Pallas (Triton)       Pallas (Mosaic)       error at lowering
 
 The chunked form: within a chunk, matrix products; between chunks, the state recurrence.
 Every exponent is <= 0: the decay between tokens i >= j of a chunk is exp(b_i - b_j) with b
@@ -29,15 +29,19 @@ slower (47 against 50 ms for a forward and backward; 2-core CPU running other wo
 at ViG-T's shapes (batch 8, 196 tokens, 3 heads, dk 32, dv 64, 2-core CPU, before its custom
 VJP) 30 ms for a forward and backward against the recurrence's 79 ms, though 6.3 ms against
 2.5 ms for a forward alone.
-The Pallas kernels (``vim_jax.kernels.gla``) run the same chunked algorithm with both
-directions of ``bigla`` in one launch, under a custom VJP whose residuals (the state entering
-every chunk) are named "gla_states" and the output "gla" for remat policies; under a mesh,
-per device on its share of the batch. They take any head size (q, k, g and v zero-padded
-to tiles of a power of two, at least 16; ViG's sizes need none); "auto" runs them where CUDA
-is lowered for and the chunked form elsewhere. On an NVIDIA H200 (commit 250aff8, 2026-11-27) they take
-0.53 ms forward and 1.67 ms forward + backward at ViG-T's shapes, batch 128 at 224 px,
-against the chunked form's 1.07 and 4.08 ms; 1.94 and 8.8 ms against 5.96 and 26.2 ms at
-1024 px, batch 32.
+The Pallas kernels (``vim_jax.kernels.gla`` for CUDA, ``vim_jax.kernels.gla_tpu`` for TPU)
+run the same chunked algorithm with both directions of ``bigla`` in one launch, under one
+custom VJP whose residuals (the state entering every chunk, in each family's own layout) are
+named "gla_states" and the output "gla" for remat policies; under a mesh, per device on its
+share of the batch. The Triton kernels take any head size (q, k, g and v zero-padded to
+tiles of a power of two, at least 16; ViG's sizes need none); the Mosaic kernels lay every
+head of a token side by side on the vector lanes and take any size as it is. "pallas" on
+the CPU runs the Triton kernels in interpret mode (``platform.run_tpu_kernels_on_cpu``
+switches it to the TPU kernels in TPU interpret mode). On an NVIDIA H200 (commit 250aff8,
+2026-11-27) the Triton kernels take 0.53 ms forward and 1.67 ms forward + backward at
+ViG-T's shapes, batch 128 at 224 px, against the chunked form's 1.07 and 4.08 ms; 1.94 and
+8.8 ms against 5.96 and 26.2 ms at 1024 px, batch 32. No TPU has run the Mosaic kernels
+(compiled for v5e and interpret-verified: docs/tpu.md).
 Equations and the official code's conventions: docs/mixers.md.
 """
 
@@ -117,35 +121,76 @@ def _check(q, k, v, backend, g):
                          f"{q.shape[:3]} followed by dv")
 
 
-def _kernels():
-    from vim_jax.kernels import gla as kernels
-    return kernels
-
-
 def _directions(q, k, v, g, directions, scale, backend):
     """o (b, L, R, h, dv) in q's dtype and final states (b, R, h, dk, dv) of the R
     directions, g (b, L, R, h, dk) holding each direction's gates."""
+    kernel = lambda family: lambda *a: family.call(*a, scale=scale, directions=directions)
     if backend == "pallas":
-        return _padded_kernel(q, k, v, g, (scale, directions, True))
+        return platform.dispatch({p: kernel(f) for p, f in _PALLAS.items()}, q, k, v, g)
     xla = functools.partial(_xla, fn=_recurrent if backend == "reference" else _chunked,
                             directions=directions, scale=scale)
     if backend == "auto":
-        return platform.dispatch(dict(cuda=lambda *a: _padded_kernel(*a, (scale, directions, False)),
-                                      default=xla), q, k, v, g)
+        return platform.dispatch(dict({p: kernel(f) for p, f in _AUTO.items()}, default=xla), q, k, v, g)
     return xla(q, k, v, g)
 
 
-def _padded_kernel(q, k, v, g, spec):
-    """The kernels at any head size: q, k, g padded with zeros to ``block_size(dk)`` channels
-    and v to ``block_size(dv)`` (nothing to pad at ViG's sizes), the output and final state
-    cut back. The scale stays the true dk's (it is in ``spec``)."""
-    dk, dv = q.shape[-1], v.shape[-1]
-    pk, pv = _kernels().block_size(dk), _kernels().block_size(dv)
-    if (pk, pv) == (dk, dv):
-        return _kernel(q, k, v, g, spec)
-    pad = lambda x, size: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
-    o, state = _kernel(pad(q, pk), pad(k, pk), pad(v, pv), pad(g, pk), spec)
-    return o[..., :dv], state[..., :dk, :dv]
+class _Triton:
+    """The Triton kernels (``vim_jax.kernels.gla``), at any head size: q, k, g padded with
+    zeros to ``block_size(dk)`` channels and v to ``block_size(dv)`` (nothing to pad at
+    ViG's sizes), the output and final state cut back; the scale stays the true dk's.
+    ``by_name``: asked for as backend="pallas" (interpret mode on the CPU, an error where no
+    kernel exists) rather than chosen by "auto" for CUDA."""
+
+    def __init__(self, by_name: bool):
+        self.by_name = by_name
+
+    def call(self, q, k, v, g, *, scale, directions):
+        from vim_jax.kernels import gla as kernels
+        dk, dv = q.shape[-1], v.shape[-1]
+        pk, pv = kernels.block_size(dk), kernels.block_size(dv)
+        spec = (scale, directions, self)
+        if (pk, pv) == (dk, dv):
+            return _kernel(q, k, v, g, spec)
+        pad = lambda x, size: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+        o, state = _kernel(pad(q, pk), pad(k, pk), pad(v, pv), pad(g, pk), spec)
+        return o[..., :dv], state[..., :dk, :dv]
+
+    def stage(self, stage, scale, directions, args, kw):
+        from vim_jax.kernels import gla as kernels
+        fn = lambda interpret: functools.partial(getattr(kernels, stage), scale=scale, directions=directions,
+                                                 interpret=interpret, **kw)
+        triton = lambda *a: platform.lowered_only_for("cuda", fn(False), *a, op=_OP)
+        # Inside "auto"'s CUDA branch, other platforms never select this: the Triton call
+        # (zeros there) serves. By name: interpret mode on the CPU, an error where no
+        # kernel exists.
+        branches = dict(cuda=triton, default=triton)
+        if self.by_name:
+            branches.update(cpu=fn(True),
+                            default=lambda *a: platform.lowered_only_for(None, fn(False), *a, op=_OP))
+        return platform.per_shard(lambda *a: platform.dispatch(branches, *a), args)
+
+
+class _Mosaic:
+    """The Mosaic TPU kernels (``vim_jax.kernels.gla_tpu``): lane-dense rows, any head size.
+    ``interpret``: False (lowered for TPU only), or ``pltpu.InterpretParams`` (the tests'
+    TPU interpret mode on the CPU)."""
+
+    def __init__(self, interpret=False):
+        self.interpret = interpret
+
+    def call(self, q, k, v, g, *, scale, directions):
+        return _kernel(q, k, v, g, (scale, directions, self))
+
+    def stage(self, stage, scale, directions, args, kw):
+        from vim_jax.kernels import gla_tpu
+        fn = functools.partial(getattr(gla_tpu, stage), scale=scale, directions=directions,
+                               interpret=self.interpret, **kw)
+        run = fn if self.interpret else lambda *a: platform.lowered_only_for("tpu", fn, *a, op=_OP)
+        return platform.per_shard(run, args)
+
+
+_AUTO = dict(cuda=_Triton(by_name=False), tpu=_Mosaic())
+_PALLAS = dict(tpu=_Mosaic(), default=_Triton(by_name=True))
 
 
 def _xla(q, k, v, g, *, fn, directions, scale):
@@ -163,8 +208,9 @@ def _xla(q, k, v, g, *, fn, directions, scale):
 
 
 # ----------------------------------------------------------------------------
-# The Pallas kernels under one custom VJP: Triton on CUDA, interpret mode on the CPU (only
-# when asked for by name), an error elsewhere. spec = (scale, directions, by_name).
+# The Pallas kernels under one custom VJP. spec = (scale, directions, family): the family
+# (``_Triton`` or ``_Mosaic``) runs its own kernels' forward and backward, whose residuals
+# only it reads.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -189,18 +235,8 @@ _kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 def _stage(stage, spec, *args, **kw):
-    scale, directions, by_name = spec
-    kernels = _kernels()
-    fn = lambda interpret: functools.partial(getattr(kernels, stage), scale=scale, directions=directions,
-                                             interpret=interpret, **kw)
-    triton = lambda *a: platform.lowered_only_for("cuda", fn(False), *a, op=_OP)
-    # Inside "auto"'s CUDA branch, other platforms never select this: the Triton call (zeros
-    # there) serves. By name (backend="pallas"): interpret mode on the CPU, an error where
-    # no kernel exists.
-    branches = dict(cuda=triton, default=triton)
-    if by_name:
-        branches.update(cpu=fn(True), default=lambda *a: platform.lowered_only_for(None, fn(False), *a, op=_OP))
-    return platform.per_shard(lambda *a: platform.dispatch(branches, *a), args)
+    scale, directions, family = spec
+    return family.stage(stage, scale, directions, args, kw)
 
 
 def _recurrent(q, k, v, g, scale):

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from vim_jax.mixers.gla import BACKENDS as GLA_BACKENDS, bigla, gla
-from vim_jax.models.vim import RMSNorm, check_images, drop_path, torch_default_init
+from vim_jax.models.vim import RMSNorm, check_images, drop_path, embed_patches, torch_default_init
 
 RMS_EPS = 1e-6  # every RMSNorm of both ViG families
 LN_EPS = 1e-5  # LayerNorm2d (torch's default)
@@ -214,7 +214,7 @@ class PatchEmbed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, images):
-        x = jax.nn.silu(self.norm1(self.conv1(images.astype(self.dtype))))
+        x = jax.nn.silu(self.norm1(embed_patches(self.conv1, images, self.dtype)))
         return self.norm2(self.conv2(x.astype(self.dtype)))
 
     @staticmethod

@@ -195,21 +195,51 @@ def resize_pos_embed(pos, cls_position: str, old_grid, new_grid):
 
 
 def embed_patches(conv: nnx.Conv, images, dtype):
-    """``conv(images.astype(dtype))``, (batch, H, W, C) -> (batch, H', W', dim) in ``dtype``.
-    Non-overlapping patches (stride = kernel, padding "VALID") are cut out by a reshape and
-    projected by one matrix product, the convolution's own sums: XLA's TPU convolution makes a
-    ``dtype`` copy of the images with C = 3 as the minor axis, padded to many lanes (1.49 of
-    Vim-Ti's 1.67 GiB at 1248 px, batch 8, bfloat16, on v5e; 0.75 GiB with the product).
-    Overlapping patches run the convolution."""
-    p = conv.kernel_size[0]
-    strides = (conv.strides,) * 2 if isinstance(conv.strides, int) else tuple(conv.strides)
-    if strides != (p, p) or conv.padding != "VALID":
+    """``conv(images.astype(dtype))``, (batch, H, W, C) -> (batch, H', W', dim) in ``dtype``,
+    for a convolution on raw images with stride s and a square kernel.
+
+    XLA's TPU convolution makes a ``dtype`` copy of the images with C = 3 as the minor axis,
+    padded to many lanes (1.49 of Vim-Ti's 1.67 GiB at 1248 px, batch 8, bfloat16, on v5e),
+    and so does any pad or slice of them. So the images are cut into s x s blocks by a
+    reshape, s * s * C channels each, and projected: non-overlapping patches (k = s, no
+    padding: Vim, DeiT) by one matrix product, the convolution's own sums (0.75 GiB there);
+    others by a T x T convolution over the blocks (ViG's k9 s8 p1 stem: T = 2), its kernel
+    the k x k one placed in a T s x T s square of zeros, the image's padding done on the
+    block grid. Dilated or grouped convolutions run as they are."""
+    k = conv.kernel_size[0]
+    s = (conv.strides,) * 2 if isinstance(conv.strides, int) else tuple(conv.strides)
+    pad = ((0, 0), (0, 0)) if conv.padding == "VALID" else conv.padding
+    if (s[0] != s[1] or conv.kernel_size != (k, k) or isinstance(pad, str)
+            or conv.kernel_dilation not in (None, 1, (1, 1)) or conv.feature_group_count != 1):
         return conv(images.astype(dtype))
+    s = s[0]
     b, h, w, c = images.shape
-    gh, gw = h // p, w // p
-    x = images[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b, gh, gw, p * p * c).astype(dtype)
-    y = jnp.dot(x, conv.kernel[...].reshape(p * p * c, -1).astype(dtype))  # (kh, kw, C, dim) kernel
+    (top, bottom), (left, right) = pad
+    out = ((h + top + bottom - k) // s + 1, (w + left + right - k) // s + 1)
+    # Output i reads the image's rows [s i - top, s i - top + k): blocks i - lo to i - lo + T - 1.
+    lo = (-(-top // s), -(-left // s))
+    taps = max(lo[0] + -(-(k - top) // s), lo[1] + -(-(k - left) // s))
+    lo_h, lo_w = lo
+    blocks = (out[0] - lo_h + taps - 1, out[1] - lo_w + taps - 1)  # the last output's last block + 1
+    # Only rows and columns some output reads: zeros past the image (its bottom and right
+    # padding), a crop of what none reads; nothing to do when the size is a multiple of s.
+    x = images
+    if (blocks[0] * s, blocks[1] * s) != (h, w):
+        x = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (0, blocks[0] * s - h, 0),
+                                                     (0, blocks[1] * s - w, 0), (0, 0, 0)))
+    x = x.reshape(b, blocks[0], s, blocks[1], s, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, *blocks, s * s * c).astype(dtype)
+    kernel = conv.kernel[...].astype(dtype)  # (kh, kw, C, dim)
+    if taps == 1 and (top, left) == (0, 0) and k == s:
+        y = jnp.dot(x, kernel.reshape(s * s * c, -1))
+    else:
+        size = taps * s  # the kernel's first row sits at row lo * s - top of its window
+        kernel = jnp.pad(kernel, ((lo_h * s - top, size - k - lo_h * s + top),
+                                  (lo_w * s - left, size - k - lo_w * s + left), (0, 0), (0, 0)))
+        kernel = kernel.reshape(taps, s, taps, s, c, -1).transpose(0, 2, 1, 3, 4, 5)
+        kernel = kernel.reshape(taps, taps, s * s * c, -1)
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((lo_h, 0), (lo_w, 0)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + conv.bias[...].astype(dtype) if conv.bias is not None else y
 
 
