@@ -4,9 +4,9 @@ Vim paper's Fig. 1; ViG's claim: at 1024 px ViG-T 4.8x faster than DeiT-T in 10%
     python benchmarks/efficiency.py [--models vim_tiny,vig_tiny,deit_tiny] [--batch N] [--out DIR]
 
 For each resolution and model: forward_features throughput (img/s; warm-up, then the
-median of timed repeats) and peak memory (the device's peak_bytes_in_use on a GPU, each
-configuration in its own process so peaks do not mix; the compiled executable's memory
-analysis on the CPU). Also a training step (forward + backward + AdamW) at 224 and 512.
+median of timed repeats) and peak memory (the device's peak_bytes_in_use on a GPU or TPU,
+each configuration in its own process so peaks do not mix, the parent never holding the
+device (a TPU admits one process); the compiled executable's memory analysis on the CPU). Also a training step (forward + backward + AdamW) at 224 and 512.
 An out-of-memory configuration is recorded as OOM. Writes efficiency_<device>.csv/.json/.png
 under --out and prints each model's ratios to its DeiT per size.
 """
@@ -107,6 +107,15 @@ def measure(model: str, size: int, mode: str, batch: int, repeats: int, dtype: s
     return row
 
 
+def _probe() -> tuple[str, str]:
+    """(platform, device kind) of the default device, asked of a child process: this one
+    must not hold an accelerator its configurations' processes need."""
+    code = "import jax; print(jax.default_backend()); print(jax.devices()[0].device_kind)"
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    backend, device = lines.strip().splitlines()[-2:]
+    return backend, device
+
+
 def run_isolated(*args, timeout: float | None = None) -> dict:
     """measure() in a fresh process, so the device's peak memory belongs to one config; a
     configuration that runs past ``timeout`` seconds is recorded as such."""
@@ -178,25 +187,25 @@ def main():
     p.add_argument("--models", default="vim_tiny,vig_tiny,deit_tiny", help=f"comma list of {list(MODELS)}")
     p.add_argument("--sizes", default=",".join(map(str, SIZES)))
     p.add_argument("--train-sizes", default=",".join(map(str, TRAIN_SIZES)))
-    p.add_argument("--batch", type=int, default=None, help="default: 1 on a CPU, 32 on a GPU")
-    p.add_argument("--train-batch", type=int, default=None, help="default: 2 on a CPU, 32 on a GPU")
-    p.add_argument("--repeats", type=int, default=None, help="default: 3 on a CPU, 10 on a GPU")
-    p.add_argument("--dtype", default=None, help="default: float32 on a CPU, bfloat16 on a GPU")
+    p.add_argument("--batch", type=int, default=None, help="default: 1 on a CPU, 32 on a GPU or TPU")
+    p.add_argument("--train-batch", type=int, default=None, help="default: 2 on a CPU, 32 on a GPU or TPU")
+    p.add_argument("--repeats", type=int, default=None, help="default: 3 on a CPU, 10 on a GPU or TPU")
+    p.add_argument("--dtype", default=None, help="default: float32 on a CPU, bfloat16 on a GPU or TPU")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--depth", type=int, default=None, help="fewer blocks (a rehearsal); default: the model's")
-    p.add_argument("--run-timeout", type=float, default=None, help="seconds per configuration (GPU)")
+    p.add_argument("--run-timeout", type=float, default=None, help="seconds per configuration (GPU, TPU)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print(json.dumps(measure(*json.loads(args.one))))
         return
 
-    gpu = jax.default_backend() == "gpu"
-    batch = args.batch or (32 if gpu else 1)
-    train_batch = args.train_batch or (32 if gpu else 2)
-    repeats = args.repeats or (10 if gpu else 3)
-    dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    device = jax.devices()[0].device_kind
+    backend, device = _probe()
+    accel = backend in ("gpu", "tpu")  # an accelerator: measured a configuration a process
+    batch = args.batch or (32 if accel else 1)
+    train_batch = args.train_batch or (32 if accel else 2)
+    repeats = args.repeats or (10 if accel else 3)
+    dtype = args.dtype or ("bfloat16" if accel else "float32")
     tag = device.replace(" ", "_")
     print(f"device: {device}; batch {batch} (train {train_batch}); {dtype}; median of {repeats}")
     models = args.models.split(",")
@@ -206,12 +215,12 @@ def main():
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = out / f"efficiency_{tag}"
-    meta = dict(device=device, backend=jax.default_backend(), jax=jax.__version__, batch=batch,
+    meta = dict(device=device, backend=backend, jax=jax.__version__, batch=batch,
                 train_batch=train_batch, dtype=dtype, repeats=repeats, cpu_count=os.cpu_count())
     rows = []
     for model, size, mode, b in jobs:
         job = (model, size, mode, b, repeats, dtype, args.depth)
-        row = run_isolated(*job, timeout=args.run_timeout) if gpu else measure(*job)
+        row = run_isolated(*job, timeout=args.run_timeout) if accel else measure(*job)
         rows.append(row)
         shown = (f"{row['img_s']:9.2f} img/s {row['peak_mb']:10.1f} MiB  (compile {row['compile_s']} s)"
                  if row.get("status") == "ok" else row.get("status"))

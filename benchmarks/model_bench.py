@@ -1,7 +1,7 @@
-"""Vim model throughput and compile time on the CPU (or whatever the default device is).
+"""Vim or ViG model throughput and compile time on the default device (CPU, GPU or TPU).
 
-    python benchmarks/cpu_model.py [--model vim_tiny_patch16_224] [--batch 8] [--repeats 5]
-    python benchmarks/cpu_model.py --cpu-devices 2   # one XLA host device per core
+    python benchmarks/model_bench.py [--model vim_tiny_patch16_224] [--batch 8] [--repeats 5]
+    python benchmarks/model_bench.py --cpu-devices 2   # one XLA host device per core
 
 Prints forward and train-step (forward + backward + AdamW) throughput in img/s
 (median of the timed repeats, after a warm-up), and compile times.
@@ -48,7 +48,10 @@ def main():
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--remat", default="mixer", choices=["mixer", "full", "none"],
                    help="what each block stores for the backward pass")
-    p.add_argument("--backend", default="auto", help="selective-scan backend")
+    p.add_argument("--backend", default="auto", help="the mixer's backend (Vim's scan_backend, ViG's gla_backend)")
+    p.add_argument("--tpu-kernels-on-cpu", action="store_true",
+                   help="off a TPU, backend pallas runs the TPU kernels in TPU interpret mode (the TPU suite's "
+                        "rehearsal)")
     p.add_argument("--dtype", default="float32", help="compute dtype (float32 or bfloat16)")
     p.add_argument("--json", help="append the measurements as one JSON object to this file")
     p.add_argument("--cpu-devices", type=int, default=0,
@@ -76,8 +79,11 @@ def main():
         raise SystemExit(f"--batch {args.batch} is not divisible by the {n_dev} devices")
     print(f"device: {n_dev} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}")
-    model = create_model(args.model, img_size=args.img_size, remat=args.remat,
-                         scan_backend=args.backend, dtype=args.dtype,
+    if args.tpu_kernels_on_cpu and jax.default_backend() != "tpu":
+        from vim_jax.mixers import platform as mixer_platform
+        mixer_platform.run_tpu_kernels_on_cpu()
+    mixer = dict(gla_backend=args.backend) if args.model.startswith("vig") else dict(scan_backend=args.backend)
+    model = create_model(args.model, img_size=args.img_size, remat=args.remat, dtype=args.dtype, **mixer,
                          **({} if args.depth is None else dict(depth=args.depth)))
     row = dict(model=args.model, batch=args.batch, img_size=args.img_size, backend=args.backend,
                dtype=args.dtype, remat=args.remat, devices=n_dev, device=jax.devices()[0].device_kind,
@@ -107,7 +113,7 @@ def main():
     fwd = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x), in_shardings=(replicated, data))
     fwd_c, t_fwd_compile = compile_time(fwd, params, images)
     print(f"{args.model} batch {args.batch} @ {args.img_size}, remat={args.remat}, "
-          f"scan backend {args.backend}: forward compile {t_fwd_compile:.1f} s")
+          f"mixer backend {args.backend}: forward compile {t_fwd_compile:.1f} s")
     if not args.compile_only:
         fwd_c(params, images).block_until_ready()
         t = timed(fwd_c, params, images, repeats=args.repeats)
