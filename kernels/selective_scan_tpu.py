@@ -1,4 +1,4 @@
-"""Pallas (Mosaic TPU) selective-scan forward: states in VMEM, the sequence in blocks.
+"""Pallas (Mosaic TPU) selective-scan kernels: states in VMEM, the sequence in blocks.
 
 Imported as ``vim_jax.kernels.selective_scan_tpu``; ``vim_jax.mixers.selective_scan`` chooses
 it where a program is lowered for TPU. Same semantics and residuals as the Triton kernels
@@ -26,8 +26,16 @@ also writes the state entering every chunk of ``chunk`` positions, position-alig
 other backends' are, (batch, chunks, d_state, d_inner) in the kernel and transposed to the shared
 (batch, chunks, d_inner, d_state) on the way out: any backend's backward reads it.
 
-Not yet written: the Mosaic backward (the backward on TPU is the reference backend's,
-reading these states).
+The backward walks the same grid in reverse scan order (the last block of a forward scan
+first) with the adjoint of the state, (d_state, channels) float32, in VMEM scratch. Per
+chunk it recomputes the chunk's 16 states from the saved entry state (kept in VMEM
+scratch, (chunk, d_state, channels)), then walks them back: lam_t = C_t gy_t + a_{t+1}
+lam_{t+1}, and from lam_t and h_t every gradient, the per-step reductions over the state
+or over the channels as (1, 16) x (16, 128) or (1, 128) x (128, 16) products on the MXU
+(HIGHEST). du, ddelta and dz are written per block; dB and dC per block of channels (their
+sum over the channels' blocks is XLA's); dA, dD and dbias accumulate in VMEM over the
+sequence and are written once per (batch element, channel block), summed over the batch by
+XLA. Positions past the end take no part in any sum.
 """
 
 from __future__ import annotations
@@ -150,3 +158,140 @@ def forward(u, delta, z, B, C, A, D, bias, *, softplus, reverse, has_z, chunk, s
     if save_states:
         states = outs[2][:, :pl.cdiv(length, chunk), :, :d].transpose(0, 1, 3, 2)
     return out, last, states
+
+
+def _bwd_kernel(u_ref, dl_ref, z_ref, b_ref, c_ref, g_ref, at_ref, d_ref, bias_ref, states_ref, glast_ref,
+                du_ref, ddl_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref,
+                lam_ref, acc_a_ref, acc_d_ref, acc_bias_ref, hs_ref, rows_ref, nrows_ref, *,
+                length, chunk, softplus, reverse, has_z):
+    ls = u_ref.shape[0]
+    per = ls // chunk
+    s, ns = pl.program_id(2), pl.num_programs(2)
+    block = s if reverse else ns - 1 - s  # reverse scan order: a forward scan's last block first
+
+    @pl.when(s == 0)
+    def _():
+        lam_ref[...] = glast_ref[...].astype(jnp.float32)
+        for ref in (acc_a_ref, acc_d_ref, acc_bias_ref):
+            ref[...] = jnp.zeros_like(ref)
+
+    at = at_ref[...].astype(jnp.float32)  # (N, LANES)
+    dvec = d_ref[...].astype(jnp.float32)
+    bias = bias_ref[...].astype(jnp.float32)
+    scan_steps = list(range(chunk - 1, -1, -1) if reverse else range(chunk))
+    nt = (((1,), (1,)), ((), ()))  # a @ b.T
+    nn = (((1,), (0,)), ((), ()))
+    dot = lambda a, b, dims: jax.lax.dot_general(a, b, dims, precision=_HI, preferred_element_type=jnp.float32)
+
+    def chunk_walk(j, lam):
+        c = j if reverse else per - 1 - j  # reverse scan order within the block
+        rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
+        tile = lambda ref: ref[rows, :].astype(jnp.float32)
+        u, pre, bm, cm, g = tile(u_ref), tile(dl_ref) + bias, tile(b_ref), tile(c_ref), tile(g_ref)
+        pos = block * ls + c * chunk + jax.lax.broadcasted_iota(jnp.int32, u.shape, 0)
+        valid = pos < length
+        dt = jnp.where(valid, softplus_formula(pre) if softplus else pre, 0.0)
+        dtu = dt * u
+        if has_z:
+            z = tile(z_ref)
+            sig = sigmoid(z)
+            gy = g * z * sig
+        else:
+            gy = g
+        # The chunk's states from its entry state, in scan order.
+        h = states_ref[c]
+        for k in scan_steps:
+            h = jnp.exp(dt[k:k + 1] * at) * h + bm[k:k + 1].reshape(-1, 1) * dtu[k:k + 1]
+            hs_ref[k] = h
+        # Back through them: lam is a_{t+1} lam_{t+1} on entry to step t.
+        acc_a = acc_a_ref[...]
+        for k in reversed(scan_steps):
+            h = hs_ref[k]
+            lam = cm[k:k + 1].reshape(-1, 1) * gy[k:k + 1] + lam
+            w = lam * (h - bm[k:k + 1].reshape(-1, 1) * dtu[k:k + 1])  # lam a_t h_{t-1}
+            acc_a = acc_a + w * dt[k:k + 1]
+            rows_ref[0, k:k + 1, :] = jnp.sum(w * at, axis=0, keepdims=True)  # dL/d dt through a_t
+            rows_ref[1, k:k + 1, :] = dot(bm[k:k + 1], lam, nn)  # <lam, B_t> over the states
+            rows_ref[2, k:k + 1, :] = dot(cm[k:k + 1], h, nn)  # y_t before D and the gate
+            nrows_ref[0, k:k + 1, :] = dot(dtu[k:k + 1], lam, nt)  # dB_t over this block's channels
+            nrows_ref[1, k:k + 1, :] = dot(gy[k:k + 1], h, nt)  # dC_t
+            lam = jnp.exp(dt[k:k + 1] * at) * lam
+        acc_a_ref[...] = acc_a
+        g_dt, lam_b, y = rows_ref[0], rows_ref[1], rows_ref[2]
+        du_ref[rows, :] = (dt * lam_b + gy * dvec).astype(du_ref.dtype)
+        g_dt = g_dt + u * lam_b
+        if softplus:
+            g_dt = g_dt * sigmoid(pre)
+        g_dt = jnp.where(valid, g_dt, 0.0)  # past the end: lam is not zero there, nothing sums it
+        ddl_ref[rows, :] = g_dt.astype(ddl_ref.dtype)
+        if has_z:
+            dz_ref[rows, :] = (g * (y + dvec * u) * sig * (1 + z * (1 - sig))).astype(dz_ref.dtype)
+        else:
+            dz_ref[rows, :] = jnp.zeros((chunk, dz_ref.shape[1]), dz_ref.dtype)
+        db_ref[rows, :] = nrows_ref[0].astype(db_ref.dtype)
+        dc_ref[rows, :] = nrows_ref[1].astype(dc_ref.dtype)
+        acc_d_ref[...] += jnp.sum(gy * u, axis=0, keepdims=True)
+        acc_bias_ref[...] += jnp.sum(g_dt, axis=0, keepdims=True)
+        return lam
+
+    lam_ref[...] = jax.lax.fori_loop(0, per, chunk_walk, lam_ref[...])
+
+    @pl.when(s == ns - 1)
+    def _():
+        da_ref[...] = acc_a_ref[...]
+        dd_ref[...] = acc_d_ref[...]
+        dbias_ref[...] = acc_bias_ref[...]
+
+
+@functools.partial(jax.jit, static_argnames=("softplus", "reverse", "has_z", "chunk", "interpret"))
+def backward(u, delta, z, B, C, A, D, bias, states, g, g_last, *, softplus, reverse, has_z, chunk,
+             interpret=False):
+    """The gradients (du, ddelta, dz, dB, dC, dA, dD, dbias) of ``forward``'s outputs from
+    the chunk-entry ``states`` (b, chunks, d, n) any backend saved, the output's cotangent
+    ``g`` (b, L, d) and the last state's ``g_last`` (b, d, n); dA, dD and dbias summed over
+    the batch. dz is zeros unless has_z."""
+    bsz, length, d = u.shape
+    n = A.shape[1]
+    ls = seq_block(length, chunk)
+    lp, dp = pl.cdiv(length, ls) * ls, pl.cdiv(d, LANES) * LANES
+    ns, nd = lp // ls, dp // LANES
+    pad = lambda x, lanes: jnp.pad(x, ((0, 0), (0, lp - length), (0, lanes - x.shape[-1])))
+    u_, dl_, z_, g_ = (pad(x, dp) for x in (u, delta, z, g))
+    b_, c_ = (pad(x, n) for x in (B, C))
+    vec = lambda x: jnp.pad(x.astype(jnp.float32), (0, dp - d)).reshape(1, dp)
+    at = jnp.pad(A.astype(jnp.float32).T, ((0, 0), (0, dp - d)))
+    # The shared (b, chunks, d, n) layout back to the kernel's: the states on the sublanes.
+    states_ = jnp.pad(states.transpose(0, 1, 3, 2),
+                      ((0, 0), (0, lp // chunk - states.shape[1]), (0, 0), (0, dp - d)))
+    glast_ = jnp.pad(g_last.astype(jnp.float32).transpose(0, 2, 1), ((0, 0), (0, 0), (0, dp - d)))
+
+    walked = (lambda s: s) if reverse else (lambda s: ns - 1 - s)  # reverse scan order
+    seq = pl.BlockSpec((None, ls, LANES), lambda bi, di, s: (bi, walked(s), di))
+    bc = pl.BlockSpec((None, ls, n), lambda bi, di, s: (bi, walked(s), 0))
+    par = pl.BlockSpec((n, LANES), lambda bi, di, s: (0, di))
+    one = pl.BlockSpec((1, LANES), lambda bi, di, s: (0, di))
+    states_spec = pl.BlockSpec((None, ls // chunk, n, LANES), lambda bi, di, s: (bi, walked(s), 0, di))
+    per_batch = lambda rows: pl.BlockSpec((None, rows, LANES), lambda bi, di, s: (bi, 0, di))
+    part_bc = pl.BlockSpec((None, None, ls, n), lambda bi, di, s: (bi, di, walked(s), 0))
+    f32 = jnp.float32
+    out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp), x.dtype) for x in (u, delta, z)]
+    out_shape += [jax.ShapeDtypeStruct((bsz, nd, lp, n), f32)] * 2
+    out_shape += [jax.ShapeDtypeStruct((bsz, n, dp), f32), jax.ShapeDtypeStruct((bsz, 1, dp), f32),
+                  jax.ShapeDtypeStruct((bsz, 1, dp), f32)]
+    kernel = functools.partial(_bwd_kernel, length=length, chunk=chunk, softplus=softplus, reverse=reverse,
+                               has_z=has_z)
+    du, ddl, dz, db, dc, da, dd, dbias = pl.pallas_call(
+        kernel, grid=(bsz, nd, ns),
+        in_specs=[seq, seq, seq, bc, bc, seq, par, one, one, states_spec, per_batch(n)],
+        out_specs=[seq, seq, seq, part_bc, part_bc, per_batch(n), per_batch(1), per_batch(1)],
+        out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM((n, LANES), f32), pltpu.VMEM((n, LANES), f32), pltpu.VMEM((1, LANES), f32),
+                        pltpu.VMEM((1, LANES), f32), pltpu.VMEM((chunk, n, LANES), f32),
+                        pltpu.VMEM((3, chunk, LANES), f32), pltpu.VMEM((2, chunk, n), f32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret, name="selective_scan_bwd_tpu",
+    )(u_, dl_, z_, b_, c_, g_, at, vec(D), vec(bias), states_, glast_)
+    cut = lambda x: x[:, :length, :d]
+    return (cut(du), cut(ddl), cut(dz), db.sum(1)[:, :length].astype(B.dtype), dc.sum(1)[:, :length].astype(C.dtype),
+            da.sum(0)[:, :d].T.astype(A.dtype), dd.sum((0, 1))[:d].astype(D.dtype),
+            dbias.sum((0, 1))[:d].astype(bias.dtype))

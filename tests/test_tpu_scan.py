@@ -1,5 +1,5 @@
-"""The Mosaic (TPU) selective-scan forward in TPU interpret mode against the reference
-backend and the official numbers, and what a TPU would run, read from programs lowered for
+"""The Mosaic (TPU) selective-scan kernels, forward and backward, in TPU interpret mode
+against the reference backend and the official numbers, and what a TPU would run, read from programs lowered for
 TPU on this CPU host (no TPU, no libtpu needed): the kernel each platform gets, and the
 Mosaic calls per layer."""
 
@@ -47,6 +47,30 @@ def test_forward_and_saved_states_match_the_reference(length, reverse):
     assert rel_err(states, ref_states) < 1e-5
 
 
+@pytest.mark.parametrize("length,reverse,width,opts", [(1, False, 40, {}), (197, True, 40, {}),
+                                                       (1025, False, 40, {}), (300, True, 130, {}),
+                                                       (197, False, 40, dict(with_z=False))])
+def test_backward_from_the_reference_states_matches_the_reference(length, reverse, width, opts):
+    """The Mosaic backward reading the states the reference backend saved (any backend's
+    backward reads any backend's residual) gives the reference backward's eight gradients,
+    the last state's cotangent included: lengths below one chunk, off the block grid and
+    over five sequence blocks, channels over two lane blocks (130), no gate."""
+    args = random_inputs(length + width, 2, length, width, 16, **opts)
+    has_z = args["z"] is not None
+    spec = ss._Spec(True, reverse, has_z, True, True, "reference")
+    a = (args["u"], args["delta"], args["z"] if has_z else args["u"], args["B"], args["C"], args["A"], args["D"],
+         args["delta_bias"])
+    out, last, states = ss._REFERENCE.forward(spec, *a)
+    g, g_last = jax.random.normal(jax.random.key(3), out.shape), jax.random.normal(jax.random.key(4), last.shape)
+    want = ss._REFERENCE.backward(spec, *a, states, g, g_last)
+    got = mosaic.backward(*a, states, g, g_last, softplus=True, reverse=reverse, has_z=has_z,
+                          chunk=ss.STATE_CHUNK, interpret=INTERPRET)
+    names = ("du", "ddelta", "dz", "dB", "dC", "dA", "dD", "dbias")
+    for name, x, y in zip(names, got, want):
+        if name != "dz" or has_z:
+            assert x.shape == y.shape and rel_err(x, y) < 1e-5, name
+
+
 def test_inference_forward_writes_no_states_and_lanes_past_128():
     """The inference call (no states) at 130 channels: two lane blocks, the second mostly
     padding."""
@@ -60,9 +84,9 @@ def test_inference_forward_writes_no_states_and_lanes_past_128():
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("opts", [{}, dict(with_z=False, with_d=False, with_bias=False)])
-def test_every_gradient_through_the_mosaic_forward(reverse, opts, tpu_kernels):
-    """The custom VJP with the Mosaic forward: outputs and all eight gradients (the
-    backward reads the kernel's states) equal the reference backend's."""
+def test_every_gradient_through_the_mosaic_kernels(reverse, opts, tpu_kernels):
+    """The custom VJP with the Mosaic forward and backward: outputs and all eight gradients
+    equal the reference backend's."""
     args = random_inputs(11, 2, 197, 24, 16, **opts)
     out_p, last_p, g_p = grads(args, "pallas", reverse)
     out_r, last_r, g_r = grads(args, "reference", reverse)
@@ -107,16 +131,19 @@ def test_a_program_lowered_for_tpu_runs_the_mosaic_kernel(backend):
     assert not mosaic_calls(jax.jit(lambda a: fn(**a)).lower(args))
 
 
-def test_the_tpu_train_step_holds_one_mosaic_forward_per_direction_per_layer():
-    """Vim's train step lowered for TPU: two Mosaic forwards a layer (one a direction, the
-    states saved once and kept by remat), none rerun for the backward, which is the
-    reference's on the kernel's states. The layers are one loop over stacked blocks, so the
-    program holds one layer's calls whatever the depth."""
+def test_the_tpu_train_step_holds_one_mosaic_forward_and_backward_per_direction_per_layer():
+    """Vim's train step lowered for TPU: per layer, two Mosaic forwards (one a direction, the
+    states saved once and kept by remat, none rerun for the backward) and two Mosaic
+    backwards. The layers are one loop over stacked blocks, so the program holds one layer's
+    calls whatever the depth."""
     counts = []
     for depth in (2, 3):
         model = create_model("vim_tiny_patch16_224", img_size=32, depth=depth)
         model.train()
         step, state = make_train_step(model, optax.sgd(0.1))
         images, labels = jnp.zeros((2, 32, 32, 3)), jnp.zeros((2,), jnp.int32)
-        counts.append(len(mosaic_calls(step.trace(state, images, labels).lower(lowering_platforms=("tpu",)))))
-    assert counts == [2, 2], counts
+        calls = mosaic_calls(step.trace(state, images, labels).lower(lowering_platforms=("tpu",)))
+        counts.append(sorted(name for line in calls for name in ("selective_scan_fwd_tpu", "selective_scan_bwd_tpu")
+                             if name in line))
+    one_layer = ["selective_scan_bwd_tpu"] * 2 + ["selective_scan_fwd_tpu"] * 2
+    assert counts == [one_layer, one_layer], counts

@@ -21,13 +21,14 @@ Backends, chosen by the platform the program is lowered for (``jax.lax.platform_
 so one traced program carries the right kernel for each platform it is lowered for:
 
     backend      cpu                      cuda                 tpu                   other (rocm)
-    "auto"       reference (CPU tuned)    Pallas Triton        Pallas Mosaic fwd     reference
+    "auto"       reference (CPU tuned)    Pallas Triton        Pallas Mosaic         reference
     "reference"  reference (CPU tuned)    reference            reference             reference
-    "pallas"     Pallas, interpret mode   Pallas Triton        Pallas Mosaic fwd     error at lowering
+    "pallas"     Pallas, interpret mode   Pallas Triton        Pallas Mosaic         error at lowering
     "portable"   plain JAX, no per-platform choice (for converters such as jax2onnx)
 
-On TPU the Mosaic kernel (``vim_jax.kernels.selective_scan_tpu``) runs the forward; the
-backward there is the reference backend's, reading the states the kernel saved.
+On TPU the Mosaic kernels (``vim_jax.kernels.selective_scan_tpu``) run the forward and the
+backward. "pallas" on the CPU runs the Triton kernels in interpret mode
+(``platform.run_tpu_kernels_on_cpu`` switches it to the TPU kernels in TPU interpret mode).
 
 The "reference" backend is portable JAX (``lax.scan``) with a float32 state. It and the
 Pallas backend share one custom VJP (the "portable" one has none: JAX differentiates it): the forward saves the state at the start of every
@@ -478,18 +479,13 @@ class _Pallas:
 
 
 class _Mosaic(_Pallas):
-    """The Mosaic TPU forward (``vim_jax.kernels.selective_scan_tpu``); its backward is the
-    reference backend's, reading the chunk states the kernel saved (no Mosaic backward yet).
-    ``interpret``: False (lowered for TPU only), or ``pltpu.InterpretParams`` (the tests'
-    TPU interpret mode on the CPU)."""
+    """The Mosaic TPU kernels (``vim_jax.kernels.selective_scan_tpu``). ``interpret``: False
+    (lowered for TPU only), or ``pltpu.InterpretParams`` (TPU interpret mode on the CPU)."""
 
     module, target = "selective_scan_tpu", "tpu"
 
     def __init__(self, interpret=False):
         super().__init__(interpret)
-
-    def backward(self, spec, *args):
-        return _REFERENCE.backward(spec, *args)
 
 
 class _NoKernel:
