@@ -19,48 +19,8 @@
 # libtpu, flax, optax; installs the project from the tree without an index.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-rehearsal=0
-[ "${1:-}" = "--rehearsal" ] && rehearsal=1
-out="${OUT:-benchmarks/results}/tpu_suite"
-mkdir -p "$out"
-out="$(cd "$out" && pwd)"
-log="$out/suite.log"
-: > "$log"
-python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >> "$log" 2>&1 \
-  || echo "pip install failed: running from the tree" | tee -a "$log"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
-if ! python3 -P -c "import vim_jax.kernels.gla_tpu, vim_jax.kernels.selective_scan_tpu" 2>&1 | tee -a "$log"; then
-  echo "vim_jax.kernels does not import: stopping" | tee -a "$log"
-  printf '{"date": "%s", "stages": [], "error": "vim_jax.kernels does not import"}\n' "$(date -u +%FT%TZ)" \
-    > "$out/suite.json"
-  exit 1
-fi
-stages=()
-write_json() {
-  printf '{"date": "%s", "stages": [%s]}\n' "$(date -u +%FT%TZ)" "$(IFS=,; echo "${stages[*]}")" \
-    > "$out/suite.json"
-}
-
-stage() {  # stage NAME SECONDS COMMAND...  (a rehearsal gets 3x the seconds: interpret mode on a CPU)
-  local name=$1 cap=$(( $2 * (rehearsal ? 3 : 1) )); shift 2
-  case ",${STAGES:-$name}," in *",$name,"*) ;; *) return 0 ;; esac
-  local t0=$SECONDS rc
-  echo "=== stage $name (cap ${cap}s): $*" | tee -a "$log"
-  timeout --kill-after=10 "$cap" "$@" 2>&1 | tee -a "$log"
-  rc=${PIPESTATUS[0]}
-  local status=ok
-  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && status=timeout
-  [ "$rc" -ne 0 ] && [ "$status" = ok ] && status="failed (exit $rc)"
-  echo "=== stage $name: $status after $((SECONDS - t0)) s" | tee -a "$log"
-  stages+=("{\"stage\": \"$name\", \"status\": \"$status\", \"seconds\": $((SECONDS - t0))}")
-  write_json
-}
-
-{
-  date -u
-  cat COMMIT 2>/dev/null || git rev-parse HEAD 2>/dev/null || true
-  python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-} 2>&1 | tee -a "$log"
+. benchmarks/suite_stages.sh
+suite_begin tpu_suite vim_jax.kernels.gla_tpu,vim_jax.kernels.selective_scan_tpu "$@"
 
 if [ "$rehearsal" = 1 ]; then
   # remat none: TPU interpret mode runs kernels through effectful callbacks, which remat refuses.
@@ -77,20 +37,10 @@ fi
 
 stage smoke 120 python3 benchmarks/tpu_bench.py --check "${tiny[@]}" --json "$out/smoke.jsonl"
 stage mixers 150 python3 benchmarks/tpu_bench.py --time "${tiny[@]}" --json "$out/mixers.jsonl"
-# Each model run under its own timeout, inside the stage's (stage runs a command, not a function).
 export SUITE_MODELS="$(printf '%s\n' "${models[@]}")" SUITE_MODEL_ARGS="${model_args[*]}" SUITE_OUT="$out"
-stage model 210 bash -c '
-  rc=0
-  while read -r name backend; do
-    [ -n "$name" ] || continue
-    timeout --foreground --kill-after=5 50 python3 benchmarks/model_bench.py --model "$name" --backend "$backend" \
-      --dtype bfloat16 $SUITE_MODEL_ARGS --json "$SUITE_OUT/model.jsonl" < /dev/null \
-      || { rc=1; echo "model run $name $backend failed or timed out (exit $?)"; }
-  done <<< "$SUITE_MODELS"
-  exit $rc'
+stage model 210 bash -c "$MODEL_RUNS" model_runs 50
 stage efficiency 150 python3 benchmarks/efficiency.py --models vim_tiny,deit_tiny --sizes "$eff_sizes" \
   --train-sizes "" "${eff_args[@]}" --out "$out"
 stage vig 90 python3 benchmarks/efficiency.py --models vig_tiny,deit_tiny --sizes "$vig_sizes" \
   --train-sizes "" "${eff_args[@]}" --out "$out/vig"
-write_json
-cat "$out/suite.json" | tee -a "$log"
+suite_end

@@ -114,6 +114,38 @@ def _kernel(u_ref, dl_ref, z_ref, b_ref, c_ref, at_ref, d_ref, bias_ref, *refs, 
         last_ref[...] = h
 
 
+def _grid(length, d, chunk):
+    """(positions a block, padded length, padded channels, sequence blocks, channel blocks)."""
+    ls = seq_block(length, chunk)
+    lp, dp = pl.cdiv(length, ls) * ls, pl.cdiv(d, LANES) * LANES
+    return ls, lp, dp, lp // ls, dp // LANES
+
+
+def _padded_rows(x, lp, width):
+    """(b, L, k) zero-padded to (b, lp, width)."""
+    return jnp.pad(x, ((0, 0), (0, lp - x.shape[1]), (0, width - x.shape[-1])))
+
+
+def _padded(args, lp, dp):
+    """The kernels' inputs: u, delta, z (b, lp, dp); B, C (b, lp, N); A transposed, (N, dp),
+    the channels on the lanes; D and bias (1, dp) float32."""
+    u, delta, z, B, C, A, D, bias = args
+    vec = lambda x: jnp.pad(x.astype(jnp.float32), (0, dp - x.shape[0])).reshape(1, dp)
+    at = jnp.pad(A.astype(jnp.float32).T, ((0, 0), (0, dp - A.shape[0])))
+    return (*(_padded_rows(x, lp, dp) for x in (u, delta, z)), *(_padded_rows(x, lp, B.shape[-1]) for x in (B, C)),
+            at, vec(D), vec(bias))
+
+
+def _specs(ls, n, walked):
+    """Block specs on the (batch, channel block, grid step) grid: rows of a sequence block
+    (ls, LANES); its B or C rows (ls, N); A's (N, LANES); a vector's (1, LANES)."""
+    seq = pl.BlockSpec((None, ls, LANES), lambda bi, di, s: (bi, walked(s), di))
+    bc = pl.BlockSpec((None, ls, n), lambda bi, di, s: (bi, walked(s), 0))
+    par = pl.BlockSpec((n, LANES), lambda bi, di, s: (0, di))
+    one = pl.BlockSpec((1, LANES), lambda bi, di, s: (0, di))
+    return seq, bc, par, one
+
+
 @functools.partial(jax.jit, static_argnames=("softplus", "reverse", "has_z", "chunk", "save_states",
                                              "interpret"))
 def forward(u, delta, z, B, C, A, D, bias, *, softplus, reverse, has_z, chunk, save_states,
@@ -124,20 +156,10 @@ def forward(u, delta, z, B, C, A, D, bias, *, softplus, reverse, has_z, chunk, s
     ``pltpu.InterpretParams`` (TPU interpret mode on the CPU)."""
     bsz, length, d = u.shape
     n = A.shape[1]
-    ls = seq_block(length, chunk)
-    lp, dp = pl.cdiv(length, ls) * ls, pl.cdiv(d, LANES) * LANES
-    ns, nd = lp // ls, dp // LANES
-    pad = lambda x, lanes: jnp.pad(x, ((0, 0), (0, lp - length), (0, lanes - x.shape[-1])))
-    u_, dl_, z_ = (pad(x, dp) for x in (u, delta, z))
-    b_, c_ = (pad(x, n) for x in (B, C))
-    vec = lambda x: jnp.pad(x.astype(jnp.float32), (0, dp - d)).reshape(1, dp)
-    at = jnp.pad(A.astype(jnp.float32).T, ((0, 0), (0, dp - d)))  # (N, dp): channels on lanes
-
+    ls, lp, dp, ns, nd = _grid(length, d, chunk)
+    u_, dl_, z_, b_, c_, at, d_, bias_ = _padded((u, delta, z, B, C, A, D, bias), lp, dp)
     walked = (lambda s: ns - 1 - s) if reverse else (lambda s: s)  # the sequence block at grid step s
-    seq = pl.BlockSpec((None, ls, LANES), lambda bi, di, s: (bi, walked(s), di))
-    bc = pl.BlockSpec((None, ls, n), lambda bi, di, s: (bi, walked(s), 0))
-    par = pl.BlockSpec((n, LANES), lambda bi, di, s: (0, di))
-    one = pl.BlockSpec((1, LANES), lambda bi, di, s: (0, di))
+    seq, bc, par, one = _specs(ls, n, walked)
     out_specs = [seq, pl.BlockSpec((None, n, LANES), lambda bi, di, s: (bi, 0, di))]
     out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp), u.dtype), jax.ShapeDtypeStruct((bsz, n, dp), jnp.float32)]
     if save_states:
@@ -152,7 +174,7 @@ def forward(u, delta, z, B, C, A, D, bias, *, softplus, reverse, has_z, chunk, s
         scratch_shapes=[pltpu.VMEM((n, LANES), jnp.float32), pltpu.VMEM((chunk, LANES), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret, name="selective_scan_fwd_tpu",
-    )(u_, dl_, z_, b_, c_, at, vec(D), vec(bias))
+    )(u_, dl_, z_, b_, c_, at, d_, bias_)
     out, last = outs[0][:, :length, :d], outs[1][:, :, :d].transpose(0, 2, 1)
     states = None
     if save_states:
@@ -252,24 +274,16 @@ def backward(u, delta, z, B, C, A, D, bias, states, g, g_last, *, softplus, reve
     the batch. dz is zeros unless has_z."""
     bsz, length, d = u.shape
     n = A.shape[1]
-    ls = seq_block(length, chunk)
-    lp, dp = pl.cdiv(length, ls) * ls, pl.cdiv(d, LANES) * LANES
-    ns, nd = lp // ls, dp // LANES
-    pad = lambda x, lanes: jnp.pad(x, ((0, 0), (0, lp - length), (0, lanes - x.shape[-1])))
-    u_, dl_, z_, g_ = (pad(x, dp) for x in (u, delta, z, g))
-    b_, c_ = (pad(x, n) for x in (B, C))
-    vec = lambda x: jnp.pad(x.astype(jnp.float32), (0, dp - d)).reshape(1, dp)
-    at = jnp.pad(A.astype(jnp.float32).T, ((0, 0), (0, dp - d)))
+    ls, lp, dp, ns, nd = _grid(length, d, chunk)
+    u_, dl_, z_, b_, c_, at, d_, bias_ = _padded((u, delta, z, B, C, A, D, bias), lp, dp)
+    g_ = _padded_rows(g, lp, dp)
     # The shared (b, chunks, d, n) layout back to the kernel's: the states on the sublanes.
     states_ = jnp.pad(states.transpose(0, 1, 3, 2),
                       ((0, 0), (0, lp // chunk - states.shape[1]), (0, 0), (0, dp - d)))
     glast_ = jnp.pad(g_last.astype(jnp.float32).transpose(0, 2, 1), ((0, 0), (0, 0), (0, dp - d)))
 
     walked = (lambda s: s) if reverse else (lambda s: ns - 1 - s)  # reverse scan order
-    seq = pl.BlockSpec((None, ls, LANES), lambda bi, di, s: (bi, walked(s), di))
-    bc = pl.BlockSpec((None, ls, n), lambda bi, di, s: (bi, walked(s), 0))
-    par = pl.BlockSpec((n, LANES), lambda bi, di, s: (0, di))
-    one = pl.BlockSpec((1, LANES), lambda bi, di, s: (0, di))
+    seq, bc, par, one = _specs(ls, n, walked)
     states_spec = pl.BlockSpec((None, ls // chunk, n, LANES), lambda bi, di, s: (bi, walked(s), 0, di))
     per_batch = lambda rows: pl.BlockSpec((None, rows, LANES), lambda bi, di, s: (bi, 0, di))
     part_bc = pl.BlockSpec((None, None, ls, n), lambda bi, di, s: (bi, di, walked(s), 0))
@@ -290,7 +304,7 @@ def backward(u, delta, z, B, C, A, D, bias, states, g, g_last, *, softplus, reve
                         pltpu.VMEM((3, chunk, LANES), f32), pltpu.VMEM((2, chunk, n), f32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret, name="selective_scan_bwd_tpu",
-    )(u_, dl_, z_, b_, c_, g_, at, vec(D), vec(bias), states_, glast_)
+    )(u_, dl_, z_, b_, c_, g_, at, d_, bias_, states_, glast_)
     cut = lambda x: x[:, :length, :d]
     return (cut(du), cut(ddl), cut(dz), db.sum(1)[:, :length].astype(B.dtype), dc.sum(1)[:, :length].astype(C.dtype),
             da.sum(0)[:, :d].T.astype(A.dtype), dd.sum((0, 1))[:d].astype(D.dtype),

@@ -261,3 +261,23 @@ def tpu_kernels():
         undo()
         for stage, fn in originals.items():
             setattr(gla_tpu, stage, fn)
+
+
+def vig_gradients_by_remat(x) -> dict:
+    """{remat: the traced gradient of a 2-block ViG-T's loss on images ``x``} for remat
+    "mixer" and "full": lowered for a platform, the kernel calls they hold show whether the
+    backward keeps the forward's named residuals or reruns the forward."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from vim_jax import create_model
+
+    traced = {}
+    for remat in ("mixer", "full"):
+        model = create_model("vig_tiny_patch16_224", depth=2, img_size=x.shape[1], num_classes=3, remat=remat)
+        model.train()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        loss = lambda p, graphdef=graphdef, rest=rest: jnp.sum(nnx.merge(graphdef, p, rest, copy=True)(x) ** 2)
+        traced[remat] = jax.jit(jax.grad(loss)).trace(params)
+    return traced

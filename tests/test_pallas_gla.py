@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import lower_for_cuda, triton_calls, triton_kernels
+from conftest import lower_for_cuda, triton_calls, triton_kernels, vig_gradients_by_remat
 from test_pallas_scan import _pallas_calls
 from test_selective_scan import rel_err
 from vim_jax import create_model
@@ -49,13 +49,8 @@ def test_vig_train_step_gets_each_platforms_kernels_and_remat_keeps_them():
     assert sorted(cuda) == ["gla_bwd"] * 2 + ["gla_fwd"] * 2, cuda
     assert not triton_calls(traced.lower(lowering_platforms=("cpu",)).as_text())
 
-    counts = {}
-    for remat in ("mixer", "full"):
-        model = create_model("vig_tiny_patch16_224", depth=2, img_size=64, num_classes=3, remat=remat)
-        model.train()
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        loss = lambda p: jnp.sum(nnx.merge(graphdef, p, rest, copy=True)(x) ** 2)
-        counts[remat] = _names(lower_for_cuda(jax.jit(jax.grad(loss)).trace(params)).as_text()).count("gla_fwd")
+    counts = {remat: _names(lower_for_cuda(traced).as_text()).count("gla_fwd")
+              for remat, traced in vig_gradients_by_remat(x).items()}
     assert counts == {"mixer": 2, "full": 4}, counts
 
 
