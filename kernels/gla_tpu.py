@@ -22,8 +22,10 @@ exp(b_i - b_j) over (C, C, K), masked before the exp. In-chunk cumulative sums a
 with a triangular matrix of ones (Mosaic has no cumsum), and every product runs at HIGHEST
 precision (float32 on the MXU).
 
-Grid: (batch, direction, sequence block), the last "arbitrary": the state stays in VMEM
-scratch from one block to the next. Both directions of ``bigla`` run in one launch on the
+Grid: (batch, direction, head group, sequence block), the last "arbitrary": the state stays
+in VMEM scratch from one block to the next. A program takes all heads, or, where a group of
+them fills whole 128-lane blocks (ViG-B: 4 of its 12 heads, 128 q and 256 v lanes), one
+group: the block-diagonal state is then 4 blocks wide, not 12 (``group``). Both directions of ``bigla`` run in one launch on the
 same q, k, v; a reverse direction reads its blocks through a reversed index map and its
 chunks last to first: no flipped copies. The sequence is zero-padded to whole blocks: a zero
 key, value and gate is an identity step in either direction.
@@ -130,7 +132,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, *refs, scale, directions, heads, dk,
         (o_ref, last_ref, s_ref), states_ref = refs, None
     ls = o_ref.shape[0]
     per = ls // CHUNK
-    s, ns = pl.program_id(2), pl.num_programs(2)
+    s, ns = pl.program_id(3), pl.num_programs(3)
     rev = _reversed(directions, pl.program_id(1))
     hd = _Heads(heads, dk, dv)
 
@@ -164,7 +166,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, do_ref, dlast_ref, dq_re
                 ds_ref, carry_ref, *, scale, directions, heads, dk, dv):
     ls = do_ref.shape[0]
     per = ls // CHUNK
-    s = pl.program_id(2)
+    s = pl.program_id(3)
     rev = _reversed(directions, pl.program_id(1))
     hd = _Heads(heads, dk, dv)
 
@@ -217,7 +219,17 @@ def _rows(x, lp):
     return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, lp - x.shape[-2]), (0, 0)])
 
 
-def _specs(directions, ls, ns, kk, vv, dk):
+def group(heads: int, dk: int, dv: int) -> int:
+    """Heads a program takes: the fewest whose q and v channels are whole multiples of 128
+    lanes (ViG-B's 12 heads of 32/64: 4, so a block-diagonal state of 128 x 256, not 384 x
+    768), else all of them (ViG-T's 3, ViG-S's 6: a block's lanes are then the array's)."""
+    return next((g for g in range(1, heads) if heads % g == 0 and g * dk % 128 == 0 and g * dv % 128 == 0),
+                heads)
+
+
+def _specs(directions, ls, ns, kg, vg, dk):
+    """Block specs on the (batch, direction, head group, grid step) grid for ``kg`` q and
+    ``vg`` v channels a program."""
     def walk(backward):
         def index(r, s):
             rev = _reversed(directions, r)
@@ -226,17 +238,17 @@ def _specs(directions, ls, ns, kk, vv, dk):
 
     def specs(backward):
         w = walk(backward)
-        shared = lambda width: pl.BlockSpec((None, ls, width), lambda b, r, s: (b, w(r, s), 0))
-        per_dir = lambda width: pl.BlockSpec((None, None, ls, width), lambda b, r, s: (b, r, w(r, s), 0))
-        states = pl.BlockSpec((None, None, ls // CHUNK, dk, vv), lambda b, r, s: (b, r, w(r, s), 0, 0))
+        shared = lambda width: pl.BlockSpec((None, ls, width), lambda b, r, h, s: (b, w(r, s), h))
+        per_dir = lambda width: pl.BlockSpec((None, None, ls, width), lambda b, r, h, s: (b, r, w(r, s), h))
+        states = pl.BlockSpec((None, None, ls // CHUNK, dk, vg), lambda b, r, h, s: (b, r, w(r, s), 0, h))
         return shared, per_dir, states
 
-    state = pl.BlockSpec((None, None, dk, vv), lambda b, r, s: (b, r, 0, 0))
+    state = pl.BlockSpec((None, None, dk, vg), lambda b, r, h, s: (b, r, 0, h))
     return specs, state
 
 
 def _params():
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
 def forward(q, k, v, g, *, scale, directions, save_states, interpret=False):
@@ -245,19 +257,20 @@ def forward(q, k, v, g, *, scale, directions, save_states, interpret=False):
     ``save_states`` the state entering every chunk, (b, R, chunks, dk, h * dv) float32 with
     chunks those of the zero-padded sequence), as the Triton kernels' ``forward``. ``interpret``: False, or ``pltpu.InterpretParams``."""
     b, length, heads, dk, dv, r, ls, lp, ns = _layout(q, v, g)
-    kk, vv = heads * dk, heads * dv
-    specs, state = _specs(directions, ls, ns, kk, vv, dk)
+    vv, gh = heads * dv, group(heads, dk, dv)
+    specs, state = _specs(directions, ls, ns, gh * dk, gh * dv, dk)
     shared, per_dir, states = specs(backward=False)
-    out_specs = [per_dir(vv), state]
+    out_specs = [per_dir(gh * dv), state]
     out_shape = [jax.ShapeDtypeStruct((b, r, lp, vv), q.dtype), jax.ShapeDtypeStruct((b, r, dk, vv), jnp.float32)]
     if save_states:
         out_specs.append(states)
         out_shape.append(jax.ShapeDtypeStruct((b, r, lp // CHUNK, dk, vv), jnp.float32))
-    kernel = functools.partial(_fwd_kernel, scale=scale, directions=directions, heads=heads, dk=dk, dv=dv,
+    kernel = functools.partial(_fwd_kernel, scale=scale, directions=directions, heads=gh, dk=dk, dv=dv,
                                save_states=save_states)
+    kg, vg = gh * dk, gh * dv
     outs = pl.pallas_call(
-        kernel, grid=(b, r, ns), in_specs=[shared(kk), shared(kk), shared(vv), per_dir(kk)],
-        out_specs=out_specs, out_shape=out_shape, scratch_shapes=[pltpu.VMEM((kk, vv), jnp.float32)],
+        kernel, grid=(b, r, heads // gh, ns), in_specs=[shared(kg), shared(kg), shared(vg), per_dir(kg)],
+        out_specs=out_specs, out_shape=out_shape, scratch_shapes=[pltpu.VMEM((kg, vg), jnp.float32)],
         compiler_params=_params(), interpret=interpret, name="gla_fwd_tpu",
     )(_rows(q, lp), _rows(k, lp), _rows(v, lp), _rows(g, lp))
     o = outs[0][:, :, :length].reshape(b, r, length, heads, dv).transpose(0, 2, 1, 3, 4)
@@ -276,18 +289,19 @@ def backward(q, k, v, g, states, last, do, dlast, *, scale, directions, interpre
     shapes and dtypes, from its saved ``states`` and ``last`` and the cotangents ``do``
     (b, L, R, h, dv) and ``dlast`` (b, R, h, dk, dv)."""
     b, length, heads, dk, dv, r, ls, lp, ns = _layout(q, v, g)
-    kk, vv = heads * dk, heads * dv
-    specs, state = _specs(directions, ls, ns, kk, vv, dk)
+    kk, vv, gh = heads * dk, heads * dv, group(heads, dk, dv)
+    kg, vg = gh * dk, gh * dv
+    specs, state = _specs(directions, ls, ns, kg, vg, dk)
     shared, per_dir, states_spec = specs(backward=True)
     dlast_dense = dlast.astype(jnp.float32).transpose(0, 1, 3, 2, 4).reshape(b, r, dk, vv)
-    kernel = functools.partial(_bwd_kernel, scale=scale, directions=directions, heads=heads, dk=dk, dv=dv)
+    kernel = functools.partial(_bwd_kernel, scale=scale, directions=directions, heads=gh, dk=dk, dv=dv)
     f32 = lambda width: jax.ShapeDtypeStruct((b, r, lp, width), jnp.float32)
     dq, dk_, dv_, dg = pl.pallas_call(
-        kernel, grid=(b, r, ns),
-        in_specs=[shared(kk), shared(kk), shared(vv), per_dir(kk), states_spec, per_dir(vv), state],
-        out_specs=[per_dir(kk), per_dir(kk), per_dir(vv), per_dir(kk)],
+        kernel, grid=(b, r, heads // gh, ns),
+        in_specs=[shared(kg), shared(kg), shared(vg), per_dir(kg), states_spec, per_dir(vg), state],
+        out_specs=[per_dir(kg), per_dir(kg), per_dir(vg), per_dir(kg)],
         out_shape=[f32(kk), f32(kk), f32(vv), f32(kk)],
-        scratch_shapes=[pltpu.VMEM((kk, vv), jnp.float32), pltpu.VMEM((1, kk), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((kg, vg), jnp.float32), pltpu.VMEM((1, kg), jnp.float32)],
         compiler_params=_params(), interpret=interpret, name="gla_bwd_tpu",
     )(_rows(q, lp), _rows(k, lp), _rows(v, lp), _rows(g, lp), states, _rows(do, lp), dlast_dense)
     # q, k, v are shared by the directions: their gradients add up.

@@ -54,11 +54,13 @@ def test_forward_and_backward_match_the_recurrence(length, directions):
         assert a.shape == w.shape and err(a, w) < 1e-5, name
 
 
-@pytest.mark.parametrize("heads,dk,dv", [(4, 16, 32), (1, 8, 24)])
+@pytest.mark.parametrize("heads,dk,dv", [(4, 16, 32), (1, 8, 24), (8, 32, 64)])
 def test_other_head_sizes_through_the_mixer(heads, dk, dv, tpu_kernels):
-    """ViG-H's head sizes (16/32) and sizes off every tile (8/24): bigla and gla with its
-    final state on backend="pallas" (the Mosaic kernels, TPU interpret mode), values and
-    every gradient against the recurrence."""
+    """ViG-H's head sizes (16/32), sizes off every tile (8/24), and 8 heads of ViG's 32/64
+    run as two programs of 4 (``group``: 128 and 256 lanes, as ViG-B's 12 heads run as 3):
+    bigla and gla with its final state on backend="pallas" (the Mosaic kernels, TPU
+    interpret mode), values and every gradient against the recurrence."""
+    assert gla_tpu.group(heads, dk, dv) == (4 if heads == 8 else heads)
     q, k, v, g, (ko, _) = inputs(5, 2, 37, heads, dk, dv)
     ct = jax.random.normal(ko, v.shape)
 
