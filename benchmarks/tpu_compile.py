@@ -34,6 +34,7 @@ one row per program:
 ``--ci`` runs the mixers' rows at the Ti models' widths, the Ti recipes' train steps on v5e's 16 chips, and the
 forward rows at 224 and 1248 px. Rows are appended to ``--jsonl`` as each compiles, and a
 rerun with the same file skips the rows compiled there (an interrupted table loses nothing;
+each row names the commit that compiled it, and a reused row is printed with its commit;
 rows are reused whatever code compiled them, so start a new file after changing the code).
 Exits non-zero on a compile failure, or when a Ti recipe (Vim-Ti, ViG-T, ViG-H-T: as
 configured) does not fit one v5e chip at 128 images a chip.
@@ -48,6 +49,7 @@ import json
 import os
 import pathlib
 import re
+import subprocess
 import sys
 import time
 
@@ -357,8 +359,10 @@ def main():
     global REMAT, SELECTED
     REMAT = args.remat
     SELECTED = args.recipes and tuple(args.recipes.split(","))
-    print(f"jax {jax.__version__}, libtpu topologies, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-          flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    print(f"jax {jax.__version__}, libtpu topologies, commit {commit}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     done = {}
     if args.jsonl and os.path.exists(args.jsonl):
         for line in open(args.jsonl):
@@ -373,7 +377,7 @@ def main():
         for row in plan(args.ci):
             if key(row) in done:
                 rows.append(done[key(row)])
-                print("(from --jsonl)", describe(rows[-1]), flush=True)
+                print(f"(from --jsonl, commit {rows[-1].get('commit', '?')})", describe(rows[-1]), flush=True)
                 continue
             try:
                 lower = program(row)
@@ -381,6 +385,7 @@ def main():
                 row.update(status="failed", error=f"building: {type(e).__name__}: {str(e)[:400]}", compile_s=0)
             else:
                 compile_row(row, lower)
+            row["commit"] = commit
             rows.append(row)
             print(describe(row), flush=True)
             if args.jsonl:

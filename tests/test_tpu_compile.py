@@ -64,7 +64,7 @@ def test_ratios_to_deit_and_the_largest_batch_estimate(budget):
 
 def test_a_rerun_skips_compiled_rows_and_retries_failures(tmp_path, monkeypatch, budget):
     """The planned row's identity matches the compiled row's, which has more keys; a failed
-    row is compiled again."""
+    row is compiled again, and the new row names its commit."""
     planned = next(tpu_compile.recipe_rows(ci=True))
     done = dict(planned, status="ok", gib=8.19, temp_gib=7.99, mosaic_calls=2, compile_s=17.0,
                 per_chip_batch=128, model="vim_tiny_patch16_224", dtype="float32")
@@ -83,3 +83,6 @@ def test_a_rerun_skips_compiled_rows_and_retries_failures(tmp_path, monkeypatch,
         tpu_compile.main()
     assert exit_.value.code == 0
     assert [r["section"] for r in compiled] == ["forward"]
+    # The row compiled now names the commit that compiled it.
+    written = json.loads(path.read_text().splitlines()[-1])
+    assert written["section"] == "forward" and written["commit"] not in ("", None)
