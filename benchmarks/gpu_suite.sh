@@ -42,7 +42,6 @@ fi
 export VIM_JAX_SCAN_TUNED="$out/tuned.json" VIM_JAX_GLA_TUNED="$out/gla_tuned.json"
 echo '{}' > "$VIM_JAX_SCAN_TUNED"
 echo '{}' > "$VIM_JAX_GLA_TUNED"
-suite_t0=$SECONDS
 
 stage smoke 90 python3 benchmarks/scan_bench.py --check --ptxas "${tiny[@]}" --json "$out/smoke.jsonl"
 stage gla 100 python3 benchmarks/gla_bench.py --check "${tiny[@]}" --json "$out/gla.jsonl" \

@@ -1,11 +1,13 @@
 # Sourced by benchmarks/gpu_suite.sh and benchmarks/tpu_suite.sh: what both suites do around
 # their stages. Usage, in the suite: suite_begin NAME "MODULE[,MODULE]" "$@"; then stage ... per
 # stage; then suite_end. Sets $rehearsal (1 with --rehearsal) and $out (the results folder).
+set -o pipefail  # a stage's or the import check's status is its command's, not tee's
 
 suite_begin() {  # suite_begin NAME MODULES ARGS...: the results folder, the install, the import check
   local name=$1 modules=$2; shift 2
   rehearsal=0
   [ "${1:-}" = "--rehearsal" ] && rehearsal=1
+  export SUITE_REHEARSAL=$rehearsal
   out="${OUT:-benchmarks/results}/$name"
   mkdir -p "$out"
   out="$(cd "$out" && pwd)"
@@ -25,8 +27,8 @@ suite_begin() {  # suite_begin NAME MODULES ARGS...: the results folder, the ins
   fi
   export PYTHONPATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
   if ! python3 -P -c "import $modules" 2>&1 | tee -a "$log"; then
-    echo "vim_jax.kernels does not import: stopping" | tee -a "$log"
-    printf '{"date": "%s", "stages": [], "error": "vim_jax.kernels does not import"}\n' "$(date -u +%FT%TZ)" \
+    echo "$modules does not import: stopping" | tee -a "$log"
+    printf '{"date": "%s", "stages": [], "error": "%s does not import"}\n' "$(date -u +%FT%TZ)" "$modules" \
       > "$out/suite.json"
     exit 1
   fi
@@ -59,16 +61,18 @@ stage() {  # stage NAME SECONDS COMMAND...  (a rehearsal gets 3x the seconds: in
 }
 
 # The model stage's command: each model run under its own timeout, inside the stage's (a stage
-# runs a command, not a function): stage model CAP bash -c "$MODEL_RUNS" model_runs RUN_CAP, with
+# runs a command, not a function): stage model CAP bash -c "$MODEL_RUNS" model_runs RUN_CAP (a
+# rehearsal triples RUN_CAP, as it does every stage's cap), with
 # lines "MODEL BACKEND [DTYPE]" (default bfloat16) in $SUITE_MODELS and model_bench's options in
 # $SUITE_MODEL_ARGS; results appended to $SUITE_OUT/model.jsonl.
 MODEL_RUNS='
   rc=0
   while read -r name backend dtype; do
     [ -n "$name" ] || continue
-    timeout --foreground --kill-after=5 "$1" python3 benchmarks/model_bench.py --model "$name" --backend "$backend" \
-      --dtype "${dtype:-bfloat16}" $SUITE_MODEL_ARGS --json "$SUITE_OUT/model.jsonl" < /dev/null \
-      || { rc=1; echo "model run $name $backend $dtype failed or timed out (exit $?)"; }
+    timeout --foreground --kill-after=5 "$(( $1 * (SUITE_REHEARSAL ? 3 : 1) ))" python3 benchmarks/model_bench.py \
+      --model "$name" --backend "$backend" --dtype "${dtype:-bfloat16}" $SUITE_MODEL_ARGS \
+      --json "$SUITE_OUT/model.jsonl" < /dev/null \
+      || { status=$?; rc=1; echo "model run $name $backend ${dtype:-bfloat16} failed or timed out (exit $status)"; }
   done <<< "$SUITE_MODELS"
   exit $rc'
 

@@ -26,10 +26,10 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import model_bench  # benchmarks/, beside this script
 from scan_bench import inputs as scan_inputs
+from scan_bench import rel_err
 from vim_jax.mixers import platform
 from vim_jax.mixers.gla import bigla
 from vim_jax.mixers.selective_scan import selective_scan
@@ -38,6 +38,7 @@ XLA = {"scan": "reference", "gla": "chunked"}
 
 
 def gla_inputs(key, b, l, h, dk, dv, dtype):
+    """bigla's keyword arguments: q, k, g_fwd, g_bwd (b, l, h, dk), v (b, l, h, dv)."""
     ks = jax.random.split(key, 5)
     q, k = (jax.random.normal(x, (b, l, h, dk), dtype) for x in ks[:2])
     v = jax.random.normal(ks[2], (b, l, h, dv), dtype)
@@ -60,12 +61,8 @@ def programs(mixer: str, backend: str, reverse: bool = False):
     return jax.jit(run), jax.jit(jax.value_and_grad(loss))
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
 def case_inputs(mixer, shape, dtype, seed=0):
+    """A mixer's inputs: shape (b, l, d) for the scan, (b, l, h, dk, dv) for the GLA."""
     key = jax.random.key(seed)
     if mixer == "scan":
         b, l, d = shape
@@ -74,6 +71,8 @@ def case_inputs(mixer, shape, dtype, seed=0):
 
 
 def check(tiny: bool, record) -> bool:
+    """Both mixers on "pallas" against their XLA forms: outputs and every gradient, and NaN
+    propagation; True when every case is within its tolerance."""
     cases = [("scan", (2, 197, 384), "float32", 1e-4), ("gla", (2, 196, 3, 32, 64), "float32", 1e-4),
              ("scan", (3, 70, 40), "bfloat16", 2e-2), ("gla", (3, 70, 2, 16, 32), "bfloat16", 2e-2)]
     if tiny:
@@ -99,6 +98,7 @@ def check(tiny: bool, record) -> bool:
 
 
 def timing(tiny: bool, repeats: int, record):
+    """Forward and forward + backward times, kernel and XLA form, and the kernels' speed-up."""
     shapes = [("scan", "Vim-Ti 224px", (128, 197, 384)), ("scan", "Vim-Ti 1248px", (8, 6085, 384)),
               ("gla", "ViG-T 224px", (128, 196, 3, 32, 64)), ("gla", "ViG-T 1024px", (32, 4096, 3, 32, 64))]
     if tiny:

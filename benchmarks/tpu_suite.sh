@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The TPU benchmark suite in one run on a TPU VM (stages capped at 720 s in all, compiles included):
+# The TPU benchmark suite in one run on a TPU VM (stages capped at 1140 s in all, compiles included):
 #   bash benchmarks/tpu_suite.sh              results in ${OUT:-benchmarks/results}/tpu_suite/
 #   bash benchmarks/tpu_suite.sh --rehearsal  the same stages on the CPU at tiny shapes, the TPU kernels
 #                                             in TPU interpret mode (CI runs it)
@@ -39,8 +39,8 @@ stage smoke 120 python3 benchmarks/tpu_bench.py --check "${tiny[@]}" --json "$ou
 stage mixers 150 python3 benchmarks/tpu_bench.py --time "${tiny[@]}" --json "$out/mixers.jsonl"
 export SUITE_MODELS="$(printf '%s\n' "${models[@]}")" SUITE_MODEL_ARGS="${model_args[*]}" SUITE_OUT="$out"
 stage model 210 bash -c "$MODEL_RUNS" model_runs 50
-stage efficiency 150 python3 benchmarks/efficiency.py --models vim_tiny,deit_tiny --sizes "$eff_sizes" \
+stage efficiency 400 python3 benchmarks/efficiency.py --models vim_tiny,deit_tiny --sizes "$eff_sizes" \
   --train-sizes "" "${eff_args[@]}" --out "$out"
-stage vig 90 python3 benchmarks/efficiency.py --models vig_tiny,deit_tiny --sizes "$vig_sizes" \
+stage vig 260 python3 benchmarks/efficiency.py --models vig_tiny,deit_tiny --sizes "$vig_sizes" \
   --train-sizes "" "${eff_args[@]}" --out "$out/vig"
 suite_end

@@ -227,9 +227,10 @@ def group(heads: int, dk: int, dv: int) -> int:
                 heads)
 
 
-def _specs(directions, ls, ns, kg, vg, dk):
-    """Block specs on the (batch, direction, head group, grid step) grid for ``kg`` q and
-    ``vg`` v channels a program."""
+def _specs(directions, ls, ns, vg, dk):
+    """Block specs on the (batch, direction, head group, grid step) grid: ``shared(width)``
+    and ``per_dir(width)`` rows of a sequence block, the chunk states and the final state
+    of a program's ``vg`` v lanes."""
     def walk(backward):
         def index(r, s):
             rev = _reversed(directions, r)
@@ -258,16 +259,16 @@ def forward(q, k, v, g, *, scale, directions, save_states, interpret=False):
     chunks those of the zero-padded sequence), as the Triton kernels' ``forward``. ``interpret``: False, or ``pltpu.InterpretParams``."""
     b, length, heads, dk, dv, r, ls, lp, ns = _layout(q, v, g)
     vv, gh = heads * dv, group(heads, dk, dv)
-    specs, state = _specs(directions, ls, ns, gh * dk, gh * dv, dk)
+    kg, vg = gh * dk, gh * dv
+    specs, state = _specs(directions, ls, ns, vg, dk)
     shared, per_dir, states = specs(backward=False)
-    out_specs = [per_dir(gh * dv), state]
+    out_specs = [per_dir(vg), state]
     out_shape = [jax.ShapeDtypeStruct((b, r, lp, vv), q.dtype), jax.ShapeDtypeStruct((b, r, dk, vv), jnp.float32)]
     if save_states:
         out_specs.append(states)
         out_shape.append(jax.ShapeDtypeStruct((b, r, lp // CHUNK, dk, vv), jnp.float32))
     kernel = functools.partial(_fwd_kernel, scale=scale, directions=directions, heads=gh, dk=dk, dv=dv,
                                save_states=save_states)
-    kg, vg = gh * dk, gh * dv
     outs = pl.pallas_call(
         kernel, grid=(b, r, heads // gh, ns), in_specs=[shared(kg), shared(kg), shared(vg), per_dir(kg)],
         out_specs=out_specs, out_shape=out_shape, scratch_shapes=[pltpu.VMEM((kg, vg), jnp.float32)],
@@ -286,12 +287,13 @@ def _heads_first(dense, heads):
 
 def backward(q, k, v, g, states, last, do, dlast, *, scale, directions, interpret=False):
     """The gradients (dq, dk, dv, dg) of ``forward``'s (o, final state), in the inputs'
-    shapes and dtypes, from its saved ``states`` and ``last`` and the cotangents ``do``
-    (b, L, R, h, dv) and ``dlast`` (b, R, h, dk, dv)."""
+    shapes and dtypes (q, k (b, L, h, dk), v (b, L, h, dv), g (b, L, R, h, dk)), from its
+    saved ``states`` (b, R, chunks, dk, h * dv) and ``last`` (b, R, h, dk, dv) and the
+    cotangents ``do`` (b, L, R, h, dv) and ``dlast`` (b, R, h, dk, dv)."""
     b, length, heads, dk, dv, r, ls, lp, ns = _layout(q, v, g)
     kk, vv, gh = heads * dk, heads * dv, group(heads, dk, dv)
     kg, vg = gh * dk, gh * dv
-    specs, state = _specs(directions, ls, ns, kg, vg, dk)
+    specs, state = _specs(directions, ls, ns, vg, dk)
     shared, per_dir, states_spec = specs(backward=True)
     dlast_dense = dlast.astype(jnp.float32).transpose(0, 1, 3, 2, 4).reshape(b, r, dk, vv)
     kernel = functools.partial(_bwd_kernel, scale=scale, directions=directions, heads=gh, dk=dk, dv=dv)

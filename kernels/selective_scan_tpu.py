@@ -28,11 +28,11 @@ other backends' are, (batch, chunks, d_state, d_inner) in the kernel and transpo
 
 The backward walks the same grid in reverse scan order (the last block of a forward scan
 first) with the adjoint of the state, (d_state, channels) float32, in VMEM scratch. Per
-chunk it recomputes the chunk's 16 states from the saved entry state (kept in VMEM
+chunk it recomputes the chunk's ``chunk`` states from the saved entry state (kept in VMEM
 scratch, (chunk, d_state, channels)), then walks them back: lam_t = C_t gy_t + a_{t+1}
 lam_{t+1}, and from lam_t and h_t every gradient, the per-step reductions over the state
-or over the channels as (1, 16) x (16, 128) or (1, 128) x (128, 16) products on the MXU
-(HIGHEST). du, ddelta and dz are written per block; dB and dC per block of channels (their
+or over the channels as (1, d_state) x (d_state, LANES) or (1, LANES) x (LANES, d_state)
+products on the MXU (HIGHEST). du, ddelta and dz are written per block; dB and dC per block of channels (their
 sum over the channels' blocks is XLA's); dA, dD and dbias accumulate in VMEM over the
 sequence and are written once per (batch element, channel block), summed over the batch by
 XLA. Positions past the end take no part in any sum.
@@ -268,10 +268,11 @@ def _bwd_kernel(u_ref, dl_ref, z_ref, b_ref, c_ref, g_ref, at_ref, d_ref, bias_r
 @functools.partial(jax.jit, static_argnames=("softplus", "reverse", "has_z", "chunk", "interpret"))
 def backward(u, delta, z, B, C, A, D, bias, states, g, g_last, *, softplus, reverse, has_z, chunk,
              interpret=False):
-    """The gradients (du, ddelta, dz, dB, dC, dA, dD, dbias) of ``forward``'s outputs from
-    the chunk-entry ``states`` (b, chunks, d, n) any backend saved, the output's cotangent
-    ``g`` (b, L, d) and the last state's ``g_last`` (b, d, n); dA, dD and dbias summed over
-    the batch. dz is zeros unless has_z."""
+    """The gradients (du, ddelta, dz, dB, dC, dA, dD, dbias) of ``forward``'s outputs, each
+    in its input's shape and dtype: u, delta, z (b, L, d), B, C (b, L, n), A (d, n), D and
+    bias (d,); from the chunk-entry ``states`` (b, cdiv(L, chunk), d, n) float32 any backend
+    saved, the output's cotangent ``g`` (b, L, d) and the last state's ``g_last`` (b, d, n);
+    dA, dD and dbias summed over the batch. dz is zeros unless has_z."""
     bsz, length, d = u.shape
     n = A.shape[1]
     ls, lp, dp, ns, nd = _grid(length, d, chunk)

@@ -238,29 +238,32 @@ def tpu_interpret():
 def tpu_kernels():
     """backend="pallas" on the CPU runs both mixers' Mosaic (TPU) kernels in TPU interpret
     mode for the test (the CPU's default there is the Triton kernels' interpret mode);
-    yields a list that grows by one GLA stage name ("forward", "backward") each time the
-    TPU GLA kernels are traced."""
-    from vim_jax.kernels import gla_tpu
+    yields a list that grows by one stage name each time a TPU kernel is traced: "forward"
+    or "backward" for the GLA's, "scan forward" or "scan backward" for the scan's."""
+    from vim_jax.kernels import gla_tpu, selective_scan_tpu
     from vim_jax.mixers import platform
 
     used = []
-    originals = {stage: getattr(gla_tpu, stage) for stage in ("forward", "backward")}
+    originals = {(module, stage): getattr(module, stage) for module in (gla_tpu, selective_scan_tpu)
+                 for stage in ("forward", "backward")}
 
-    def recorded(stage):
+    def recorded(module, stage):
+        name = stage if module is gla_tpu else "scan " + stage
+
         def run(*args, **kw):
-            used.append(stage)
-            return originals[stage](*args, **kw)
+            used.append(name)
+            return originals[module, stage](*args, **kw)
         return run
 
     undo = platform.run_tpu_kernels_on_cpu(tpu_interpret())
-    for stage in originals:
-        setattr(gla_tpu, stage, recorded(stage))
+    for module, stage in originals:
+        setattr(module, stage, recorded(module, stage))
     try:
         yield used
     finally:
         undo()
-        for stage, fn in originals.items():
-            setattr(gla_tpu, stage, fn)
+        for (module, stage), fn in originals.items():
+            setattr(module, stage, fn)
 
 
 def vig_gradients_by_remat(x) -> dict:

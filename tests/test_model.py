@@ -254,16 +254,32 @@ def test_remat_modes_agree_and_mixer_never_reruns_the_scan():
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [(16, 16, "VALID"), (16, 8, "VALID"), (9, 8, ((1, 1), (1, 1))),
-                                                     (3, 2, ((1, 1), (1, 1))), (7, 4, ((3, 2), (0, 3))),
-                                                     (5, 2, "VALID"), (3, 4, ((1, 1), (1, 1)))])
+                                                     (3, 2, 1), (7, 4, ((3, 2), (0, 3))), (5, 2, "VALID"),
+                                                     (3, 4, (1, 1))])
 def test_patch_embedding_is_the_convolution(kernel, stride, padding):
     """``embed_patches`` (what keeps a TPU from padding a C-minor copy of the images):
-    non-overlapping patches as a reshape and one product, overlapping ones (ViG's k9 s8 p1
-    stem, uneven padding) as a 2 x 2 convolution over s x s blocks, a kernel over 2s as the
-    convolution itself; all equal the convolution, odd image sizes included."""
+    non-overlapping patches as a reshape and one product, every other kernel, stride and
+    padding (ViG's k9 s8 p1 stem, uneven padding, padding given as Flax takes it) as a
+    convolution over s x s blocks; all equal the convolution, odd image sizes included, and
+    none convolves the 3-channel images themselves."""
     from vim_jax.models.vim import embed_patches
 
     conv = nnx.Conv(3, 8, (kernel, kernel), strides=stride, padding=padding, rngs=nnx.Rngs(0))
     for shape in ((2, 70, 50, 3), (1, 33, 41, 3)):
         images = jax.random.normal(jax.random.key(1), shape)
         np.testing.assert_allclose(embed_patches(conv, images, jnp.float32), conv(images), rtol=1e-5, atol=1e-5)
+        closed = jax.make_jaxpr(lambda x: embed_patches(conv, x, jnp.float32))(images)
+        assert 3 not in _conv_input_channels(closed.jaxpr)
+
+
+def _conv_input_channels(jaxpr) -> list[int]:
+    """The input channels (NHWC) of every convolution in a jaxpr, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            found.append(eqn.invars[0].aval.shape[-1])
+        for sub in jax.tree.leaves(eqn.params, is_leaf=lambda p: hasattr(p, "eqns") or hasattr(p, "jaxpr")):
+            inner = getattr(sub, "jaxpr", sub)
+            if hasattr(inner, "eqns"):
+                found += _conv_input_channels(inner)
+    return found

@@ -79,14 +79,20 @@ def test_other_head_sizes_through_the_mixer(heads, dk, dv, tpu_kernels):
 
 
 def test_bfloat16(tpu_kernels):
-    """bfloat16 inputs: outputs in bfloat16 within its rounding of the float32 recurrence on
-    the same (rounded) inputs; the kernels compute in float32."""
+    """bfloat16 inputs: outputs and gradients in bfloat16 within its rounding of the float32
+    recurrence on the same (rounded) inputs; the kernels compute in float32."""
     q, k, v, g, _ = inputs(2, 2, 197, 3, 32, 64)
     args = tuple(x.astype(jnp.bfloat16) for x in (q, k, v, g[:, :, 0], g[:, :, 1]))
     o_f, o_b = mixer.bigla(*args, backend="pallas")
     r_f, r_b = mixer.bigla(*(x.astype(jnp.float32) for x in args), backend="reference")
     assert o_f.dtype == o_b.dtype == jnp.bfloat16
     assert rel_err(o_f.astype(jnp.float32), r_f) < 2 ** -7 and rel_err(o_b.astype(jnp.float32), r_b) < 2 ** -7
+    loss = lambda backend, *a: sum(jnp.sum(o.astype(jnp.float32)) for o in mixer.bigla(*a, backend=backend))
+    got = jax.grad(lambda *a: loss("pallas", *a), argnums=range(5))(*args)
+    want = jax.grad(lambda *a: loss("reference", *a), argnums=range(5))(*(x.astype(jnp.float32) for x in args))
+    for name, a, w in zip(("q", "k", "v", "g_fwd", "g_bwd"), got, want):
+        assert a.dtype == jnp.bfloat16 and rel_err(a.astype(jnp.float32), w) < 2 ** -6, name
+    assert tpu_kernels.count("backward") == 1, tpu_kernels
 
 
 def _names(lowered) -> list[str]:

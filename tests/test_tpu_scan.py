@@ -93,6 +93,7 @@ def test_every_gradient_through_the_mosaic_kernels(reverse, opts, tpu_kernels):
     assert rel_err(out_p, out_r) < 1e-5 and rel_err(last_p, last_r) < 1e-5
     for k in g_r:
         assert rel_err(g_p[k], g_r[k]) < 1e-4, k
+    assert {"scan forward", "scan backward"} <= set(tpu_kernels), tpu_kernels
 
 
 def test_bfloat16(tpu_kernels):
@@ -105,11 +106,13 @@ def test_bfloat16(tpu_kernels):
                             delta_softplus=True, backend="reference")
     assert out.dtype == jnp.bfloat16
     assert rel_err(out.astype(jnp.float32), ref) < 2 ** -7
+    assert "scan forward" in tpu_kernels
 
 
 def test_official_fixture(scan_ref, tpu_kernels):
     """The official CUDA op's numbers: output, last state and every gradient."""
     assert_official_fixture(scan_ref)
+    assert {"scan forward", "scan backward"} <= set(tpu_kernels), tpu_kernels
 
 
 def lower_for_tpu(fn, *args):

@@ -205,12 +205,16 @@ def embed_patches(conv: nnx.Conv, images, dtype):
     padding: Vim, DeiT) by one matrix product, the convolution's own sums (0.75 GiB there);
     others by a T x T convolution over the blocks (ViG's k9 s8 p1 stem: T = 2), its kernel
     the k x k one placed in a T s x T s square of zeros, the image's padding done on the
-    block grid. Dilated or grouped convolutions run as they are."""
+    block grid. Dilated, grouped, masked or "SAME"-padded convolutions run as they are."""
+    from flax.linen.linear import canonicalize_padding
+
     k = conv.kernel_size[0]
     s = (conv.strides,) * 2 if isinstance(conv.strides, int) else tuple(conv.strides)
-    pad = ((0, 0), (0, 0)) if conv.padding == "VALID" else conv.padding
-    if (s[0] != s[1] or conv.kernel_size != (k, k) or isinstance(pad, str)
-            or conv.kernel_dilation not in (None, 1, (1, 1)) or conv.feature_group_count != 1):
+    pad = canonicalize_padding(conv.padding, 2)  # "VALID", 1, (1, 2), ((1, 1), (2, 2)), ...
+    pad = ((0, 0), (0, 0)) if pad == "VALID" else pad
+    one = (None, 1, (1, 1))
+    if (s[0] != s[1] or conv.kernel_size != (k, k) or isinstance(pad, str) or conv.kernel_dilation not in one
+            or conv.input_dilation not in one or conv.feature_group_count != 1 or conv.mask is not None):
         return conv(images.astype(dtype))
     s = s[0]
     b, h, w, c = images.shape
