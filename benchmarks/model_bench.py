@@ -80,8 +80,8 @@ def main():
     print(f"device: {n_dev} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}")
     if args.tpu_kernels_on_cpu and jax.default_backend() != "tpu":
-        from vim_jax.mixers import platform as mixer_platform
-        mixer_platform.run_tpu_kernels_on_cpu()
+        from vim_jax.mixers.tpu_interpret import run_tpu_kernels_on_cpu
+        run_tpu_kernels_on_cpu()
     mixer = dict(gla_backend=args.backend) if args.model.startswith("vig") else dict(scan_backend=args.backend)
     model = create_model(args.model, img_size=args.img_size, remat=args.remat, dtype=args.dtype, **mixer,
                          **({} if args.depth is None else dict(depth=args.depth)))

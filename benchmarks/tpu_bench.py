@@ -5,7 +5,7 @@
 
 On a TPU, backend="pallas" is the Mosaic kernels (``vim_jax.kernels.selective_scan_tpu``,
 ``vim_jax.kernels.gla_tpu``). Anywhere else (the suite's rehearsal on a CPU) this script
-runs those kernels in Pallas's TPU interpret mode (``platform.run_tpu_kernels_on_cpu``:
+runs those kernels in Pallas's TPU interpret mode (``tpu_interpret.run_tpu_kernels_on_cpu``:
 uninitialised memory reads as NaN, out-of-bounds reads raise), and its times measure the
 interpreter: they are printed and recorded marked ``"interpret": true``, never a result.
 
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import model_bench  # benchmarks/, beside this script
 from scan_bench import inputs as scan_inputs
 from scan_bench import rel_err
-from vim_jax.mixers import platform
+from vim_jax.mixers import tpu_interpret
 from vim_jax.mixers.gla import bigla
 from vim_jax.mixers.selective_scan import selective_scan
 
@@ -133,7 +133,7 @@ def main():
     args = p.parse_args()
     tpu = jax.default_backend() == "tpu"
     if not tpu:
-        platform.run_tpu_kernels_on_cpu()
+        tpu_interpret.run_tpu_kernels_on_cpu()
         print(f"no TPU ({jax.default_backend()}): the Mosaic kernels run in TPU interpret mode; "
               "times measure the interpreter", flush=True)
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, interpret=not tpu)

@@ -241,7 +241,7 @@ def tpu_kernels():
     yields a list that grows by one stage name each time a TPU kernel is traced: "forward"
     or "backward" for the GLA's, "scan forward" or "scan backward" for the scan's."""
     from vim_jax.kernels import gla_tpu, selective_scan_tpu
-    from vim_jax.mixers import platform
+    from vim_jax.mixers.tpu_interpret import run_tpu_kernels_on_cpu
 
     used = []
     originals = {(module, stage): getattr(module, stage) for module in (gla_tpu, selective_scan_tpu)
@@ -255,7 +255,7 @@ def tpu_kernels():
             return originals[module, stage](*args, **kw)
         return run
 
-    undo = platform.run_tpu_kernels_on_cpu(tpu_interpret())
+    undo = run_tpu_kernels_on_cpu(tpu_interpret())
     for module, stage in originals:
         setattr(module, stage, recorded(module, stage))
     try:

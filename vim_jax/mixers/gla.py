@@ -36,7 +36,7 @@ named "gla_states" and the output "gla" for remat policies; under a mesh, per de
 share of the batch. The Triton kernels take any head size (q, k, g and v zero-padded to
 tiles of a power of two, at least 16; ViG's sizes need none); the Mosaic kernels lay every
 head of a token side by side on the vector lanes and take any size as it is. "pallas" on
-the CPU runs the Triton kernels in interpret mode (``platform.run_tpu_kernels_on_cpu``
+the CPU runs the Triton kernels in interpret mode (``tpu_interpret.run_tpu_kernels_on_cpu``
 switches it to the TPU kernels in TPU interpret mode). On an NVIDIA H200 (commit 250aff8,
 2026-11-27) the Triton kernels take 0.53 ms forward and 1.67 ms forward + backward at
 ViG-T's shapes, batch 128 at 224 px, against the chunked form's 1.07 and 4.08 ms; 1.94 and

@@ -24,33 +24,6 @@ def dispatch(branches: dict, *args):
     return jax.lax.platform_dependent(*args, **branches)
 
 
-def run_tpu_kernels_on_cpu(interpret=None):
-    """From now on, backend="pallas" on the CPU runs both mixers' TPU (Mosaic) kernels in
-    Pallas's TPU interpret mode instead of the Triton kernels' interpret mode: checks of the
-    TPU kernels without a TPU (the TPU suite's rehearsal, the tests). ``interpret``: a
-    ``pltpu.InterpretParams``; default: uninitialised memory reads as NaN and a read out of
-    bounds raises. Returns a function that undoes it."""
-    from jax.experimental.pallas import tpu as pltpu
-
-    from vim_jax.mixers import gla, selective_scan
-
-    params = interpret or pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")
-    tables = ((selective_scan._BACKENDS["pallas"], selective_scan._Mosaic(interpret=params)),
-              (gla._PALLAS, gla._Mosaic(interpret=params)))
-    before = [(table, table.get("cpu")) for table, _ in tables]
-    for table, kernel in tables:
-        table["cpu"] = kernel
-
-    def undo():
-        for table, old in before:
-            if old is None:
-                table.pop("cpu", None)
-            else:
-                table["cpu"] = old
-
-    return undo
-
-
 def per_shard(fn, args, *, replicated=(), summed=()):
     """``fn(*args)``, run on each device's share of the batch (axis 0) under a mesh with a
     ``data`` axis, else as is. Arguments at the ``replicated`` positions are whole on every

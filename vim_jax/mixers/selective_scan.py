@@ -28,7 +28,7 @@ so one traced program carries the right kernel for each platform it is lowered f
 
 On TPU the Mosaic kernels (``vim_jax.kernels.selective_scan_tpu``) run the forward and the
 backward. "pallas" on the CPU runs the Triton kernels in interpret mode
-(``platform.run_tpu_kernels_on_cpu`` switches it to the TPU kernels in TPU interpret mode).
+(``tpu_interpret.run_tpu_kernels_on_cpu`` switches it to the TPU kernels in TPU interpret mode).
 
 The "reference" backend is portable JAX (``lax.scan``) with a float32 state. It and the
 Pallas backend share one custom VJP (the "portable" one has none: JAX differentiates it): the forward saves the state at the start of every
