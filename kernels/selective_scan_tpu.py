@@ -62,6 +62,27 @@ def seq_block(length: int, chunk: int) -> int:
     return min(SEQ_BLOCK, pl.cdiv(length, chunk) * chunk)
 
 
+def _dot(a, b, dims=(((1,), (0,)), ((), ()))):
+    return jax.lax.dot_general(a, b, dims, precision=_HI, preferred_element_type=jnp.float32)
+
+
+def _chunk_rows(u_ref, dl_ref, b_ref, c_ref, rows, first, bias, *, length, softplus):
+    """A chunk's rows as float32 tiles, loaded whole at aligned offsets (Mosaic proves no
+    alignment for a single row at a dynamic position): u, delta + bias, B, C, dt (0 past
+    the sequence's end: identity steps), dt u and the mask of positions before the end.
+    ``first``: the chunk's first position in the sequence."""
+    tile = lambda ref: ref[rows, :].astype(jnp.float32)
+    u, pre, bm, cm = tile(u_ref), tile(dl_ref) + bias, tile(b_ref), tile(c_ref)
+    valid = first + jax.lax.broadcasted_iota(jnp.int32, u.shape, 0) < length
+    dt = jnp.where(valid, softplus_formula(pre) if softplus else pre, 0.0)
+    return u, pre, bm, cm, dt, dt * u, valid
+
+
+def _drive(bm, dtu, k):
+    """Step k's input to the state, B_k (dt u)_k: (d_state, LANES)."""
+    return bm[k:k + 1].reshape(-1, 1) * dtu[k:k + 1]
+
+
 def _kernel(u_ref, dl_ref, z_ref, b_ref, c_ref, at_ref, d_ref, bias_ref, *refs, length, chunk, softplus,
             reverse, has_z, save_states):
     if save_states:
@@ -82,26 +103,20 @@ def _kernel(u_ref, dl_ref, z_ref, b_ref, c_ref, at_ref, d_ref, bias_ref, *refs, 
     steps = range(chunk - 1, -1, -1) if reverse else range(chunk)
 
     def chunk_walk(j, h):
-        # A chunk's rows are loaded and stored as whole (chunk, LANES) tiles at aligned
-        # offsets (Mosaic proves no alignment for a single row at a dynamic position); the
-        # steps within it are unrolled, each reading its row of the loaded tiles.
+        # The chunk's steps are unrolled, each reading its row of the loaded tiles; its
+        # output rows are stored as one tile.
         c = ls // chunk - 1 - j if reverse else j
         rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
         if save_states:
             states_ref[c] = h
-        tile = lambda ref: ref[rows, :].astype(jnp.float32)
-        u, x, bm, cm = tile(u_ref), tile(dl_ref) + bias, tile(b_ref), tile(c_ref)
-        dt = softplus_formula(x) if softplus else x
-        pos = block * ls + c * chunk + jax.lax.broadcasted_iota(jnp.int32, dt.shape, 0)
-        dt = jnp.where(pos < length, dt, 0.0)  # past the end: identity steps
-        dtu = dt * u
+        u, _, bm, cm, dt, dtu, _ = _chunk_rows(u_ref, dl_ref, b_ref, c_ref, rows, block * ls + c * chunk, bias,
+                                                length=length, softplus=softplus)
         for k in steps:
-            h = jnp.exp(dt[k:k + 1] * at) * h + bm[k:k + 1].reshape(-1, 1) * dtu[k:k + 1]
-            rows_ref[k:k + 1, :] = jax.lax.dot_general(cm[k:k + 1], h, (((1,), (0,)), ((), ())), precision=_HI,
-                                                       preferred_element_type=jnp.float32)
+            h = jnp.exp(dt[k:k + 1] * at) * h + _drive(bm, dtu, k)
+            rows_ref[k:k + 1, :] = _dot(cm[k:k + 1], h)
         y = rows_ref[...] + dvec * u
         if has_z:
-            z = tile(z_ref)
+            z = z_ref[rows, :].astype(jnp.float32)
             y = y * z * sigmoid(z)
         y_ref[rows, :] = y.astype(y_ref.dtype)
         return h
@@ -184,7 +199,7 @@ def forward(u, delta, z, B, C, A, D, bias, *, softplus, reverse, has_z, chunk, s
 
 def _bwd_kernel(u_ref, dl_ref, z_ref, b_ref, c_ref, g_ref, at_ref, d_ref, bias_ref, states_ref, glast_ref,
                 du_ref, ddl_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref,
-                lam_ref, acc_a_ref, acc_d_ref, acc_bias_ref, hs_ref, rows_ref, nrows_ref, *,
+                lam_ref, acc_a_ref, acc_d_ref, acc_bias_ref, hs_ref, decays_ref, rows_ref, nrows_ref, *,
                 length, chunk, softplus, reverse, has_z):
     ls = u_ref.shape[0]
     per = ls // chunk
@@ -202,42 +217,40 @@ def _bwd_kernel(u_ref, dl_ref, z_ref, b_ref, c_ref, g_ref, at_ref, d_ref, bias_r
     bias = bias_ref[...].astype(jnp.float32)
     scan_steps = list(range(chunk - 1, -1, -1) if reverse else range(chunk))
     nt = (((1,), (1,)), ((), ()))  # a @ b.T
-    nn = (((1,), (0,)), ((), ()))
-    dot = lambda a, b, dims: jax.lax.dot_general(a, b, dims, precision=_HI, preferred_element_type=jnp.float32)
 
     def chunk_walk(j, lam):
         c = j if reverse else per - 1 - j  # reverse scan order within the block
         rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
+        u, pre, bm, cm, dt, dtu, valid = _chunk_rows(u_ref, dl_ref, b_ref, c_ref, rows, block * ls + c * chunk,
+                                                     bias, length=length, softplus=softplus)
         tile = lambda ref: ref[rows, :].astype(jnp.float32)
-        u, pre, bm, cm, g = tile(u_ref), tile(dl_ref) + bias, tile(b_ref), tile(c_ref), tile(g_ref)
-        pos = block * ls + c * chunk + jax.lax.broadcasted_iota(jnp.int32, u.shape, 0)
-        valid = pos < length
-        dt = jnp.where(valid, softplus_formula(pre) if softplus else pre, 0.0)
-        dtu = dt * u
+        g = tile(g_ref)
         if has_z:
             z = tile(z_ref)
             sig = sigmoid(z)
             gy = g * z * sig
         else:
             gy = g
-        # The chunk's states from its entry state, in scan order.
+        # The chunk's states from its entry state, in scan order, and each step's decay
+        # (computed once: the walk back multiplies the adjoint by it).
         h = states_ref[c]
         for k in scan_steps:
-            h = jnp.exp(dt[k:k + 1] * at) * h + bm[k:k + 1].reshape(-1, 1) * dtu[k:k + 1]
+            decays_ref[k] = jnp.exp(dt[k:k + 1] * at)
+            h = decays_ref[k] * h + _drive(bm, dtu, k)
             hs_ref[k] = h
         # Back through them: lam is a_{t+1} lam_{t+1} on entry to step t.
         acc_a = acc_a_ref[...]
         for k in reversed(scan_steps):
             h = hs_ref[k]
             lam = cm[k:k + 1].reshape(-1, 1) * gy[k:k + 1] + lam
-            w = lam * (h - bm[k:k + 1].reshape(-1, 1) * dtu[k:k + 1])  # lam a_t h_{t-1}
+            w = lam * (h - _drive(bm, dtu, k))  # lam a_t h_{t-1}
             acc_a = acc_a + w * dt[k:k + 1]
             rows_ref[0, k:k + 1, :] = jnp.sum(w * at, axis=0, keepdims=True)  # dL/d dt through a_t
-            rows_ref[1, k:k + 1, :] = dot(bm[k:k + 1], lam, nn)  # <lam, B_t> over the states
-            rows_ref[2, k:k + 1, :] = dot(cm[k:k + 1], h, nn)  # y_t before D and the gate
-            nrows_ref[0, k:k + 1, :] = dot(dtu[k:k + 1], lam, nt)  # dB_t over this block's channels
-            nrows_ref[1, k:k + 1, :] = dot(gy[k:k + 1], h, nt)  # dC_t
-            lam = jnp.exp(dt[k:k + 1] * at) * lam
+            rows_ref[1, k:k + 1, :] = _dot(bm[k:k + 1], lam)  # <lam, B_t> over the states
+            rows_ref[2, k:k + 1, :] = _dot(cm[k:k + 1], h)  # y_t before D and the gate
+            nrows_ref[0, k:k + 1, :] = _dot(dtu[k:k + 1], lam, nt)  # dB_t over this block's channels
+            nrows_ref[1, k:k + 1, :] = _dot(gy[k:k + 1], h, nt)  # dC_t
+            lam = decays_ref[k] * lam
         acc_a_ref[...] = acc_a
         g_dt, lam_b, y = rows_ref[0], rows_ref[1], rows_ref[2]
         du_ref[rows, :] = (dt * lam_b + gy * dvec).astype(du_ref.dtype)
@@ -302,7 +315,8 @@ def backward(u, delta, z, B, C, A, D, bias, states, g, g_last, *, softplus, reve
         out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((n, LANES), f32), pltpu.VMEM((n, LANES), f32), pltpu.VMEM((1, LANES), f32),
                         pltpu.VMEM((1, LANES), f32), pltpu.VMEM((chunk, n, LANES), f32),
-                        pltpu.VMEM((3, chunk, LANES), f32), pltpu.VMEM((2, chunk, n), f32)],
+                        pltpu.VMEM((chunk, n, LANES), f32), pltpu.VMEM((3, chunk, LANES), f32),
+                        pltpu.VMEM((2, chunk, n), f32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret, name="selective_scan_bwd_tpu",
     )(u_, dl_, z_, b_, c_, g_, at, d_, bias_, states_, glast_)
