@@ -261,15 +261,33 @@ def test_patch_embedding_is_the_convolution(kernel, stride, padding):
     non-overlapping patches as a reshape and one product, every other kernel, stride and
     padding (ViG's k9 s8 p1 stem, uneven padding, padding given as Flax takes it) as a
     convolution over s x s blocks; all equal the convolution, odd image sizes included, and
-    none convolves the 3-channel images themselves."""
+    none convolves the 3-channel images themselves. The same in bands of output rows (a
+    first band with the padding above, a loop over the ones between, a shorter last one),
+    down to one row a band."""
     from vim_jax.models.vim import embed_patches
 
     conv = nnx.Conv(3, 8, (kernel, kernel), strides=stride, padding=padding, rngs=nnx.Rngs(0))
     for shape in ((2, 70, 50, 3), (1, 33, 41, 3)):
         images = jax.random.normal(jax.random.key(1), shape)
-        np.testing.assert_allclose(embed_patches(conv, images, jnp.float32), conv(images), rtol=1e-5, atol=1e-5)
-        closed = jax.make_jaxpr(lambda x: embed_patches(conv, x, jnp.float32))(images)
-        assert 3 not in _conv_input_channels(closed.jaxpr)
+        for band_elements in (1 << 21, 1, 2000):  # one band; one row a band; a few rows
+            embed = jax.jit(lambda x: embed_patches(conv, x, jnp.float32, band_elements))
+            np.testing.assert_allclose(embed(images), conv(images), rtol=1e-5, atol=1e-5)
+            closed = jax.make_jaxpr(embed)(images)
+            assert 3 not in _conv_input_channels(closed.jaxpr)
+            bands = _loops(closed.jaxpr)
+            assert (bands > 0) == (band_elements < 1 << 21), (band_elements, bands)
+
+
+def _loops(jaxpr) -> int:
+    """How many loops (scan, while) a jaxpr holds, nested ones included."""
+    found = 0
+    for eqn in jaxpr.eqns:
+        found += eqn.primitive.name in ("scan", "while")
+        for sub in jax.tree.leaves(eqn.params, is_leaf=lambda p: hasattr(p, "eqns") or hasattr(p, "jaxpr")):
+            inner = getattr(sub, "jaxpr", sub)
+            if hasattr(inner, "eqns"):
+                found += _loops(inner)
+    return found
 
 
 def _conv_input_channels(jaxpr) -> list[int]:

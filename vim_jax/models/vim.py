@@ -194,7 +194,13 @@ def resize_pos_embed(pos, cls_position: str, old_grid, new_grid):
     return join_pos_embed(resample_patch_pos_embed(patch, old_grid, new_grid), cls, cls_position)
 
 
-def embed_patches(conv: nnx.Conv, images, dtype):
+# Elements of the image one band of patch rows cuts at once (see embed_patches): on a TPU the
+# cut rows are laid out with a block's s columns as the minor axis, padded to 128 lanes, so a
+# band costs up to 2 bytes x 128 / s times this (64 MiB for ViG's s = 8).
+BAND_ELEMENTS = 1 << 21
+
+
+def embed_patches(conv: nnx.Conv, images, dtype, band_elements: int = BAND_ELEMENTS):
     """``conv(images.astype(dtype))``, (batch, H, W, C) -> (batch, H', W', dim) in ``dtype``,
     for a convolution on raw images with stride s and a square kernel.
 
@@ -202,10 +208,14 @@ def embed_patches(conv: nnx.Conv, images, dtype):
     padded to many lanes (1.49 of Vim-Ti's 1.67 GiB at 1248 px, batch 8, bfloat16, on v5e),
     and so does any pad or slice of them. So the images are cut into s x s blocks by a
     reshape, s * s * C channels each, and projected: non-overlapping patches (k = s, no
-    padding: Vim, DeiT) by one matrix product, the convolution's own sums (0.75 GiB there);
-    others by a T x T convolution over the blocks (ViG's k9 s8 p1 stem: T = 2), its kernel
-    the k x k one placed in a T s x T s square of zeros, the image's padding done on the
-    block grid. Dilated, grouped, masked or "SAME"-padded convolutions run as they are."""
+    padding: Vim, DeiT) by one matrix product, the convolution's own sums; others by a
+    T x T convolution over the blocks (ViG's k9 s8 p1 stem: T = 2), its kernel the k x k
+    one placed in a T s x T s square of zeros, the image's padding done on the block grid.
+    The cutting itself is a TPU transpose with a block's s columns as the minor axis,
+    padded to 128 lanes (16 times ViG-T's images at s = 8: 1.14 of its 1.48 GiB at 1248 px),
+    so it runs in bands of output rows, each cutting at most ``band_elements`` of the
+    image (one band for small images). Dilated, grouped, masked or "SAME"-padded
+    convolutions run as they are."""
     from flax.linen.linear import canonicalize_padding
 
     k = conv.kernel_size[0]
@@ -231,19 +241,47 @@ def embed_patches(conv: nnx.Conv, images, dtype):
     if (blocks[0] * s, blocks[1] * s) != (h, w):
         x = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (0, blocks[0] * s - h, 0),
                                                      (0, blocks[1] * s - w, 0), (0, 0, 0)))
-    x = x.reshape(b, blocks[0], s, blocks[1], s, c).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b, *blocks, s * s * c).astype(dtype)
     kernel = conv.kernel[...].astype(dtype)  # (kh, kw, C, dim)
-    if taps == 1 and (top, left) == (0, 0) and k == s:
-        y = jnp.dot(x, kernel.reshape(s * s * c, -1))
+    dot = taps == 1 and (top, left) == (0, 0) and k == s
+    if dot:
+        kernel = kernel.reshape(s * s * c, -1)
     else:
         size = taps * s  # the kernel's first row sits at row lo * s - top of its window
         kernel = jnp.pad(kernel, ((lo_h * s - top, size - k - lo_h * s + top),
                                   (lo_w * s - left, size - k - lo_w * s + left), (0, 0), (0, 0)))
         kernel = kernel.reshape(taps, s, taps, s, c, -1).transpose(0, 2, 1, 3, 4, 5)
         kernel = kernel.reshape(taps, taps, s * s * c, -1)
-        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((lo_h, 0), (lo_w, 0)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def rows(start, stop, first=None):
+        """Output rows [start, stop): block rows [start - lo_h, stop - lo_h + T - 1), the ones
+        above the image (start < lo_h) as padding; ``first`` (traced) replaces ``start`` as
+        where the band's image rows begin."""
+        above = max(lo_h - start, 0)
+        n = stop - start + taps - 1 - above
+        band = (x[:, (start - lo_h + above) * s:(start - lo_h + above + n) * s] if first is None
+                else jax.lax.dynamic_slice_in_dim(x, (first - lo_h) * s, n * s, axis=1))
+        band = band.reshape(b, n, s, blocks[1], s, c).transpose(0, 1, 3, 2, 4, 5)
+        band = band.reshape(b, n, blocks[1], s * s * c).astype(dtype)
+        if dot:
+            return jnp.dot(band, kernel)
+        return jax.lax.conv_general_dilated(band, kernel, (1, 1), ((above, 0), (lo_w, 0)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    per_row = b * s * blocks[1] * s * c  # image elements in one block row
+    r = max(band_elements // per_row - (taps - 1), lo_h, 1)  # output rows a band makes
+    if r >= out[0]:
+        y = rows(0, out[0])
+    else:
+        # The first band (padding above) and a last shorter one are traced as they are; the
+        # ones between are one loop body, each reading its rows at a traced offset.
+        full = out[0] // r
+        parts = [rows(0, r)]
+        if full > 1:
+            mid = jax.lax.map(lambda j: rows(r, 2 * r, first=j * r), jnp.arange(1, full))
+            parts.append(jnp.moveaxis(mid, 0, 1).reshape(b, (full - 1) * r, *mid.shape[3:]))
+        if full * r < out[0]:
+            parts.append(rows(full * r, out[0]))
+        y = jnp.concatenate(parts, axis=1)
     return y + conv.bias[...].astype(dtype) if conv.bias is not None else y
 
 
