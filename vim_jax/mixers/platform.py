@@ -15,7 +15,7 @@ from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec as P
 
-from vim_jax.parallel.sharding import AXIS
+from vim_jax.parallel.sharding import AXIS, batch_shards
 
 
 def dispatch(branches: dict, *args):
@@ -30,8 +30,7 @@ def per_shard(fn, args, *, replicated=(), summed=()):
     device; outputs at the ``summed`` positions are per-shard partial sums, added up here;
     every other output is split along the batch."""
     mesh = jax.sharding.get_abstract_mesh()
-    shards = 1 if mesh.empty or AXIS not in mesh.axis_names or AXIS in mesh.manual_axes \
-        else mesh.shape[AXIS]
+    shards = batch_shards()
     if shards == 1 or args[0].shape[0] % shards:
         return fn(*args)
     in_specs = tuple(P() if i in replicated else P(AXIS) for i in range(len(args)))

@@ -20,6 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from vim_jax.mixers import ops
 from vim_jax.mixers.selective_scan import selective_scan
+from vim_jax.parallel.sharding import batch_shards
 
 CLS_POSITIONS = ("middle", "head", "double", "none")
 REMAT = ("mixer", "full", "none")
@@ -267,8 +268,10 @@ def embed_patches(conv: nnx.Conv, images, dtype, band_elements: int = BAND_ELEME
         return jax.lax.conv_general_dilated(band, kernel, (1, 1), ((above, 0), (lo_w, 0)),
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    per_row = b * s * blocks[1] * s * c  # image elements in one block row
-    r = max(band_elements // per_row - (taps - 1), lo_h, 1)  # output rows a band makes
+    per_row = -(-b // batch_shards()) * s * blocks[1] * s * c  # a device's image elements in a block row
+    # Output rows a band makes: at least 4 (T - 1), so that the T - 1 block rows two bands
+    # both read (and a gradient keeps) are at most a fifth of what they cut.
+    r = max(band_elements // per_row - (taps - 1), 4 * (taps - 1), 1)
     if r >= out[0]:
         y = rows(0, out[0])
     else:
