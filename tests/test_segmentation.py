@@ -1,7 +1,6 @@
 """The segmentation task's loss, metrics, sliding-window inference and label checks, against
 NumPy references."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

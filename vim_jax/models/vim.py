@@ -299,7 +299,7 @@ def check_images(images, channels: int, min_size: int) -> None:
     if len(shape) != 4:
         raise ValueError(f"images must be NHWC {want}; got shape {shape}")
     if shape[-1] != channels:
-        hint = (f"; it looks like NCHW: pass images.transpose(0, 2, 3, 1)"
+        hint = ("; it looks like NCHW: pass images.transpose(0, 2, 3, 1)"
                 if shape[1] == channels else "")
         raise ValueError(f"images must be NHWC {want}; got shape {shape} ({shape[-1]} channels){hint}")
     if shape[0] == 0:

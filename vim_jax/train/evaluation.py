@@ -138,7 +138,7 @@ def draw_predictions(model, source, config, path: str) -> str:
     from vim_jax.data.pipeline import eval_batches
     from vim_jax.train.seg_figure import save_predictions
     from vim_jax.train.segmentation import sliding_window_logits
-    from vim_jax.train.setup import slide_of, task_of
+    from vim_jax.train.setup import slide_of
 
     n = config.seg.plot_images
     batch = next(eval_batches(source, config.data, local_batch=n))
