@@ -141,6 +141,8 @@ class _Triton:
     ``by_name``: asked for as backend="pallas" (interpret mode on the CPU, an error where no
     kernel exists) rather than chosen by "auto" for CUDA."""
 
+    module, target = "gla", "cuda"
+
     def __init__(self, by_name: bool):
         self.by_name = by_name
 
@@ -156,17 +158,14 @@ class _Triton:
         return o[..., :dv], state[..., :dk, :dv]
 
     def stage(self, stage, scale, directions, args, kw):
-        from vim_jax.kernels import gla as kernels
-        fn = lambda interpret: functools.partial(getattr(kernels, stage), scale=scale, directions=directions,
-                                                 interpret=interpret, **kw)
-        triton = lambda *a: platform.lowered_only_for("cuda", fn(False), *a, op=_OP)
+        kernel = lambda target, interpret: lambda *a: platform.run_kernel(
+            self.module, stage, target, interpret, a, op=_OP, scale=scale, directions=directions, **kw)
         # Inside "auto"'s CUDA branch, other platforms never select this: the Triton call
         # (zeros there) serves. By name: interpret mode on the CPU, an error where no
         # kernel exists.
-        branches = dict(cuda=triton, default=triton)
+        branches = dict(cuda=kernel("cuda", False), default=kernel("cuda", False))
         if self.by_name:
-            branches.update(cpu=fn(True),
-                            default=lambda *a: platform.lowered_only_for(None, fn(False), *a, op=_OP))
+            branches.update(cpu=kernel(None, True), default=kernel(None, False))
         return platform.per_shard(lambda *a: platform.dispatch(branches, *a), args)
 
 
@@ -175,6 +174,8 @@ class _Mosaic:
     ``interpret``: False (lowered for TPU only), or ``pltpu.InterpretParams`` (the tests'
     TPU interpret mode on the CPU)."""
 
+    module, target = "gla_tpu", "tpu"
+
     def __init__(self, interpret=False):
         self.interpret = interpret
 
@@ -182,11 +183,9 @@ class _Mosaic:
         return _kernel(q, k, v, g, (scale, directions, self))
 
     def stage(self, stage, scale, directions, args, kw):
-        from vim_jax.kernels import gla_tpu
-        fn = functools.partial(getattr(gla_tpu, stage), scale=scale, directions=directions,
-                               interpret=self.interpret, **kw)
-        run = fn if self.interpret else lambda *a: platform.lowered_only_for("tpu", fn, *a, op=_OP)
-        return platform.per_shard(run, args)
+        return platform.per_shard(lambda *a: platform.run_kernel(
+            self.module, stage, self.target, self.interpret, a, op=_OP, scale=scale, directions=directions,
+            **kw), args)
 
 
 _AUTO = dict(cuda=_Triton(by_name=False), tpu=_Mosaic())

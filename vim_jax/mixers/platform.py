@@ -3,11 +3,14 @@
 The selective scan and gated linear attention share this: one traced program carries each
 platform's kernel (``dispatch``, ``jax.lax.platform_dependent``), a Triton kernel is lowered
 only for CUDA even when the program is lowered for several platforms at once
-(``lowered_only_for``), and under a mesh with a ``data`` axis each device runs its kernel on
+(``lowered_only_for``, ``run_kernel``), and under a mesh with a ``data`` axis each device runs its kernel on
 its own share of the batch (``per_shard``): a pallas_call is opaque to XLA's partitioner.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +66,14 @@ def lowered_only_for(platform: str | None, fn, *args, op: str):
     outs = _platform_kernel_p.bind(*flat, fn=flat_fn, platform=platform, op=op,
                                    avals=tuple(jax.core.ShapedArray(a.shape, a.dtype) for a in flat_out))
     return jax.tree.unflatten(out_tree, outs)
+
+
+def run_kernel(module: str, stage: str, target: str | None, interpret, args, *, op: str, **kw):
+    """``vim_jax.kernels.<module>.<stage>(*args, interpret=interpret, **kw)``: run as it is
+    in interpret mode (the CPU), else lowered only for ``target`` (``lowered_only_for``)."""
+    kernels = importlib.import_module(f"vim_jax.kernels.{module}")
+    fn = functools.partial(getattr(kernels, stage), interpret=interpret, **kw)
+    return fn(*args) if interpret else lowered_only_for(target, fn, *args, op=op)
 
 
 _platform_kernel_p = jex_core.Primitive("platform_kernel")

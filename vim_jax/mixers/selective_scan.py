@@ -44,7 +44,6 @@ of the batch (``jax.shard_map``): a Pallas kernel is opaque to XLA's partitioner
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import NamedTuple, Optional
 
 import jax
@@ -472,10 +471,9 @@ class _Pallas:
         return self._call("backward", spec, args)
 
     def _call(self, name, spec, args, **kw):
-        kernels = importlib.import_module(f"vim_jax.kernels.{self.module}")
-        fn = functools.partial(getattr(kernels, name), softplus=spec.softplus, reverse=spec.reverse,
-                               has_z=spec.has_z, chunk=STATE_CHUNK, interpret=self.interpret, **kw)
-        return fn(*args) if self.interpret else platform.lowered_only_for(self.target, fn, *args, op=_OP)
+        return platform.run_kernel(self.module, name, self.target, self.interpret, args, op=_OP,
+                                   softplus=spec.softplus, reverse=spec.reverse, has_z=spec.has_z,
+                                   chunk=STATE_CHUNK, **kw)
 
 
 class _Mosaic(_Pallas):
