@@ -269,29 +269,14 @@ def test_patch_embedding_is_the_convolution(kernel, stride, padding):
     conv = nnx.Conv(3, 8, (kernel, kernel), strides=stride, padding=padding, rngs=nnx.Rngs(0))
     for shape in ((2, 70, 50, 3), (1, 33, 41, 3)):
         images = jax.random.normal(jax.random.key(1), shape)
-        for band_elements in (1 << 21, 1, 2000):  # one band; one row a band; a few rows
+        for band_elements in (1 << 20, 1, 300):  # one band; one row a band; a few rows
             embed = jax.jit(lambda x: embed_patches(conv, x, jnp.float32, band_elements))
             np.testing.assert_allclose(embed(images), conv(images), rtol=1e-5, atol=1e-5)
             closed = jax.make_jaxpr(embed)(images)
             assert 3 not in _conv_input_channels(closed.jaxpr)
-            if shape[0] == 2 and band_elements != 2000:  # 7 to 35 output rows: 4 or 8 a band at most
+            if shape[0] == 2 and band_elements != 300:  # 7 to 35 output rows: 4 or 8 a band at most
                 products = _products(closed.jaxpr)
                 assert (products > 1) == (band_elements == 1), (band_elements, products)
-
-
-def test_patch_embedding_bands_count_a_devices_share():
-    """Under a mesh the bands are sized by one device's share of the batch: a budget that
-    takes two bands of the whole batch of 2 takes one of each device's 1."""
-    from jax.sharding import AbstractMesh, AxisType
-
-    from vim_jax.models.vim import embed_patches
-
-    conv = nnx.Conv(3, 8, (16, 16), strides=16, padding="VALID", rngs=nnx.Rngs(0))
-    images = jnp.zeros((2, 70, 50, 3))  # 4 x 3 patches; a block row of one image: 2304 elements
-    embed = lambda x: embed_patches(conv, x, jnp.float32, 4 * 2304)
-    assert _products(jax.make_jaxpr(embed)(images).jaxpr) == 2
-    with jax.sharding.use_abstract_mesh(AbstractMesh((2,), ("data",), axis_types=(AxisType.Explicit,))):
-        assert _products(jax.make_jaxpr(embed)(images).jaxpr) == 1
 
 
 def _eqns(jaxpr):

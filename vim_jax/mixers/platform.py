@@ -3,8 +3,9 @@
 The selective scan and gated linear attention share this: one traced program carries each
 platform's kernel (``dispatch``, ``jax.lax.platform_dependent``), a Triton kernel is lowered
 only for CUDA even when the program is lowered for several platforms at once
-(``lowered_only_for``, ``run_kernel``), and under a mesh with a ``data`` axis each device runs its kernel on
-its own share of the batch (``per_shard``): a pallas_call is opaque to XLA's partitioner.
+(``lowered_only_for``, ``run_kernel``), and under a mesh with a ``data`` axis each device
+runs its kernel on its own share of the batch (``per_shard``): a pallas_call is opaque to
+XLA's partitioner.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec as P
 
-from vim_jax.parallel.sharding import AXIS, batch_shards
+from vim_jax.parallel.sharding import AXIS
 
 
 def dispatch(branches: dict, *args):
@@ -33,7 +34,8 @@ def per_shard(fn, args, *, replicated=(), summed=()):
     device; outputs at the ``summed`` positions are per-shard partial sums, added up here;
     every other output is split along the batch."""
     mesh = jax.sharding.get_abstract_mesh()
-    shards = batch_shards()
+    shards = 1 if mesh.empty or AXIS not in mesh.axis_names or AXIS in mesh.manual_axes \
+        else mesh.shape[AXIS]
     if shards == 1 or args[0].shape[0] % shards:
         return fn(*args)
     in_specs = tuple(P() if i in replicated else P(AXIS) for i in range(len(args)))

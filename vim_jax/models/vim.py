@@ -20,7 +20,6 @@ from jax.ad_checkpoint import checkpoint_name
 
 from vim_jax.mixers import ops
 from vim_jax.mixers.selective_scan import selective_scan
-from vim_jax.parallel.sharding import batch_shards
 
 CLS_POSITIONS = ("middle", "head", "double", "none")
 REMAT = ("mixer", "full", "none")
@@ -195,10 +194,13 @@ def resize_pos_embed(pos, cls_position: str, old_grid, new_grid):
     return join_pos_embed(resample_patch_pos_embed(patch, old_grid, new_grid), cls, cls_position)
 
 
-# Elements of the image one band of patch rows cuts at once (see embed_patches): on a TPU the
-# cut rows are laid out with a block's s columns as the minor axis, padded to 128 lanes, so a
-# band costs up to 2 bytes x 128 / s times this (64 MiB for ViG's s = 8).
-BAND_ELEMENTS = 1 << 21
+# Elements of each image one band of patch rows cuts at once (see embed_patches): on a TPU
+# the cut rows are laid out with a block's s columns as the minor axis, padded to 128 lanes,
+# so a band costs up to 2 bytes x 128 / s times this an image (32 MiB for ViG's s = 8).
+# Images of up to this many elements (3 x 590 x 590) are cut at once: a training step at
+# 224-512 px has larger buffers live than the cut (ViG-B's at 128 images a chip needed
+# 0.12 GiB more on v5e in bands of 4 rows), the high-resolution forward does not.
+BAND_ELEMENTS = 1 << 20
 
 
 def embed_patches(conv: nnx.Conv, images, dtype, band_elements: int = BAND_ELEMENTS):
@@ -214,8 +216,8 @@ def embed_patches(conv: nnx.Conv, images, dtype, band_elements: int = BAND_ELEME
     one placed in a T s x T s square of zeros, the image's padding done on the block grid.
     The cutting itself is a TPU transpose with a block's s columns as the minor axis,
     padded to 128 lanes (16 times ViG-T's images at s = 8: 1.14 of its 1.48 GiB at 1248 px),
-    so it runs in bands of output rows, each cutting at most ``band_elements`` of the
-    image (one band for small images). Dilated, grouped, masked or "SAME"-padded
+    so it runs in bands of output rows, each cutting at most ``band_elements`` of each
+    image (one band for images up to that size). Dilated, grouped, masked or "SAME"-padded
     convolutions run as they are."""
     from flax.linen.linear import canonicalize_padding
 
@@ -268,10 +270,9 @@ def embed_patches(conv: nnx.Conv, images, dtype, band_elements: int = BAND_ELEME
         return jax.lax.conv_general_dilated(band, kernel, (1, 1), ((above, 0), (lo_w, 0)),
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    per_row = -(-b // batch_shards()) * s * blocks[1] * s * c  # a device's image elements in a block row
     # Output rows a band makes: at least 4 (T - 1), so that the T - 1 block rows two bands
-    # both read (and a gradient keeps) are at most a fifth of what they cut.
-    r = max(band_elements // per_row - (taps - 1), 4 * (taps - 1), 1)
+    # both read are at most a fifth of what they cut.
+    r = max(band_elements // (s * blocks[1] * s * c) - (taps - 1), 4 * (taps - 1), 1)
     if r >= out[0]:
         y = rows(0, out[0])
     else:

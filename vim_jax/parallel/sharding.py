@@ -30,15 +30,6 @@ def jit_on_mesh(mesh: Mesh, fn, **jit_kwargs):
     return call
 
 
-def batch_shards() -> int:
-    """How many devices share the batch axis in the program being traced: the ``data`` axis
-    of the mesh set with ``jax.set_mesh`` (1 with no mesh, or inside a shard_map over it)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or AXIS not in mesh.axis_names or AXIS in mesh.manual_axes:
-        return 1
-    return mesh.shape[AXIS]
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over the data axis."""
     return NamedSharding(mesh, P(AXIS))
