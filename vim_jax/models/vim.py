@@ -198,8 +198,9 @@ def resize_pos_embed(pos, cls_position: str, old_grid, new_grid):
 # the cut rows are laid out with a block's s columns as the minor axis, padded to 128 lanes,
 # so a band costs up to 2 bytes x 128 / s times this an image (32 MiB for ViG's s = 8).
 # Images of up to this many elements (3 x 590 x 590) are cut at once: a training step at
-# 224-512 px has larger buffers live than the cut (ViG-B's at 128 images a chip needed
-# 0.12 GiB more on v5e in bands of 4 rows), the high-resolution forward does not.
+# 224-512 px has larger buffers live than the cut (in bands of 4 rows ViG-B's at 128 images
+# a chip needed 15.83-15.88 GiB on v5e, not 15.71: more than the chip's 15.75), the
+# high-resolution forward does not.
 BAND_ELEMENTS = 1 << 20
 
 
@@ -217,8 +218,8 @@ def embed_patches(conv: nnx.Conv, images, dtype, band_elements: int = BAND_ELEME
     The cutting itself is a TPU transpose with a block's s columns as the minor axis,
     padded to 128 lanes (16 times ViG-T's images at s = 8: 1.14 of its 1.48 GiB at 1248 px),
     so it runs in bands of output rows, each cutting at most ``band_elements`` of each
-    image (one band for images up to that size). Dilated, grouped, masked or "SAME"-padded
-    convolutions run as they are."""
+    image (one band for images up to that size; ViG-T's forward there: 0.57 GiB).
+    Dilated, grouped, masked or "SAME"-padded convolutions run as they are."""
     from flax.linen.linear import canonicalize_padding
 
     k = conv.kernel_size[0]
