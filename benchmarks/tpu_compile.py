@@ -339,6 +339,7 @@ def summarise(rows: list[dict]) -> tuple[list[str], list[str]]:
                 lines.append(f"recipe {r['recipe']}: {slope * 1024:.1f} MiB a further image a chip on v5e; "
                              f"largest per-chip batch estimated from v5e's two compiles and each chip's "
                              f"budget: {f['max_batch_estimate']}")
+    lines += fits_table(rows)
     for r in rows:
         if r["status"] == "failed":
             bad.append(f"compile failure: {describe(r)}")
@@ -346,6 +347,25 @@ def summarise(rows: list[dict]) -> tuple[list[str], list[str]]:
                 and not r.get("half_batch") and r["status"] == "does not fit"):
             bad.append(f"a Ti recipe does not fit one v5e chip at {r.get('per_chip_batch')} a chip: {describe(r)}")
     return lines, bad
+
+
+def fits_table(rows: list[dict]) -> list[str]:
+    """What fits where, as a Markdown table: each recipe's per-chip GiB at its per-chip batch
+    on each slice compiled ("no": over the chip's budget), with the commits that compiled it."""
+    full = [r for r in rows if r["section"] == "recipes" and not r.get("half_batch") and r["status"] != "failed"]
+    slices = [(c, n) for n in (16, 64) for c in HBM_GIB if any((r["chip"], r["chips"]) == (c, n) for r in full)]
+    if not slices:
+        return []
+    gib = lambda x: f"{x:.2f}" if isinstance(x, (int, float)) else "?"
+    cell = {(r["recipe"], r["chip"], r["chips"]): gib(r["gib"]) if r["status"] == "ok"
+            else f"{gib(r.get('needs_gib'))} no" for r in full}
+    lines = ["", "| recipe | per-chip batch | " + " | ".join(f"{c} x{n} ({usable_gib(c):g} GiB)" for c, n in slices)
+             + " |", "| --- | ---: |" + " ---: |" * len(slices)]
+    for recipe in dict.fromkeys(r["recipe"] for r in full):
+        batch = next(r.get("per_chip_batch", "?") for r in full if r["recipe"] == recipe)
+        lines.append(f"| {recipe} | {batch} | " + " | ".join(cell.get((recipe, c, n), "") for c, n in slices) + " |")
+    commits = sorted({r.get("commit", "?") for r in full})
+    return lines + [f"(GiB a chip; commits {', '.join(commits)})", ""]
 
 
 def main():

@@ -62,6 +62,19 @@ def test_ratios_to_deit_and_the_largest_batch_estimate(budget):
     assert any("10.7% of DeiT-Ti" in line for line in lines)
 
 
+def test_what_fits_where_table(budget):
+    """One line a recipe, one column a slice compiled (16-chip slices first), the per-chip
+    GiB or the GiB needed and "no"; half-batch rows and failures are not cells."""
+    rows = [recipe("vim_tiny", gib=8.83, commit="aaa"), recipe("vim_base", status="does not fit", needs_gib=30.207),
+            dict(recipe("vim_tiny", gib=8.73, commit="bbb"), chip="v6e"),
+            dict(recipe("vim_tiny", gib=8.0), chips=64), recipe("vim_tiny", gib=4.0, half=True),
+            dict(recipe("vim_base", status="failed"), chip="v6e", error="E")]
+    table = [line for line in tpu_compile.fits_table(rows) if line.startswith("|")]
+    assert table[0] == "| recipe | per-chip batch | v5e x16 (15.75 GiB) | v6e x16 (31.25 GiB) | v5e x64 (15.75 GiB) |"
+    assert table[2:] == ["| vim_tiny | 128 | 8.83 | 8.73 | 8.00 |", "| vim_base | 128 | 30.21 no |  |  |"]
+    assert "commits ?, aaa, bbb" in tpu_compile.fits_table(rows)[-2]
+
+
 def test_a_rerun_skips_compiled_rows_and_retries_failures(tmp_path, monkeypatch, budget):
     """The planned row's identity matches the compiled row's, which has more keys; a failed
     row is compiled again, and the new row names its commit."""
