@@ -194,10 +194,10 @@ def resize_pos_embed(pos, cls_position: str, old_grid, new_grid):
     return join_pos_embed(resample_patch_pos_embed(patch, old_grid, new_grid), cls, cls_position)
 
 
-# Elements of each image one band of patch rows cuts at once (see embed_patches): on a TPU
-# the cut rows are laid out with a block's s columns as the minor axis, padded to 128 lanes,
-# so a band costs up to 2 bytes x 128 / s times this an image (32 MiB for ViG's s = 8).
-# Images of up to this many elements (3 x 590 x 590) are cut at once: a training step at
+# About how many elements of each image one band of patch rows cuts (see embed_patches): on
+# a TPU the cut rows are laid out with a block's s columns as the minor axis, padded to 128
+# lanes, so in bfloat16 a band costs up to 2 x 128 / s bytes an element, 32 MiB an image for
+# ViG's s = 8. Images up to about this size (3 x 590 x 590) are cut at once: a training step at
 # 224-512 px has larger buffers live than the cut (in bands of 4 rows ViG-B's at 128 images
 # a chip needed 15.83-15.88 GiB on v5e, not 15.71: more than the chip's 15.75), the
 # high-resolution forward does not.
@@ -217,8 +217,9 @@ def embed_patches(conv: nnx.Conv, images, dtype, band_elements: int = BAND_ELEME
     one placed in a T s x T s square of zeros, the image's padding done on the block grid.
     The cutting itself is a TPU transpose with a block's s columns as the minor axis,
     padded to 128 lanes (16 times ViG-T's images at s = 8: 1.14 of its 1.48 GiB at 1248 px),
-    so it runs in bands of output rows, each cutting at most ``band_elements`` of each
-    image (one band for images up to that size; ViG-T's forward there: 0.57 GiB).
+    so it runs in bands of output rows, each cutting about ``band_elements`` of each image
+    (at least 4 (T - 1) rows; one band for images up to about that size; ViG-T's forward
+    there: 0.57 GiB).
     Dilated, grouped, masked or "SAME"-padded convolutions run as they are."""
     from flax.linen.linear import canonicalize_padding
 
@@ -272,8 +273,9 @@ def embed_patches(conv: nnx.Conv, images, dtype, band_elements: int = BAND_ELEME
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     # Output rows a band makes: at least 4 (T - 1), so that the T - 1 block rows two bands
-    # both read are at most a fifth of what they cut.
-    r = max(band_elements // (s * blocks[1] * s * c) - (taps - 1), 4 * (taps - 1), 1)
+    # both read are at most a fifth of what they cut, and at least the lo_h rows of padding
+    # above (only the first band has any).
+    r = max(band_elements // (s * blocks[1] * s * c) - (taps - 1), 4 * (taps - 1), lo_h, 1)
     if r >= out[0]:
         y = rows(0, out[0])
     else:
