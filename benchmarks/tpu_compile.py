@@ -333,12 +333,17 @@ def summarise(rows: list[dict]) -> tuple[list[str], list[str]]:
                 hi = f["gib"] if f["status"] == "ok" else f["needs_gib"]
                 slope = (hi - r["gib"]) / (f["per_chip_batch"] - r["per_chip_batch"])
                 for chip in HBM_GIB:
-                    usable = usable_gib(chip)
-                    est = int((usable - (r["gib"] - slope * r["per_chip_batch"])) / slope) if slope > 0 else None
+                    # Anchored at the chip's own compile at the recipe's batch where there is
+                    # one (each chip's compiler lays out differently), at v5e's otherwise.
+                    own = full.get((r["recipe"], chip, r["chips"]))
+                    at = own if own and own.get("status") == "ok" else f
+                    gib = at["gib"] if at["status"] == "ok" else at["needs_gib"]
+                    est = (int(at["per_chip_batch"] + (usable_gib(chip) - gib) / slope) if slope > 0 else None)
                     f.setdefault("max_batch_estimate", {})[chip] = est
                 lines.append(f"recipe {r['recipe']}: {slope * 1024:.1f} MiB a further image a chip on v5e; "
-                             f"largest per-chip batch estimated from v5e's two compiles and each chip's "
-                             f"budget: {f['max_batch_estimate']}")
+                             f"largest per-chip batch estimated from that and each chip's own compile at "
+                             f"{f['per_chip_batch']} a chip (v5e's where it has none) and budget: "
+                             f"{f['max_batch_estimate']}")
     lines += fits_table(rows)
     for r in rows:
         if r["status"] == "failed":

@@ -59,6 +59,12 @@ def test_ratios_to_deit_and_the_largest_batch_estimate(budget):
     assert not bad
     assert rows[1]["ratio_to_deit"] == pytest.approx(0.75 / 7.0, abs=1e-4)
     assert rows[2]["max_batch_estimate"]["v5e"] == 252
+    # v6e without a compile of its own: v5e's line to v6e's 31.25 GiB; with one (10 GiB at
+    # 128), v5e's slope from there: 128 + 21.25 * 16 = 468.
+    assert rows[2]["max_batch_estimate"]["v6e"] == 500
+    rows.append(dict(recipe("vim_small", gib=10.0), chip="v6e"))
+    tpu_compile.summarise(rows)
+    assert rows[2]["max_batch_estimate"]["v6e"] == 468
     assert any("10.7% of DeiT-Ti" in line for line in lines)
 
 
