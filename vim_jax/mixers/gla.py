@@ -163,7 +163,8 @@ class _Triton:
         # Inside "auto"'s CUDA branch, other platforms never select this: the Triton call
         # (zeros there) serves. By name: interpret mode on the CPU, an error where no
         # kernel exists.
-        branches = dict(cuda=kernel(self.target, False), default=kernel(self.target, False))
+        triton = kernel(self.target, False)
+        branches = dict(cuda=triton, default=triton)
         if self.by_name:
             branches.update(cpu=kernel(None, True), default=kernel(None, False))
         return platform.per_shard(lambda *a: platform.dispatch(branches, *a), args)
