@@ -210,10 +210,11 @@ def mixer_program(row):
 # ----------------------------------------------------------------------------- recipes
 def recipe_rows(ci: bool):
     """Every recipe on v5e's 16 chips first, then at half its batch there (the largest batch
-    estimate), then the other chips and the 64-chip slices: the most telling rows first, so a
-    table cut short (and resumed with --jsonl) has them."""
+    estimate), then v6e's 16, v5e's 64 (every recipe on a larger slice), v5p's 16 and the other
+    64-chip slices: the most telling rows first, so a table cut short (and resumed with --jsonl)
+    has them."""
     recipes = SELECTED or (TI_RECIPES if ci else RECIPES)
-    slices = [("v5e", 16)] if ci else [("v5e", 16), "half", ("v6e", 16), ("v5p", 16), ("v5e", 64), ("v6e", 64),
+    slices = [("v5e", 16)] if ci else [("v5e", 16), "half", ("v6e", 16), ("v5e", 64), ("v5p", 16), ("v6e", 64),
                                       ("v5p", 64)]
     for where in slices:
         for recipe in recipes:
