@@ -139,8 +139,9 @@ def test_the_chunked_forms_gradient_keeps_only_chunk_states():
     """The chunked XLA form's custom VJP saves the inputs and the state entering every chunk
     and recomputes each chunk's decays and scores on the way back (JAX's own derivative of
     the scan kept every chunk's (C, C, dk) decays: 70.6 MiB of temporaries here against
-    26.9). Bound: the saved states, plus three float32 copies of every input and cotangent
-    (both directions): the chunked inputs, and the gradients in chunked and final layouts."""
+    24.0, 26.9 before the walk read chunks in place). Bound: the saved states, plus three
+    float32 copies of every input and cotangent (both directions): the padded inputs, the
+    gradients of every direction and their sums."""
     b, length, h, dk, dv = 8, 196, 3, 32, 64  # ViG-T's heads at 224 px
     ks = jax.random.split(jax.random.key(0), 5)
     q, k = (jax.random.normal(x, (b, length, h, dk)) for x in ks[:2])

@@ -94,8 +94,9 @@ def bigla(q, k, v, g_fwd, g_bwd, *, scale=None, backend: str = "auto"):
 
     Returns:
       (o_fwd, o_bwd), each (batch, length, heads, dv) in q's dtype: ``gla(q, k, v, g_fwd)``
-      and ``gla(q, k, v, g_bwd, reverse=True)``. The Pallas kernel runs both in one launch;
-      the XLA forms run them as one batch of twice the size (the reverse on flipped copies).
+      and ``gla(q, k, v, g_bwd, reverse=True)``. The Pallas kernels and the chunked form
+      run both in one walk over the chunks on the arrays as they are; the recurrence runs
+      them as one batch of twice the size (the reverse on flipped copies).
     """
     _check(q, k, v, backend, g=g_fwd)
     if g_bwd.shape != g_fwd.shape:
@@ -194,7 +195,11 @@ _PALLAS = dict(tpu=_Mosaic(), default=_Triton(by_name=True))
 
 
 def _xla(q, k, v, g, *, fn, directions, scale):
-    """The XLA forms: every reverse direction on flipped copies, all directions as one batch."""
+    """The XLA forms. The chunked form walks every direction on the arrays as they are; the
+    recurrence runs every reverse direction on flipped copies, all directions as one batch."""
+    if fn is _chunked:
+        o, state = _chunked(q, k, v, g, scale, directions)
+        return o.astype(q.dtype), state
     r = len(directions)
     flip = lambda x, rev: jnp.flip(x, 1) if rev else x
     if r == 1:  # no batch concatenation: converters cannot split a symbolic batch
@@ -252,21 +257,22 @@ def _recurrent(q, k, v, g, scale):
     return jnp.moveaxis(o, 0, 1), state
 
 
-def _chunked(q, k, v, g, scale, chunk: int = CHUNK):
-    """The chunked form: o (b, L, h, dv) float32 and the final state (b, h, dk, dv)."""
-    return _chunked_vjp(q, k, v, g, scale, chunk)
+def _chunked(q, k, v, g, scale, directions, chunk: int = CHUNK):
+    """The chunked form of R directions on the same q, k, v, g (b, L, R, h, dk) holding each
+    direction's gates: o (b, L, R, h, dv) float32 and final states (b, R, h, dk, dv)."""
+    return _chunked_vjp(q, k, v, g, scale, directions, chunk)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked_vjp(q, k, v, g, scale, chunk):
-    o, state, _ = _chunked_forward(q, k, v, g, scale, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_vjp(q, k, v, g, scale, directions, chunk):
+    o, state, _ = _chunked_forward(q, k, v, g, scale, directions, chunk)
     return o, state
 
 
-def _chunked_fwd(q, k, v, g, scale, chunk):
-    o, state, entries = _chunked_forward(q, k, v, g, scale, chunk)
-    # What the backward needs beyond the inputs: the state entering every chunk, (n, b, h, dk,
-    # dv) float32, and the last; JAX's own derivative of the scan would keep every chunk's
+def _chunked_fwd(q, k, v, g, scale, directions, chunk):
+    o, state, entries = _chunked_forward(q, k, v, g, scale, directions, chunk)
+    # What the backward needs beyond the inputs: the state entering every chunk, (n, b, R, h,
+    # dk, dv) float32, and the last; JAX's own derivative of the scan would keep every chunk's
     # (C, C, dk) decays and scores instead. Named as the kernels' residuals and output are,
     # so ViG's remat="mixer" keeps them and never reruns this forward on any platform.
     o = checkpoint_name(o, "gla")
@@ -274,59 +280,47 @@ def _chunked_fwd(q, k, v, g, scale, chunk):
     return (o, state), (q, k, v, g, entries, state)
 
 
-def _chunked_bwd(scale, chunk, res, cts):
-    """Walks the chunks back from the saved entry states, recomputing each chunk's decays:
-    dq, dk, dv as the kernels' backward computes them, and dg as the reverse cumulative sum
-    of q dq - k dk plus the final state's own term (scaling every gate by e^eps scales the
-    final state by e^eps)."""
-    q, k, v, g, entries, last = res
-    do, dlast = cts
-    b, l, h, dk = q.shape
-    causal = jnp.tril(jnp.ones((chunk, chunk), bool))[..., None]
+class _Walk:
+    """Chunk i of the walk, for every direction at once: a reverse direction takes chunk
+    n - 1 - i of the arrays as they are, flipped in the chunk, so no flipped copy of a whole
+    sequence is ever made (XLA keeps such copies, a layer's worth of q, k, v, g, alive)."""
 
-    def step(ds, x):
-        q_c, k_c, v_c, g_c, do_c, state = x  # ds: the adjoint of the state leaving the chunk
-        do_c = scale * do_c
-        cum = jnp.cumsum(g_c, axis=-2)
-        last_c = cum[..., -1:, :]
-        decay = _decays(cum, causal)
-        q_decay, k_decay = jnp.exp(cum), jnp.exp(last_c - cum)
-        scores = jnp.einsum("bhijk,bhjk->bhij", q_c[..., :, None, :] * decay, k_c, precision=_HI)
-        dscores = jnp.where(causal[..., 0], jnp.einsum("bhiv,bhjv->bhij", do_c, v_c, precision=_HI), 0.0)
-        weighted = dscores[..., None] * decay  # (b, h, C, C, dk)
-        dq = q_decay * jnp.einsum("bhiv,bhkv->bhik", do_c, state, precision=_HI) + \
-            jnp.einsum("bhijk,bhjk->bhik", weighted, k_c, precision=_HI)
-        dk_ = k_decay * jnp.einsum("bhjv,bhkv->bhjk", v_c, ds, precision=_HI) + \
-            jnp.einsum("bhijk,bhik->bhjk", weighted, q_c, precision=_HI)
-        dv = jnp.einsum("bhij,bhiv->bhjv", scores, do_c, precision=_HI) + \
-            jnp.einsum("bhjk,bhkv->bhjv", k_c * k_decay, ds, precision=_HI)
-        ds = jnp.exp(last_c[..., 0, :])[..., None] * ds + jnp.einsum("bhik,bhiv->bhkv", q_c * q_decay, do_c,
-                                                                     precision=_HI)
-        return ds, (dq, dk_, dv, q_c * dq - k_c * dk_)
+    def __init__(self, length, chunk, directions):
+        self.n, self.chunk, self.directions = -(-length // chunk), chunk, directions
+        self.length, self.padded = length, -(-length // chunk) * chunk
 
-    xs = tuple(_chunks(x, chunk) for x in (q, k, v, g, do)) + (entries,)
-    _, (dq, dk_, dv, term) = jax.lax.scan(step, dlast.astype(jnp.float32), xs, reverse=True)
-    dq, dk_, dv, term = (_unchunks(x, l) for x in (dq, dk_, dv, term))
-    dg0 = jnp.sum(last * dlast.astype(jnp.float32), axis=-1)  # (b, h, dk)
-    dg = jnp.flip(jnp.cumsum(jnp.flip(term, 1), axis=1), 1) + dg0[:, None]
-    return tuple(d.astype(x.dtype) for d, x in zip((dq, dk_, dv, dg), (q, k, v, g)))
+    def pad(self, x):
+        """Zeros after the end (b, L, ...) -> (b, n * chunk, ...): identity steps, in either
+        direction (zero keys and values add nothing, zero gates decay nothing)."""
+        extra = self.padded - self.length
+        return jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2)) if extra else x
 
+    def _start(self, i, rev):
+        return (self.n - 1 - i if rev else i) * self.chunk
 
-_chunked_vjp.defvjp(_chunked_fwd, _chunked_bwd)
+    def read(self, x, i, per_direction: bool = False):
+        """(b, n * chunk, [R,] h, d) -> (b, R, h, chunk, d) float32 in walking order."""
+        parts = []
+        for r, rev in enumerate(self.directions):
+            c = jax.lax.dynamic_slice_in_dim(x, self._start(i, rev), self.chunk, axis=1)
+            c = c[:, :, r] if per_direction else c
+            parts.append(jnp.flip(c, 1) if rev else c)
+        return jnp.stack(parts, 1).astype(jnp.float32).transpose(0, 1, 3, 2, 4)
 
+    def write(self, buf, c, i):
+        """(b, R, h, chunk, d) in walking order into buf (b, n * chunk, R, h, d)."""
+        c = c.transpose(0, 1, 3, 2, 4)
+        for r, rev in enumerate(self.directions):
+            part = jnp.flip(c[:, r], 1) if rev else c[:, r]
+            buf = jax.lax.dynamic_update_slice(buf, part[:, :, None], (0, self._start(i, rev), r, 0, 0))
+        return buf
 
-def _chunks(x, chunk):
-    """(b, l, h, d) -> (n, b, h, chunk, d) float32; zero padding: identity steps at the end."""
-    b, l, h, _ = x.shape
-    n = -(-l // chunk)
-    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * chunk - l), (0, 0), (0, 0)))
-    return x.reshape(b, n, chunk, h, -1).transpose(1, 0, 3, 2, 4)
-
-
-def _unchunks(x, length):
-    """(n, b, h, chunk, d) -> (b, length, h, d)."""
-    n, b, h, chunk, d = x.shape
-    return x.transpose(1, 0, 3, 2, 4).reshape(b, n * chunk, h, d)[:, :length]
+    def buffer(self, like, d):
+        """A (b, n * chunk, R, h, d) float32 buffer every chunk of the walk overwrites. Made
+        from ``like`` (its values never read) rather than zeros: XLA's CPU schedule makes a
+        buffer of constants at the program's start, one a layer, all live at once."""
+        b, _, h = like.shape[:3]
+        return jnp.broadcast_to(like[:, :, None, :, :1].astype(jnp.float32), (b, self.padded, len(self.directions), h, d))
 
 
 def _decays(cum, causal):
@@ -335,26 +329,81 @@ def _decays(cum, causal):
     return jnp.exp(jnp.where(causal, cum[..., :, None, :] - cum[..., None, :, :], -jnp.inf))
 
 
-def _chunked_forward(q, k, v, g, scale, chunk):
-    """o (b, L, h, dv) float32, the final state and the state entering every chunk."""
+def _chunked_forward(q, k, v, g, scale, directions, chunk):
+    """o (b, L, R, h, dv) float32, the final states (b, R, h, dk, dv) and the state entering
+    every chunk (n, b, R, h, dk, dv)."""
     b, l, h, dk = q.shape
     dv = v.shape[-1]
+    walk = _Walk(l, chunk, directions)
+    q, k, v, g = (walk.pad(x) for x in (q, k, v, g))
     causal = jnp.tril(jnp.ones((chunk, chunk), bool))[..., None]
 
-    def step(state, x):
-        q_c, k_c, v_c, g_c = x
+    def step(carry, i):
+        state, out = carry
+        q_c, k_c, v_c = (walk.read(x, i) for x in (q, k, v))
+        g_c = walk.read(g, i, per_direction=True)
         cum = jnp.cumsum(g_c, axis=-2)  # b_i: <= 0, non-increasing along the chunk
-        inter = jnp.einsum("bhck,bhkv->bhcv", q_c * jnp.exp(cum), state, precision=_HI)
+        inter = jnp.einsum("brhck,brhkv->brhcv", q_c * jnp.exp(cum), state, precision=_HI)
         decay = _decays(cum, causal)
         # Not the three-operand einsum: compiled for one chunk at ViG-T's head sizes, XLA's
         # CPU (jax 0.10.2) fused that form into a kernel reading uninitialised memory.
-        scores = jnp.einsum("bhijk,bhjk->bhij", q_c[..., :, None, :] * decay, k_c, precision=_HI)
-        intra = jnp.einsum("bhij,bhjv->bhiv", scores, v_c, precision=_HI)
+        scores = jnp.einsum("brhijk,brhjk->brhij", q_c[..., :, None, :] * decay, k_c, precision=_HI)
+        intra = jnp.einsum("brhij,brhjv->brhiv", scores, v_c, precision=_HI)
         last = cum[..., -1, :]
         carried = k_c * jnp.exp(last[..., None, :] - cum)
-        new = jnp.exp(last)[..., None] * state + jnp.einsum("bhck,bhcv->bhkv", carried, v_c, precision=_HI)
-        return new, (scale * (inter + intra), state)
+        new = jnp.exp(last)[..., None] * state + jnp.einsum("brhck,brhcv->brhkv", carried, v_c, precision=_HI)
+        return (new, walk.write(out, scale * (inter + intra), i)), state
 
-    state, (o, entries) = jax.lax.scan(step, jnp.zeros((b, h, dk, dv), jnp.float32),
-                                       tuple(_chunks(x, chunk) for x in (q, k, v, g)))
-    return _unchunks(o, l), state, entries
+    init = (jnp.zeros((b, len(directions), h, dk, dv), jnp.float32), walk.buffer(v, dv))
+    (state, o), entries = jax.lax.scan(step, init, jnp.arange(walk.n))
+    return o[:, :l], state, entries
+
+
+def _chunked_bwd(scale, directions, chunk, res, cts):
+    """Walks the chunks back from the saved entry states, recomputing each chunk's decays:
+    dq, dk, dv as the kernels' backward computes them (summed over the directions), and each
+    direction's dg as the cumulative sum, against its walk, of q dq - k dk plus the final
+    state's own term (scaling every gate by e^eps scales the final state by e^eps)."""
+    q, k, v, g, entries, last = res
+    do, dlast = cts
+    b, l, h, dk = q.shape
+    walk = _Walk(l, chunk, directions)
+    qp, kp, vp, gp, dop = (walk.pad(x) for x in (q, k, v, g, do))
+    causal = jnp.tril(jnp.ones((chunk, chunk), bool))[..., None]
+
+    def step(carry, x):
+        ds, bufs = carry  # ds: the adjoint of the state leaving the chunk
+        i, state = x
+        q_c, k_c, v_c = (walk.read(a, i) for a in (qp, kp, vp))
+        g_c, do_c = (walk.read(a, i, per_direction=True) for a in (gp, dop))
+        do_c = scale * do_c
+        cum = jnp.cumsum(g_c, axis=-2)
+        last_c = cum[..., -1:, :]
+        decay = _decays(cum, causal)
+        q_decay, k_decay = jnp.exp(cum), jnp.exp(last_c - cum)
+        scores = jnp.einsum("brhijk,brhjk->brhij", q_c[..., :, None, :] * decay, k_c, precision=_HI)
+        dscores = jnp.where(causal[..., 0], jnp.einsum("brhiv,brhjv->brhij", do_c, v_c, precision=_HI), 0.0)
+        weighted = dscores[..., None] * decay  # (b, R, h, C, C, dk)
+        dq = q_decay * jnp.einsum("brhiv,brhkv->brhik", do_c, state, precision=_HI) + \
+            jnp.einsum("brhijk,brhjk->brhik", weighted, k_c, precision=_HI)
+        dk_ = k_decay * jnp.einsum("brhjv,brhkv->brhjk", v_c, ds, precision=_HI) + \
+            jnp.einsum("brhijk,brhik->brhjk", weighted, q_c, precision=_HI)
+        dv = jnp.einsum("brhij,brhiv->brhjv", scores, do_c, precision=_HI) + \
+            jnp.einsum("brhjk,brhkv->brhjv", k_c * k_decay, ds, precision=_HI)
+        ds = jnp.exp(last_c[..., 0, :])[..., None] * ds + jnp.einsum("brhik,brhiv->brhkv", q_c * q_decay, do_c,
+                                                                     precision=_HI)
+        bufs = tuple(walk.write(buf, c, i) for buf, c in zip(bufs, (dq, dk_, dv, q_c * dq - k_c * dk_)))
+        return (ds, bufs), None
+
+    bufs = tuple(walk.buffer(a, d) for a, d in ((qp, dk), (kp, dk), (vp, v.shape[-1]), (gp[:, :, 0], dk)))
+    (_, (dq, dk_, dv, term)), _ = jax.lax.scan(step, (dlast.astype(jnp.float32), bufs),
+                                               (jnp.arange(walk.n), entries), reverse=True)
+    dq, dk_, dv = (x[:, :l].sum(2) for x in (dq, dk_, dv))
+    # Each direction's gate gradient sums its walk's later terms: towards the end of the
+    # sequence for the forward walk, towards its start for the reverse one.
+    dg = jnp.stack([jax.lax.cumsum(term[:, :l, r], axis=1, reverse=not rev) for r, rev in enumerate(directions)], 2)
+    dg = dg + jnp.sum(last * dlast.astype(jnp.float32), axis=-1)[:, None]  # (b, R, h, dk)
+    return tuple(d.astype(x.dtype) for d, x in zip((dq, dk_, dv, dg), (q, k, v, g)))
+
+
+_chunked_vjp.defvjp(_chunked_fwd, _chunked_bwd)
