@@ -178,6 +178,33 @@ def test_training_path_gradients_and_remat():
     assert not np.allclose(a, b)  # drop path draws anew each call
 
 
+def test_runs_of_tokens_are_the_whole_sequence(monkeypatch):
+    """Past ``RUN_ELEMENTS`` a block's token-wise parts (the mixer's gate, norms and output
+    projection; the MLP) run over runs of tokens, so one run's temporaries are live at a
+    time: the same logits and gradients (the training path) as in one run, with a shorter
+    last run, the loop there."""
+    import vim_jax.models.vig as vig
+
+    x = jax.random.normal(jax.random.key(4), (2, 96, 96, 3))  # 6 x 6 = 36 tokens
+
+    def run(elements):
+        monkeypatch.setattr(vig, "RUN_ELEMENTS", elements)
+        model = create_model(PLAIN, img_size=96, depth=1, num_classes=5, seed=5)
+        model.train()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        logits = lambda p, r: nnx.merge(graphdef, p, r)(x)
+        grad = jax.jit(jax.grad(lambda p, r: jnp.sum(logits(p, r) ** 2)))
+        return (jax.jit(logits)(params, rest), grad(params, rest),
+                grad.lower(params, rest).as_text().count("stablehlo.while"))
+
+    whole, g_whole, loops_whole = run(1 << 20)
+    runs, g_runs, loops_runs = run(10 * 768)  # runs of 10 and 13 tokens: 6 and 10 left over
+    assert loops_runs >= loops_whole + 2 * 2, (loops_whole, loops_runs)  # 2 parts, and back
+    np.testing.assert_allclose(runs, whole, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_runs), jax.tree.leaves(g_whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match=r"unknown argument\(s\) \['scan_backend'\] for vig_tiny_patch16_224"):
         create_model(PLAIN, scan_backend="auto")

@@ -111,6 +111,37 @@ def layer_norm(dim, rngs):
     return nnx.LayerNorm(dim, epsilon=LN_EPS, use_fast_variance=False, rngs=rngs)
 
 
+RUN_ELEMENTS = 1 << 20
+
+
+def run_tokens(hidden: int) -> int:
+    """Tokens a run of ``over_tokens`` takes for a block whose widest per-token value has
+    ``hidden`` channels: about ``RUN_ELEMENTS`` values an image (a 224 px image in one run)."""
+    return max(1, RUN_ELEMENTS // hidden)
+
+
+def over_tokens(fn, x, *others, tokens: int):
+    """``fn(x, *others)`` for a token-wise ``fn`` that returns x's shape, computed in runs of
+    ``tokens`` tokens written over x's: x (batch, L, D), each of ``others`` (batch, L, ...).
+    A loop when L is more than one run, so that one run's temporaries are live at a time,
+    not the whole sequence's."""
+    l = x.shape[1]
+    n = l // tokens
+    if n <= 1:
+        return fn(x, *others)
+    cut = lambda a, start, size: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1)
+
+    def run(i, y):
+        start = i * tokens
+        part = fn(cut(y, start, tokens), *(cut(a, start, tokens) for a in others))
+        return jax.lax.dynamic_update_slice_in_dim(y, part, start, axis=1)
+
+    y = jax.lax.fori_loop(0, n, run, x)
+    if l > n * tokens:
+        y = y.at[:, n * tokens:].set(fn(y[:, n * tokens:], *(a[:, n * tokens:] for a in others)))
+    return y
+
+
 class BiGLA(nnx.Module):
     """ViG's token mixer on a (batch, H, W, D) grid -> (batch, H*W, D) tokens.
 
@@ -162,19 +193,25 @@ class BiGLA(nnx.Module):
         else:
             o_fwd, o_bwd = bigla(q, k, v, g_fwd, g_bwd, backend=self.gla_backend)
         halve = 0.25 if (self.deterministic and self.eval_halves) else 0.5
-        o = self.g_norm((o_fwd.astype(jnp.float32) + o_bwd.astype(jnp.float32)) * halve)
-        local = self.l_norm(heads(xs))
-        gate = jax.nn.sigmoid(heads(self.g_proj(xs)).astype(jnp.float32))
-        o = (o * gate + local * (1 - gate)).reshape(b, gh * gw, d).astype(self.dtype)
-        if self.out_act:
-            o = jax.nn.silu(o)
-        return self.o_proj(o)
+
+        def mix(xs, o_fwd, o_bwd):  # token-wise: over runs of tokens, written over xs
+            heads = lambda t: t.reshape(*xs.shape[:2], h, -1)
+            o = self.g_norm((o_fwd.astype(jnp.float32) + o_bwd.astype(jnp.float32)) * halve)
+            local = self.l_norm(heads(xs))
+            gate = jax.nn.sigmoid(heads(self.g_proj(xs)).astype(jnp.float32))
+            o = (o * gate + local * (1 - gate)).reshape(xs.shape).astype(self.dtype)
+            if self.out_act:
+                o = jax.nn.silu(o)
+            return self.o_proj(o).astype(xs.dtype)
+
+        return over_tokens(mix, xs, o_fwd, o_bwd, tokens=run_tokens(4 * d))
 
 
 class SwiGLU(nnx.Module):
     """``down(silu(a) * b)`` with ``a, b = split(up(x))``, no biases."""
 
     def __init__(self, dim: int, hidden: int, *, init, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.hidden = hidden
         self.up = _dense(dim, 2 * hidden, bias=False, init=init, dtype=dtype, rngs=rngs)
         self.down = _dense(hidden, dim, bias=False, init=init, dtype=dtype, rngs=rngs)
 
@@ -184,7 +221,8 @@ class SwiGLU(nnx.Module):
 
 
 class Block(nnx.Module):
-    """``r = x + drop_path(attn(RMSNorm(x)))``; ``r + drop_path(mlp(RMSNorm(r)))``."""
+    """``r = x + drop_path(attn(RMSNorm(x)))``; ``r + drop_path(mlp(RMSNorm(r)))``, the MLP
+    over runs of tokens (``over_tokens``)."""
 
     def __init__(self, dim: int, num_heads: int, *, mixer_kw, dtype, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(dim, RMS_EPS)
@@ -199,8 +237,12 @@ class Block(nnx.Module):
         b, _, d = x.shape
         h = self.attn(self.attn_norm(x).astype(self.dtype).reshape(b, *grid, d))
         x = x + drop_path(h, rate, keys[0], deterministic).astype(jnp.float32)
-        h = self.mlp(self.mlp_norm(x).astype(self.dtype))
-        return x + drop_path(h, rate, keys[1], deterministic).astype(jnp.float32)
+
+        def mlp(x):  # the same key in every run: the same samples dropped
+            h = self.mlp(self.mlp_norm(x).astype(self.dtype))
+            return x + drop_path(h, rate, keys[1], deterministic).astype(jnp.float32)
+
+        return over_tokens(mlp, x, tokens=run_tokens(2 * self.mlp.hidden))
 
 
 class PatchEmbed(nnx.Module):
