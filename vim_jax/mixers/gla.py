@@ -22,10 +22,16 @@ Every exponent is <= 0: the decay between tokens i >= j of a chunk is exp(b_i - 
 the in-chunk cumulative gate, never exp(b_i) * exp(-b_j), which overflows for strong gates.
 Its custom VJP saves the inputs and the state entering every chunk and recomputes each
 chunk's decays on the way back: a gradient at ViG-T's heads (batch 8, 196 tokens, both
-directions) holds 26.9 MiB of temporaries against 70.6 with JAX's own derivative, which kept
+directions) held 26.9 MiB of temporaries against 70.6 with JAX's own derivative, which kept
 them all, and a ViG-T train step at batch 8 0.71 GiB against 1.22 (compiled memory), no
 slower (47 against 50 ms for a forward and backward; 2-core CPU running other work,
-2026-12-05). JAX differentiates the recurrence. On the CPU the chunked form is the fastest:
+2026-12-05). It walks every direction on the arrays as they are (a reverse direction reads
+its chunks from the end, flipped in the chunk), with no flipped or chunked copies of whole
+sequences: that gradient now holds 24.0 MiB, and both directions at ViG-T's 1024 px shapes
+(batch 1, 4096 tokens) 6.4 MiB of temporaries against 18.0 (commit 2c36c1a); times on the
+2-core CPU, 2026-12-06: 11.8 against 8.9 ms for a forward at 196 tokens and batch 8 (the
+walk's per-chunk reads), 37.9 against 36.2 with the backward; 30.9 against 31.2 and 120.7
+against 125.7 ms at 4096 tokens. JAX differentiates the recurrence. On the CPU the chunked form is the fastest:
 at ViG-T's shapes (batch 8, 196 tokens, 3 heads, dk 32, dv 64, 2-core CPU, before its custom
 VJP) 30 ms for a forward and backward against the recurrence's 79 ms, though 6.3 ms against
 2.5 ms for a forward alone.
