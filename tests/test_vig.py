@@ -179,26 +179,31 @@ def test_training_path_gradients_and_remat():
 
 
 def test_runs_of_tokens_are_the_whole_sequence(monkeypatch):
-    """Past ``RUN_ELEMENTS`` a block's token-wise parts (the mixer's gate, norms and output
-    projection; the MLP) run over runs of tokens, so one run's temporaries are live at a
-    time: the same logits and gradients (the training path) as in one run, with a shorter
-    last run, the loop there."""
+    """In eval mode, past ``RUN_ELEMENTS``, a block's token-wise parts (the mixer's gate,
+    norms and output projection; the MLP) run over runs of tokens, so one run's temporaries
+    are live at a time: the same logits and gradients as in one run, with a shorter last run,
+    the loop there. In training the whole sequence is one run (no loop)."""
     import vim_jax.models.vig as vig
 
     x = jax.random.normal(jax.random.key(4), (2, 96, 96, 3))  # 6 x 6 = 36 tokens
 
-    def run(elements):
+    def run(elements, train=False):
         monkeypatch.setattr(vig, "RUN_ELEMENTS", elements)
         model = create_model(PLAIN, img_size=96, depth=1, num_classes=5, seed=5)
-        model.train()
+        if train:
+            model.train()
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
         def loss(p, r):
             logits = nnx.merge(graphdef, p, r)(x)
             return jnp.sum(logits ** 2), logits
 
         lowered = jax.jit(jax.grad(loss, has_aux=True)).lower(params, rest)
+        loops = lowered.as_text().count("stablehlo.while")
+        if train:
+            return loops
         grads, logits = lowered.compile()(params, rest)
-        return logits, grads, lowered.as_text().count("stablehlo.while")
+        return logits, grads, loops
 
     whole, g_whole, loops_whole = run(1 << 20)
     runs, g_runs, loops_runs = run(10 * 768)  # runs of 10 and 13 tokens: 6 and 10 left over
@@ -206,6 +211,7 @@ def test_runs_of_tokens_are_the_whole_sequence(monkeypatch):
     np.testing.assert_allclose(runs, whole, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g_runs), jax.tree.leaves(g_whole)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert run(10 * 768, train=True) == loops_whole
 
 
 def test_bad_arguments():
