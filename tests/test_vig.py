@@ -182,16 +182,18 @@ def test_runs_of_tokens_are_the_whole_sequence(monkeypatch):
     """In eval mode, past ``RUN_ELEMENTS``, a block's token-wise parts (the mixer's gate,
     norms and output projection; the MLP) run over runs of tokens, so one run's temporaries
     are live at a time: the same logits and gradients as in one run, with a shorter last run,
-    the loop there. In training the whole sequence is one run (no loop)."""
+    the loop there. In training and in export mode the whole sequence is one run (no loop)."""
     import vim_jax.models.vig as vig
 
     x = jax.random.normal(jax.random.key(4), (2, 96, 96, 3))  # 6 x 6 = 36 tokens
 
-    def run(elements, train=False):
+    def run(elements, mode="eval"):
         monkeypatch.setattr(vig, "RUN_ELEMENTS", elements)
         model = create_model(PLAIN, img_size=96, depth=1, num_classes=5, seed=5)
-        if train:
+        if mode == "train":
             model.train()
+        if mode == "export":
+            model.set_attributes(portable=True)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def loss(p, r):
@@ -200,18 +202,19 @@ def test_runs_of_tokens_are_the_whole_sequence(monkeypatch):
 
         lowered = jax.jit(jax.grad(loss, has_aux=True)).lower(params, rest)
         loops = lowered.as_text().count("stablehlo.while")
-        if train:
+        if mode != "eval":
             return loops
         grads, logits = lowered.compile()(params, rest)
         return logits, grads, loops
 
     whole, g_whole, loops_whole = run(1 << 20)
-    runs, g_runs, loops_runs = run(10 * 768)  # runs of 10 and 13 tokens: 6 and 10 left over
+    runs, g_runs, loops_runs = run(10 * 768)  # runs of 10 and 7 tokens: 6 and 1 left over
     assert loops_runs >= loops_whole + 2 * 2, (loops_whole, loops_runs)  # 2 parts, and back
     np.testing.assert_allclose(runs, whole, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g_runs), jax.tree.leaves(g_whole)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    assert run(10 * 768, train=True) == loops_whole
+    assert run(10 * 768, "train") == loops_whole
+    assert run(10 * 768, "export") == run(1 << 20, "export")  # export: a GLA call a direction
 
 
 def test_bad_arguments():

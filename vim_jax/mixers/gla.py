@@ -27,11 +27,13 @@ them all, and a ViG-T train step at batch 8 0.71 GiB against 1.22 (compiled memo
 slower (47 against 50 ms for a forward and backward; 2-core CPU running other work,
 2026-12-05). It walks every direction on the arrays as they are (a reverse direction reads
 its chunks from the end, flipped in the chunk), with no flipped or chunked copies of whole
-sequences: that gradient now holds 24.0 MiB, and both directions at ViG-T's 1024 px shapes
-(batch 1, 4096 tokens) 6.4 MiB of temporaries against 18.0 (commit 2c36c1a); times on the
-2-core CPU, 2026-12-06: 11.8 against 8.9 ms for a forward at 196 tokens and batch 8 (the
-walk's per-chunk reads), 37.9 against 36.2 with the backward; 30.9 against 31.2 and 120.7
-against 125.7 ms at 4096 tokens. JAX differentiates the recurrence. On the CPU the chunked form is the fastest:
+sequences (only zeros padded after the end when the length is not a multiple of ``CHUNK``):
+that gradient now holds 24.0 MiB, and both directions at ViG-T's 1024 px shapes (batch 1,
+4096 tokens) 6.4 MiB of temporaries against 18.0 (commit 2c36c1a); times on the 2-core CPU,
+2026-12-06: 11.8 against 8.9 ms for a forward at 196 tokens and batch 8 (the walk's
+per-chunk reads), 37.9 against 36.2 with the backward; 30.9 against 31.2 and 120.7 against
+125.7 ms at 4096 tokens. JAX differentiates the recurrence. On the CPU the chunked form is
+the fastest:
 at ViG-T's shapes (batch 8, 196 tokens, 3 heads, dk 32, dv 64, 2-core CPU, before its custom
 VJP) 30 ms for a forward and backward against the recurrence's 79 ms, though 6.3 ms against
 2.5 ms for a forward alone.
@@ -264,8 +266,9 @@ def _recurrent(q, k, v, g, scale):
 
 
 def _chunked(q, k, v, g, scale, directions, chunk: int = CHUNK):
-    """The chunked form of R directions on the same q, k, v, g (b, L, R, h, dk) holding each
-    direction's gates: o (b, L, R, h, dv) float32 and final states (b, R, h, dk, dv)."""
+    """The chunked form of R directions on the same q, k (b, L, h, dk) and v (b, L, h, dv),
+    g (b, L, R, h, dk) holding each direction's gates: o (b, L, R, h, dv) float32 and the
+    final states (b, R, h, dk, dv)."""
     return _chunked_vjp(q, k, v, g, scale, directions, chunk)
 
 
@@ -277,10 +280,11 @@ def _chunked_vjp(q, k, v, g, scale, directions, chunk):
 
 def _chunked_fwd(q, k, v, g, scale, directions, chunk):
     o, state, entries = _chunked_forward(q, k, v, g, scale, directions, chunk)
-    # What the backward needs beyond the inputs: the state entering every chunk, (n, b, R, h,
-    # dk, dv) float32, and the last; JAX's own derivative of the scan would keep every chunk's
-    # (C, C, dk) decays and scores instead. Named as the kernels' residuals and output are,
-    # so ViG's remat="mixer" keeps them and never reruns this forward on any platform.
+    # What the backward needs beyond the inputs: the state entering every chunk in walking
+    # order, (n, b, R, h, dk, dv) float32, and the last; JAX's own derivative of the scan
+    # would keep every chunk's (C, C, dk) decays and scores instead. Named as the kernels'
+    # residuals and output are, so ViG's remat="mixer" keeps them and never reruns this
+    # forward on any platform.
     o = checkpoint_name(o, "gla")
     entries, state = (checkpoint_name(x, "gla_states") for x in (entries, state))
     return (o, state), (q, k, v, g, entries, state)
@@ -293,7 +297,7 @@ class _Walk:
 
     def __init__(self, length, chunk, directions):
         self.n, self.chunk, self.directions = -(-length // chunk), chunk, directions
-        self.length, self.padded = length, -(-length // chunk) * chunk
+        self.length, self.padded = length, self.n * chunk
 
     def pad(self, x):
         """Zeros after the end (b, L, ...) -> (b, n * chunk, ...): identity steps, in either
@@ -326,7 +330,8 @@ class _Walk:
         from ``like`` (its values never read) rather than zeros: XLA's CPU schedule makes a
         buffer of constants at the program's start, one a layer, all live at once."""
         b, _, h = like.shape[:3]
-        return jnp.broadcast_to(like[:, :, None, :, :1].astype(jnp.float32), (b, self.padded, len(self.directions), h, d))
+        shape = (b, self.padded, len(self.directions), h, d)
+        return jnp.broadcast_to(like[:, :, None, :, :1].astype(jnp.float32), shape)
 
 
 def _decays(cum, causal):
@@ -337,7 +342,8 @@ def _decays(cum, causal):
 
 def _chunked_forward(q, k, v, g, scale, directions, chunk):
     """o (b, L, R, h, dv) float32, the final states (b, R, h, dk, dv) and the state entering
-    every chunk (n, b, R, h, dk, dv)."""
+    every chunk in walking order (n, b, R, h, dk, dv): for a reverse direction, entry i is
+    the state entering chunk n - 1 - i."""
     b, l, h, dk = q.shape
     dv = v.shape[-1]
     walk = _Walk(l, chunk, directions)
@@ -396,8 +402,8 @@ def _chunked_bwd(scale, directions, chunk, res, cts):
             jnp.einsum("brhijk,brhik->brhjk", weighted, q_c, precision=_HI)
         dv = jnp.einsum("brhij,brhiv->brhjv", scores, do_c, precision=_HI) + \
             jnp.einsum("brhjk,brhkv->brhjv", k_c * k_decay, ds, precision=_HI)
-        ds = jnp.exp(last_c[..., 0, :])[..., None] * ds + jnp.einsum("brhik,brhiv->brhkv", q_c * q_decay, do_c,
-                                                                     precision=_HI)
+        ds = jnp.exp(last_c[..., 0, :])[..., None] * ds + \
+            jnp.einsum("brhik,brhiv->brhkv", q_c * q_decay, do_c, precision=_HI)
         bufs = tuple(walk.write(buf, c, i) for buf, c in zip(bufs, (dq, dk_, dv, q_c * dq - k_c * dk_)))
         return (ds, bufs), None
 
@@ -407,7 +413,8 @@ def _chunked_bwd(scale, directions, chunk, res, cts):
     dq, dk_, dv = (x[:, :l].sum(2) for x in (dq, dk_, dv))
     # Each direction's gate gradient sums its walk's later terms: towards the end of the
     # sequence for the forward walk, towards its start for the reverse one.
-    dg = jnp.stack([jax.lax.cumsum(term[:, :l, r], axis=1, reverse=not rev) for r, rev in enumerate(directions)], 2)
+    dg = jnp.stack([jax.lax.cumsum(term[:, :l, r], axis=1, reverse=not rev)
+                    for r, rev in enumerate(directions)], 2)
     dg = dg + jnp.sum(last * dlast.astype(jnp.float32), axis=-1)[:, None]  # (b, R, h, dk)
     return tuple(d.astype(x.dtype) for d, x in zip((dq, dk_, dv, dg), (q, k, v, g)))
 

@@ -125,8 +125,8 @@ def run_tokens(hidden: int, length: int, evaluating: bool) -> int:
 def over_tokens(fn, x, *others, tokens: int):
     """``fn(x, *others)`` for a token-wise ``fn`` that returns x's shape, computed in runs of
     ``tokens`` tokens written over x's: x (batch, L, D), each of ``others`` (batch, L, ...).
-    A loop when L is more than one run, so that one run's temporaries are live at a time,
-    not the whole sequence's."""
+    A loop when L holds at least two runs (the last run takes what is left over), so that
+    one run's temporaries are live at a time, not the whole sequence's."""
     l = x.shape[1]
     n = l // tokens
     if n <= 1:
@@ -183,7 +183,7 @@ class BiGLA(nnx.Module):
         if self.act_in_conv:
             xc = jax.nn.silu(xc)
         xs = xc.reshape(b, gh * gw, d)
-        heads = lambda t: t.reshape(b, gh * gw, h, -1)
+        heads = lambda t: t.reshape(*t.shape[:2], h, -1)
         q, k, v = jnp.split(self.qkv_proj(xs), [kd, 2 * kd], axis=-1)
         gates = jax.nn.log_sigmoid(self.gk_up(self.gk_down(xs)).astype(jnp.float32)) / GATE_LOGIT_NORMALIZER
         g_fwd, g_bwd = jnp.split(gates, 2, axis=-1)
@@ -197,7 +197,6 @@ class BiGLA(nnx.Module):
         halve = 0.25 if (self.deterministic and self.eval_halves) else 0.5
 
         def mix(xs, o_fwd, o_bwd):  # token-wise: over runs of tokens, written over xs
-            heads = lambda t: t.reshape(*xs.shape[:2], h, -1)
             o = self.g_norm((o_fwd.astype(jnp.float32) + o_bwd.astype(jnp.float32)) * halve)
             local = self.l_norm(heads(xs))
             gate = jax.nn.sigmoid(heads(self.g_proj(xs)).astype(jnp.float32))
@@ -206,7 +205,8 @@ class BiGLA(nnx.Module):
                 o = jax.nn.silu(o)
             return self.o_proj(o).astype(xs.dtype)
 
-        return over_tokens(mix, xs, o_fwd, o_bwd, tokens=run_tokens(4 * d, gh * gw, self.deterministic))
+        evaluating = self.deterministic and not self.portable  # converters get no loop
+        return over_tokens(mix, xs, o_fwd, o_bwd, tokens=run_tokens(4 * d, gh * gw, evaluating))
 
 
 class SwiGLU(nnx.Module):
@@ -235,6 +235,7 @@ class Block(nnx.Module):
                           dtype=dtype, rngs=rngs)
         self.dtype = dtype
         self.deterministic = True  # eval mode (model.train() clears it); drop path has its own flag
+        self.portable = False  # export mode (set_attributes): one run, no loop for converters
 
     def __call__(self, x, grid, rate, keys, deterministic):
         b, _, d = x.shape
@@ -245,7 +246,8 @@ class Block(nnx.Module):
             h = self.mlp(self.mlp_norm(x).astype(self.dtype))
             return x + drop_path(h, rate, keys[1], deterministic).astype(jnp.float32)
 
-        return over_tokens(mlp, x, tokens=run_tokens(2 * self.mlp.hidden, x.shape[1], self.deterministic))
+        evaluating = self.deterministic and not self.portable
+        return over_tokens(mlp, x, tokens=run_tokens(2 * self.mlp.hidden, x.shape[1], evaluating))
 
 
 class PatchEmbed(nnx.Module):
