@@ -136,8 +136,7 @@ def _directions(q, k, v, g, directions, scale, backend):
     kernel = lambda family: lambda *a: family.call(*a, scale=scale, directions=directions)
     if backend == "pallas":
         return platform.dispatch({p: kernel(f) for p, f in _PALLAS.items()}, q, k, v, g)
-    xla = functools.partial(_xla, fn=_recurrent if backend == "reference" else _chunked,
-                            directions=directions, scale=scale)
+    xla = functools.partial(_xla if backend == "reference" else _chunked, directions=directions, scale=scale)
     if backend == "auto":
         return platform.dispatch(dict({p: kernel(f) for p, f in _AUTO.items()}, default=xla), q, k, v, g)
     return xla(q, k, v, g)
@@ -202,20 +201,17 @@ _AUTO = dict(cuda=_Triton(by_name=False), tpu=_Mosaic())
 _PALLAS = dict(tpu=_Mosaic(), default=_Triton(by_name=True))
 
 
-def _xla(q, k, v, g, *, fn, directions, scale):
-    """The XLA forms. The chunked form walks every direction on the arrays as they are; the
-    recurrence runs every reverse direction on flipped copies, all directions as one batch."""
-    if fn is _chunked:
-        o, state = _chunked(q, k, v, g, scale, directions)
-        return o.astype(q.dtype), state
+def _xla(q, k, v, g, *, directions, scale):
+    """The recurrence's XLA form: every reverse direction on flipped copies, all directions
+    as one batch."""
     r = len(directions)
     flip = lambda x, rev: jnp.flip(x, 1) if rev else x
     if r == 1:  # no batch concatenation: converters cannot split a symbolic batch
-        o, state = fn(*(flip(x if x.ndim == 4 else x[:, :, 0], directions[0]) for x in (q, k, v, g)), scale)
+        o, state = _recurrent(*(flip(x if x.ndim == 4 else x[:, :, 0], directions[0]) for x in (q, k, v, g)), scale)
         return flip(o, directions[0]).astype(q.dtype)[:, :, None], state[:, None]
     cat = lambda x: jnp.concatenate([flip(x if x.ndim == 4 else x[:, :, i], rev)
                                      for i, rev in enumerate(directions)], 0)
-    o, state = fn(cat(q), cat(k), cat(v), cat(g), scale)
+    o, state = _recurrent(cat(q), cat(k), cat(v), cat(g), scale)
     o = jnp.stack([flip(x, rev) for x, rev in zip(jnp.split(o, r, 0), directions)], 2)
     return o.astype(q.dtype), jnp.stack(jnp.split(state, r, 0), 1)
 
@@ -265,11 +261,12 @@ def _recurrent(q, k, v, g, scale):
     return jnp.moveaxis(o, 0, 1), state
 
 
-def _chunked(q, k, v, g, scale, directions, chunk: int = CHUNK):
-    """The chunked form of R directions on the same q, k (b, L, h, dk) and v (b, L, h, dv),
-    g (b, L, R, h, dk) holding each direction's gates: o (b, L, R, h, dv) float32 and the
-    final states (b, R, h, dk, dv)."""
-    return _chunked_vjp(q, k, v, g, scale, directions, chunk)
+def _chunked(q, k, v, g, *, directions, scale, chunk: int = CHUNK):
+    """The chunked form of R directions, walked on the arrays as they are: q, k (b, L, h,
+    dk) and v (b, L, h, dv) shared, g (b, L, R, h, dk) holding each direction's gates ->
+    o (b, L, R, h, dv) in q's dtype and the final states (b, R, h, dk, dv) float32."""
+    o, state = _chunked_vjp(q, k, v, g, scale, directions, chunk)
+    return o.astype(q.dtype), state
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

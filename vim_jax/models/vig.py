@@ -114,11 +114,13 @@ def layer_norm(dim, rngs):
 RUN_ELEMENTS = 1 << 20
 
 
-def run_tokens(hidden: int, length: int, evaluating: bool) -> int:
-    """Tokens a run of ``over_tokens`` takes for a block whose widest per-token value has
+def run_tokens(module: nnx.Module, hidden: int, length: int) -> int:
+    """Tokens a run of ``over_tokens`` takes in ``module`` when its widest per-token value has
     ``hidden`` channels: about ``RUN_ELEMENTS`` values an image (a 224 px image in one run)
     in eval mode; the whole ``length`` in training, where the loop's derivative costs memory
-    (UperNet-ViG-H-T's train step on a v5e chip: 5.89 GiB in runs against 5.46 whole)."""
+    (UperNet-ViG-H-T's train step on a v5e chip: 5.89 GiB in runs against 5.46 whole), and
+    in export mode (``portable``: converters get no loop)."""
+    evaluating = module.deterministic and not module.portable
     return max(1, RUN_ELEMENTS // hidden) if evaluating else length
 
 
@@ -205,15 +207,13 @@ class BiGLA(nnx.Module):
                 o = jax.nn.silu(o)
             return self.o_proj(o).astype(xs.dtype)
 
-        evaluating = self.deterministic and not self.portable  # converters get no loop
-        return over_tokens(mix, xs, o_fwd, o_bwd, tokens=run_tokens(4 * d, gh * gw, evaluating))
+        return over_tokens(mix, xs, o_fwd, o_bwd, tokens=run_tokens(self, 4 * d, gh * gw))
 
 
 class SwiGLU(nnx.Module):
     """``down(silu(a) * b)`` with ``a, b = split(up(x))``, no biases."""
 
     def __init__(self, dim: int, hidden: int, *, init, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.hidden = hidden
         self.up = _dense(dim, 2 * hidden, bias=False, init=init, dtype=dtype, rngs=rngs)
         self.down = _dense(hidden, dim, bias=False, init=init, dtype=dtype, rngs=rngs)
 
@@ -246,8 +246,7 @@ class Block(nnx.Module):
             h = self.mlp(self.mlp_norm(x).astype(self.dtype))
             return x + drop_path(h, rate, keys[1], deterministic).astype(jnp.float32)
 
-        evaluating = self.deterministic and not self.portable
-        return over_tokens(mlp, x, tokens=run_tokens(2 * self.mlp.hidden, x.shape[1], evaluating))
+        return over_tokens(mlp, x, tokens=run_tokens(self, 2 * self.mlp.down.in_features, x.shape[1]))
 
 
 class PatchEmbed(nnx.Module):
